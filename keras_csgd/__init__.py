@@ -1,0 +1,17 @@
+"""keras_csgd: structured pruning for Keras 3 that makes models really smaller.
+
+Channel groups (`channel_groups`), pruning plans (`PruningPlan`,
+`make_plan`), optimizers (`CSGD`, `GSM`), callbacks (`callbacks`), methods for
+pre-trained models (`methods`) and surgery (`slim`) that builds the narrower
+model with merged weights.
+"""
+
+from keras_csgd import callbacks, methods, optimizers
+from keras_csgd.export import benchmark_latency, export_tflite
+from keras_csgd.flops import count_macs
+from keras_csgd.graph import channel_groups
+from keras_csgd.groups import ChannelGroup
+from keras_csgd.plan import PruningPlan, make_plan
+from keras_csgd.surgery import slim
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Training callbacks: ASFP and linear filter ensembles."""

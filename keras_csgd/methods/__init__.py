@@ -1,0 +1,1 @@
+"""Pruning methods that start from a trained model."""

@@ -1,0 +1,1 @@
+"""Optimizers: centripetal SGD (C-SGD) and global sparse momentum (GSM)."""
