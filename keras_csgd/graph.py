@@ -22,7 +22,6 @@ import math
 
 import keras
 import numpy as np
-
 from keras.src.models.functional import Functional
 
 from keras_csgd.groups import ChannelGroup
@@ -74,6 +73,7 @@ class Analysis:
     roots: dict[int, int]  # gid -> root gid
     sizes: dict[int, int]  # root gid -> size
     reshapes: dict[str, tuple]  # qualified reshape name -> input layout
+    nested: dict[str, list]  # qualified nested-model name -> input layouts
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
@@ -135,6 +135,7 @@ class _Analyzer:
         self.entries: list[Entry] = []
         self.layers: dict[str, keras.layers.Layer] = {}
         self.reshapes: dict[str, tuple] = {}
+        self.nested: dict[str, list] = {}
         self.calls: dict[int, int] = {}
 
     # ------------------------------------------------------ union-find
@@ -217,12 +218,15 @@ class _Analyzer:
         self.calls[id(op)] = self.calls.get(id(op), 0) + 1
         if self.calls[id(op)] > 1:
             reason = f"layer `{lname}` is shared (called twice)"
-            for lay in lays + [e.layout for e in self.entries
-                               if e.layer is op or e.lname.startswith(lname + "/")]:
+            inner = lname + "/"
+            used = [e.layout for e in self.entries
+                    if e.layer is op or e.lname.startswith(inner)]
+            for lay in lays + used:
                 self.freeze(lay, reason)
             return [self.new_group(_channels(t), lname, reason) for t in outs]
         if isinstance(op, keras.Model):
             if _is_graph_model(op):
+                self.nested[lname] = lays
                 return self.run_model(op, lays, lname + "/")
             return self.unknown(op, lname, lays, outs, "subclassed model")
         handler = _handler_for(op)
@@ -278,7 +282,7 @@ class _Analyzer:
             gid_of[name] = root
         return Analysis(groups, gid_of, self.entries, self.layers, roots,
                         {r: self.size[r] for r in set(roots.values())},
-                        self.reshapes)
+                        self.reshapes, self.nested)
 
 
 def _unique(name: str, used: set) -> str:
@@ -438,7 +442,7 @@ def _h_normalization(an, layer, lname, lays, ins, outs):
 def _h_flatten(an, layer, lname, lays, ins, outs):
     shape = ins[0].shape[1:]
     if any(d is None for d in shape):
-        return an.unknown(layer, lname, lays, outs, "Flatten of a dynamic shape")
+        return an.unknown(layer, lname, lays, outs, "dynamic-shape Flatten")
     positions = math.prod(shape[:-1]) if len(shape) > 1 else 1
     return [lays[0] if positions == 1 else ("tile", lays[0], positions)]
 
@@ -459,8 +463,8 @@ def _h_reshape(an, layer, lname, lays, ins, outs):
 def _h_merge(an, layer, lname, lays, ins, outs):
     full = [i for i, t in enumerate(ins) if _channels(t) != 1]
     keep = [lays[i] for i in full] or [lays[0]]
-    for i, t in enumerate(ins):
-        if i not in full and len(full) > 0:
+    for i in range(len(ins)):
+        if i not in full and full:
             an.freeze(lays[i], f"broadcast over channels in `{lname}`")
     for other in keep[1:]:
         if not an.unify(keep[0], other, lname):
@@ -520,12 +524,6 @@ def check_functional(model) -> None:
             "cannot be read. Rebuild it with the functional API "
             "(keras.Input -> layers -> keras.Model)."
         )
-    try:
-        model.inputs
-    except (AttributeError, ValueError) as e:
-        raise ValueError(
-            "`model` has no inputs yet: build it on a `keras.Input` first."
-        ) from e
 
 
 def analyze(model) -> Analysis:

@@ -22,7 +22,9 @@ def _conv_bn(x, filters, kernel, strides, name, relu=True):
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-5, name=f"{name}_bn"
+    )(x)
     if relu:
         x = layers.ReLU(name=f"{name}_relu")(x)
     return x
@@ -52,7 +54,8 @@ def resnet_cifar(
     """
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(
-            f"`depth` must be 6n+2 (20, 32, 44, 56, 110). Received: depth={depth}"
+            "`depth` must be 6n+2 (20, 32, 44, 56, 110). "
+            f"Received: depth={depth}"
         )
     n = (depth - 2) // 6
     inputs = keras.Input(input_shape, name="image")

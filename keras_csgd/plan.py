@@ -47,7 +47,9 @@ class PruningPlan:
     def __init__(
         self,
         clusters: Mapping[str, Iterable[Iterable[int]]],
-        groups: Iterable[ChannelGroup] | Mapping[str, ChannelGroup] | None = None,
+        groups: Iterable[ChannelGroup]
+        | Mapping[str, ChannelGroup]
+        | None = None,
     ):
         if not isinstance(clusters, Mapping):
             raise TypeError(
@@ -159,7 +161,8 @@ class PruningPlan:
             ids = self.cluster_ids(name, g.size)
             for _, path, axis in g.members:
                 cmap = g.channel_map(path)
-                per_var.setdefault(path, (axis, []))[1].append((name, ids, cmap))
+                entry = per_var.setdefault(path, (axis, []))
+                entry[1].append((name, ids, cmap))
         out = {}
         for path, (axis, parts) in per_var.items():
             n = len(parts[0][2])
@@ -291,7 +294,9 @@ def kmeans_clusters(
     labels = KMeans(
         n_clusters=width, n_init=3, random_state=seed
     ).fit_predict(filters.astype(np.float64))
-    clusters = [sorted(np.flatnonzero(labels == k).tolist()) for k in range(width)]
+    clusters = [
+        sorted(np.flatnonzero(labels == k).tolist()) for k in range(width)
+    ]
     clusters = [c for c in clusters if c]
     while len(clusters) < width:
         clusters.sort(key=len)

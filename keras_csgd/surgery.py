@@ -93,18 +93,19 @@ def _bound_plan(plan, an: graph.Analysis) -> PruningPlan:
         raise TypeError(
             f"`plan` must be a kc.PruningPlan. Received: plan={plan!r}"
         )
-    local = PruningPlan(plan.clusters, groups=an.groups)
     if plan.groups is not None:
+        sizes = {g.name: g.size for g in an.groups}
         diff = [
-            f"{n} ({plan.groups[n].size} vs {local.groups[n].size})"
-            for n in plan.clusters
-            if plan.groups[n].size != local.groups[n].size
+            f"{n} ({g.size} vs {sizes[n]})"
+            for n, g in plan.groups.items()
+            if n in sizes and g.size != sizes[n]
         ]
         if diff:
             raise ValueError(
                 "The plan was made for another model: group sizes differ "
                 f"(plan vs model): {', '.join(diff)}"
             )
+    local = PruningPlan(plan.clusters, groups=an.groups)
     return local
 
 
@@ -115,8 +116,9 @@ def _probe_inputs(model, layers, batch: int = 4, seed: int = 0):
     for t in model.inputs:
         shape = [batch] + [d if d is not None else 32 for d in t.shape[1:]]
         feeds.append(rng.normal(size=shape).astype(t.dtype or "float32"))
-    probe = keras.Model(model.inputs, [layer.input for layer in layers])
-    outs = probe(feeds if len(feeds) > 1 else feeds[0], training=False)
+    probe = keras.Model(model.input, [layer.input for layer in layers])
+    outs = probe(keras.tree.pack_sequence_as(model.input, feeds),
+                 training=False)
     if len(layers) == 1:
         outs = [outs]
     return [keras.ops.convert_to_numpy(o) for o in outs]
@@ -255,8 +257,13 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
     clones = {}
 
     def clone_function(layer):
-        config = layer.get_config()
         name = lname_of.get(id(layer))
+        if name in an.nested:
+            return clone(layer, [
+                graph.layout_size(an.root(lay), index.new)
+                for lay in an.nested[name]
+            ])
+        config = layer.get_config()
         for e in touched:
             if e.producer and e.lname == name:
                 key = _WIDTH_KEY.get(type(layer), "filters")
@@ -273,20 +280,41 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
     kwargs = {}
     if shortcuts:
         def call_function(layer, *args, **kw):
-            if layer.name in shortcuts and lname_of.get(id(layer)) == layer.name:
+            if layer.name in shortcuts and clones.get(layer.name) is layer:
                 return args[0][shortcuts[layer.name]]
             return layer(*args, **kw)
 
         kwargs["call_function"] = call_function
-    new_model = keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True, **kwargs
-    )
+
+    def clone(source, widths):
+        tensors = [
+            keras.Input((*t.shape[1:-1], w), dtype=t.dtype,
+                        name=t._keras_history.operation.name)
+            for t, w in zip(source.inputs, widths)
+        ]
+        if isinstance(source, keras.Sequential):
+            return keras.models.clone_model(
+                source, tensors[0], clone_function=clone_function
+            )
+        input_tensors = keras.tree.pack_sequence_as(source.input, tensors)
+        return keras.models.clone_model(
+            source, input_tensors, clone_function=clone_function, **kwargs
+        )
+
+    new_model = clone(model, [t.shape[-1] for t in model.inputs])
     for name, new in clones.items():
         old = an.layers[name]
+        if not getattr(new, "weights", None):
+            continue
         values = new_values.get(name, {})
-        new.set_weights(
-            [values.get(_short(v), _old_value(old, v)) for v in new.weights]
-        )
+        if len(new.weights) == len(old.weights):
+            pairs = zip(new.weights, old.weights)
+        else:  # a bias was created: match by name
+            pairs = [(v, _by_name(old.weights, v)) for v in new.weights]
+        new.set_weights([
+            values[_short(v)] if _short(v) in values else w.numpy()
+            for v, w in pairs
+        ])
     return new_model
 
 
@@ -294,11 +322,8 @@ def _short(v) -> str:
     return v.path.rsplit("/", 1)[-1]
 
 
-def _old_value(old_layer, v):
-    for w in old_layer.weights:
-        if _short(w) == _short(v):
-            return w.numpy()
-    return np.zeros(v.shape, v.dtype)
+def _by_name(weights, v):
+    return next((w for w in weights if _short(w) == _short(v)), None)
 
 
 def _new_weights(an, index, touched, folds):
@@ -321,9 +346,11 @@ def _new_weights(an, index, touched, folds):
         out.setdefault(lname, {})[_short(var)] = w
     for lname, delta in folds.items():
         layer = an.layers[lname]
-        bias = layer.bias.numpy() if layer.use_bias else np.zeros(len(delta))
+        bias = layer.bias.numpy() if layer.use_bias else 0 * delta
         bias = (bias + delta).astype(layer.kernel.dtype)
-        producer = next(e for e in an.entries if e.lname == lname and e.producer)
-        bias = np.take(bias, index.select(an.root(producer.layout)))
+        (out_layout,) = [
+            e.layout for e in an.entries if e.lname == lname and e.producer
+        ]
+        bias = np.take(bias, index.select(an.root(out_layout)))
         out.setdefault(lname, {})["bias"] = bias
     return out
