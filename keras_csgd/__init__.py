@@ -11,7 +11,12 @@ from keras_csgd.export import benchmark_latency, export_tflite
 from keras_csgd.flops import count_macs
 from keras_csgd.graph import channel_groups
 from keras_csgd.groups import ChannelGroup
+from keras_csgd.optimizers.centripetal_sgd import CSGD
+from keras_csgd.optimizers.global_sparse_momentum import GSM
+from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan, make_plan
+from keras_csgd.scoring import plan_from_scores
+from keras_csgd.sparsity import sparsify, sparsity_report
 from keras_csgd.surgery import slim
 
 __version__ = "0.1.0"

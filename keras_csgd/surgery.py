@@ -224,7 +224,8 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
             `()`.
 
     Returns:
-        A new `keras.Model` with the same input, output and layer names.
+        A new, uncompiled `keras.Model` with the same input, output and
+        layer names.
 
     Raises:
         ValueError: the plan does not fit the model (unknown or frozen group,
@@ -301,7 +302,13 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
             source, input_tensors, clone_function=clone_function, **kwargs
         )
 
-    new_model = clone(model, [t.shape[-1] for t in model.inputs])
+    # The slim model comes back uncompiled: the source's optimizer (C-SGD
+    # with its plan, say) does not fit the new variables.
+    compiled, model.compiled = model.compiled, False
+    try:
+        new_model = clone(model, [t.shape[-1] for t in model.inputs])
+    finally:
+        model.compiled = compiled
     for name, new in clones.items():
         old = an.layers[name]
         if not getattr(new, "weights", None):

@@ -179,3 +179,12 @@ def test_slim_leaves_the_input_model_unchanged():
     kc.slim(model, kc.make_plan(model, keep=0.5))
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_slim_of_a_compiled_csgd_model_comes_back_uncompiled():
+    model = ZOO["plain_cnn"]()
+    plan = kc.make_plan(model, keep=0.5)
+    model.compile(optimizer=kc.CSGD(plan), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    small = kc.slim(model, plan)
+    assert not small.compiled and model.compiled

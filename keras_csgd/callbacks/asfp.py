@@ -1,0 +1,280 @@
+"""Asymptotic soft filter pruning (ASFP) and soft filter pruning (SFP)."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from scipy.optimize import brentq
+
+from keras_csgd import graph
+from keras_csgd.methods.magnitude import NORMS, filter_norms
+from keras_csgd.plan import PruningPlan
+
+SCHEDULES = ("asymptotic", "constant")
+
+
+def asymptotic_speed(decay: float) -> float:
+    """`s = k * T` of the ASFP curve, which depends only on `decay`.
+
+    `P(t) = a exp(-k t) + b` with `P(0) = 0` gives `b = -a`, so
+    `P(t) = b (1 - exp(-k t))`. `P(T) = rate` and `P(decay T) = 3/4 rate`
+    leave one equation for `s = k T`:
+
+    ```
+    1 - exp(-s * decay) = 3/4 * (1 - exp(-s))
+    ```
+
+    It has a positive root exactly when `0 < decay < 3/4`; it has no closed
+    form for general `decay` and is solved with Brent's method. For
+    `decay = 1/8`, `s = 11.0894...`, close to the approximation
+    `8 ln 4 = 11.0904` of `P(t) = rate (1 - 4^(-8 t / T))`.
+
+    Args:
+        decay: `D`, the fraction of the epochs at which 3/4 of the rate is
+            reached.
+
+    Returns:
+        `s > 0`.
+    """
+
+    def h(s):
+        return -math.expm1(-s * decay) + 0.75 * math.expm1(-s)
+
+    return brentq(h, 1e-9, 60.0 / decay, xtol=1e-14, rtol=1e-15)
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
+    """Zeroes the weakest filters after every epoch; they keep training.
+
+    Before the first epoch and at the end of every epoch, in every prunable
+    channel group (`kc.channel_groups(model)`, less `skip`), the
+    `round(P(t) * size)` channels with the smallest filter norm get their
+    producer kernels zeroed (kernels only: biases and BN stay). The norm of
+    a channel is taken over ALL producers of its group (see
+    `kc.methods.magnitude.filter_norms`), so coupled residual layers are
+    pruned together. The zeroed filters keep being trained and may grow
+    back; the choice is remade from the current norms each time.
+
+    The ASFP rate after `t` completed epochs of `T`:
+
+    ```
+    P(t) = a * exp(-k t) + b,  P(0) = 0,  P(decay T) = 3/4 rate,  P(T) = rate
+         = rate * (1 - exp(-s t / T)) / (1 - exp(-s))
+    a = -rate / (1 - exp(-s)),  b = -a,  k = s / T
+    ```
+
+    with `s` from `asymptotic_speed(decay)` (about `8 ln 4` for the
+    default `decay = 1/8`); `P` stays at `rate` after `T`.
+    `schedule="constant"` is SFP: `P(t) = rate` from the start.
+
+    The epoch comes from the `epoch` argument of the callback hooks (not a
+    counter), so training resumed by `keras.callbacks.BackupAndRestore`
+    continues the schedule; weights are changed with `variable.assign`, so
+    it runs under a `tf.distribute` strategy. `round` is half-up
+    (`floor(x + 0.5)`), and at least one channel per group stays.
+
+    After `fit`, `plan` is the bound `PruningPlan` of the channels kept at
+    the last step (singleton clusters; groups where nothing was zeroed are
+    not in it): `kc.slim(model, callback.plan)` builds the hard-pruned
+    model. It equals the soft-pruned one where the consumers are 1x1
+    convolutions, dense layers or behind global pooling (the constant BN
+    output of a zeroed filter is folded into the consumer bias); behind a
+    k x k convolution with zero padding, the folded constant is wrong only
+    on the border positions that the padding reaches.
+
+    Args:
+        rate: the final fraction of channels zeroed, in [0, 1).
+        epochs: `T`, the epochs over which the rate grows. Defaults to
+            `None`: the `epochs` of the `fit` call.
+        decay: `D`, the fraction of `T` at which 3/4 of `rate` is reached,
+            in (0, 0.75). Defaults to `0.125`.
+        criterion: filter norm, `"l2"` (ASFP's) or `"l1"`. Defaults to
+            `"l2"`.
+        schedule: `"asymptotic"` (ASFP) or `"constant"` (SFP). Defaults to
+            `"asymptotic"`.
+        skip: names of groups never pruned. Defaults to `()`.
+        verbose: `1` prints the rate and the zeroed channels at each
+            epoch end. Defaults to `1`.
+
+    Raises:
+        ValueError: a bad argument; when training starts, a `skip` name that
+            is not a group of the model.
+
+    Example:
+
+    ```python
+    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=0.4)
+    model.fit(x, y, epochs=30, callbacks=[asfp])
+    slim = kc.slim(model, asfp.plan)
+    ```
+
+    References:
+        He, Dong, Kang, Fu, Yang. Asymptotic Soft Filter Pruning for Deep
+        Convolutional Neural Networks. arXiv 1808.07471. He, Kang, Dong,
+        Fu, Yang. Soft Filter Pruning for Accelerating Deep Convolutional
+        Neural Networks. IJCAI 2018.
+    """
+
+    def __init__(
+        self,
+        rate,
+        epochs=None,
+        decay=0.125,
+        criterion="l2",
+        schedule="asymptotic",
+        skip=(),
+        verbose=1,
+    ):
+        super().__init__()
+        if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(
+                f"`rate` must be in [0, 1). Received: rate={rate!r}"
+            )
+        if epochs is not None and (
+            not isinstance(epochs, int) or epochs < 1
+        ):
+            raise ValueError(
+                "`epochs` must be a positive int or None. "
+                f"Received: epochs={epochs!r}"
+            )
+        if not isinstance(decay, (int, float)) or not 0 < decay < 0.75:
+            raise ValueError(
+                "`decay` must be in (0, 0.75): P(decay T) = 3/4 rate needs "
+                f"it. Received: decay={decay!r}"
+            )
+        if criterion not in NORMS:
+            raise ValueError(
+                '`criterion` must be "l2" or "l1". '
+                f"Received: criterion={criterion!r}"
+            )
+        if schedule not in SCHEDULES:
+            raise ValueError(
+                '`schedule` must be "asymptotic" or "constant". '
+                f"Received: schedule={schedule!r}"
+            )
+        if isinstance(skip, str):
+            raise TypeError(
+                "`skip` must be a list of group names, not a string. "
+                f"Received: skip={skip!r}"
+            )
+        self.rate = float(rate)
+        self.epochs = epochs
+        self.decay = float(decay)
+        self.criterion = criterion
+        self.schedule = schedule
+        self.skip = tuple(skip)
+        self.verbose = verbose
+        self._speed = asymptotic_speed(self.decay)
+        self.plan = None
+        self._groups = []
+        self._all_groups = []
+        self._zeroed = {}
+        self._started = False
+
+    def rate_at(self, epoch):
+        """Fraction of channels zeroed after `epoch` completed epochs.
+
+        Args:
+            epoch: completed epochs `t` (0 = before training).
+
+        Returns:
+            `P(t)` as a float.
+
+        Raises:
+            ValueError: `epochs=None` and no `fit` has set the epoch count.
+        """
+        if self.schedule == "constant":
+            return self.rate
+        total = self.epochs or (self.params or {}).get("epochs")
+        if not total:
+            raise ValueError(
+                "`rate_at` needs the number of epochs: pass `epochs=` to "
+                "AsymptoticSoftFilterPruning or call it during `fit`."
+            )
+        t = min(max(float(epoch), 0.0), float(total))
+        s = self._speed
+        return self.rate * math.expm1(-s * t / total) / math.expm1(-s)
+
+    def on_train_begin(self, logs=None):
+        groups = graph.channel_groups(self.model)
+        names = {g.name for g in groups}
+        unknown = sorted(set(self.skip) - names)
+        if unknown:
+            raise ValueError(
+                f"`skip` names groups the model does not have: {unknown}. "
+                f"Received: skip={list(self.skip)!r}"
+            )
+        self._all_groups = groups
+        self._groups = [
+            g for g in groups if g.prunable and g.name not in self.skip
+        ]
+        self._zeroed = {}
+        self._started = False
+        self.plan = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self._started = True
+            self._prune(self.rate_at(epoch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self.rate_at(epoch + 1)
+        count = self._prune(rate)
+        if logs is not None:
+            logs["asfp_rate"] = rate
+        if self.verbose:
+            total = sum(g.size for g in self._groups)
+            print(
+                f"\nEpoch {epoch + 1}: AsymptoticSoftFilterPruning zeroed "
+                f"{count} of {total} channels (rate {rate:.4f})."
+            )
+
+    def on_train_end(self, logs=None):
+        clusters = {
+            name: [[int(i)] for i in np.setdiff1d(np.arange(size), zeroed)]
+            for name, (size, zeroed) in self._zeroed.items()
+            if len(zeroed)
+        }
+        self.plan = PruningPlan(clusters, groups=self._all_groups)
+
+    def _prune(self, rate):
+        """Zeroes the weakest filters of every group; returns their count."""
+        count = 0
+        for g in self._groups:
+            n = min(g.size - 1, math.floor(rate * g.size + 0.5))
+            norms = filter_norms(self.model, g, self.criterion)
+            zeroed = np.sort(np.argsort(norms, kind="stable")[:n])
+            if n:
+                _zero_filters(self.model, g, zeroed)
+            self._zeroed[g.name] = (g.size, zeroed)
+            count += n
+        return count
+
+    def get_config(self):
+        return {
+            "rate": self.rate,
+            "epochs": self.epochs,
+            "decay": self.decay,
+            "criterion": self.criterion,
+            "schedule": self.schedule,
+            "skip": list(self.skip),
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _zero_filters(model, group, channels) -> None:
+    """Sets the given channels of every producer kernel of `group` to 0."""
+    for _, path, axis in group.producers:
+        variable = graph.get_variable(model, path)
+        shape = [1] * len(variable.shape)
+        shape[axis] = group.size
+        mask = np.ones(group.size, dtype=variable.dtype)
+        mask[channels] = 0
+        variable.assign(variable.numpy() * mask.reshape(shape))

@@ -1,0 +1,161 @@
+"""`FilterEnsembles`: channel importance from random masks, inside `fit`."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_csgd.methods.ensembles import METRICS, ensemble_importance
+from keras_csgd.scoring import plan_from_scores
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class FilterEnsembles(keras.callbacks.Callback):
+    """Runs `kc.methods.ensemble_importance` from inside `model.fit`.
+
+    At the end of training (or of one epoch), random channel masks are
+    evaluated on `data` and one ridge least-squares fit of the metric on the
+    mask bits gives every channel an importance (see
+    `kc.methods.ensemble_importance` for the method and how masks are
+    applied without re-tracing). `scores` holds the result; `plan(keep)`
+    turns it into a pruning plan for `kc.slim`. Writes
+    `logs["ensemble_samples"]` at the epoch where it ran.
+
+    `get_config` holds every argument except `data` (a dataset does not
+    serialize); restore with `FilterEnsembles.from_config({**config,
+    "data": data})`.
+
+    Args:
+        data: a `tf.data.Dataset` of `(x, y)` batches or a tuple `(x, y)`
+            of arrays: a fixed validation set, read once per run.
+        when: `"train_end"`, or an int `e`: at the end of epoch `e`
+            (0-based, as the `epoch` of `on_epoch_end`). Defaults to
+            `"train_end"`.
+        samples: number of random masks. Defaults to `512`.
+        keep_prob: probability that a channel is kept in a mask. Defaults
+            to `0.9`.
+        metric: `"loss"` (the compiled loss) or `"accuracy"`. Defaults to
+            `"loss"`.
+        ridge: ridge penalty of the fit. Defaults to `1e-3`.
+        seed: seed of the masks. Defaults to `0`.
+        verbose: `1` shows a progress bar. Defaults to `1`.
+
+    Raises:
+        ValueError: a bad `when` or `metric`.
+
+    Example:
+
+    ```python
+    fe = kc.callbacks.FilterEnsembles((x_val, y_val), samples=256)
+    model.fit(x, y, epochs=10, callbacks=[fe])
+    slim = kc.slim(model, fe.plan(keep=0.5))
+    ```
+
+    References:
+        Sandor, Szulc, Grigoras, Bodea. Linear Filter Ensembles for Network
+        Pruning. arXiv 2001.08142.
+    """
+
+    def __init__(
+        self,
+        data,
+        when="train_end",
+        samples=512,
+        keep_prob=0.9,
+        metric="loss",
+        ridge=1e-3,
+        seed=0,
+        verbose=1,
+    ):
+        super().__init__()
+        if when != "train_end" and (
+            not isinstance(when, int) or isinstance(when, bool) or when < 0
+        ):
+            raise ValueError(
+                '`when` must be "train_end" or an epoch index >= 0. '
+                f"Received: when={when!r}"
+            )
+        if metric not in METRICS:
+            raise ValueError(
+                '`metric` must be "loss" or "accuracy". '
+                f"Received: metric={metric!r}"
+            )
+        self.data = data
+        self.when = when
+        self.samples = samples
+        self.keep_prob = keep_prob
+        self.metric = metric
+        self.ridge = ridge
+        self.seed = seed
+        self.verbose = verbose
+        self.scores = None
+
+    def on_train_begin(self, logs=None):
+        self.scores = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.when:
+            self._score()
+            if logs is not None:
+                logs["ensemble_samples"] = self.samples
+
+    def on_train_end(self, logs=None):
+        if self.when == "train_end":
+            self._score()
+
+    def _score(self):
+        self.scores = ensemble_importance(
+            self.model,
+            self.data,
+            samples=self.samples,
+            keep_prob=self.keep_prob,
+            metric=self.metric,
+            ridge=self.ridge,
+            seed=self.seed,
+            verbose=self.verbose,
+        )
+
+    def plan(self, keep, global_=False, macs_budget=None):
+        """The plan that keeps the most important channels.
+
+        Args:
+            keep: kept fraction per group (or the MACs budget in global
+                mode), see `kc.plan_from_scores`.
+            global_: rank channels across groups under a MACs budget.
+                Defaults to `False`.
+            macs_budget: kept fraction of MACs in global mode. Defaults to
+                `None` (use `keep`).
+
+        Returns:
+            A bound `PruningPlan`.
+
+        Raises:
+            ValueError: no scores yet (the callback has not run).
+        """
+        if self.scores is None:
+            raise ValueError(
+                "`FilterEnsembles.plan` needs scores: run `model.fit` with "
+                "this callback first (scores are computed at "
+                f"when={self.when!r})."
+            )
+        return plan_from_scores(
+            self.model,
+            self.scores,
+            keep,
+            global_=global_,
+            macs_budget=macs_budget,
+        )
+
+    def get_config(self):
+        return {
+            "when": self.when,
+            "samples": self.samples,
+            "keep_prob": self.keep_prob,
+            "metric": self.metric,
+            "ridge": self.ridge,
+            "seed": self.seed,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,569 @@
+"""The `keras-csgd` command line: demo, prune, export, bench.
+
+Every subcommand has `--help`. Bad input (a missing or non-Keras model file,
+a bad `--keep`, an unknown method, an unreadable data folder, an unwritable
+output) ends with one line `keras-csgd: error: ...` on stderr and exit code
+2, without a traceback and without writing any output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+
+import keras_csgd as kc
+from keras_csgd import data as kdata
+from keras_csgd import export as kexport
+from keras_csgd import models
+from keras_csgd.plan import check_keep
+
+PROG = "keras-csgd"
+
+# C-SGD settings for short schedules (the demo, `prune --method csgd`): a
+# strong centripetal pull, the same on kernels and on 1-D variables, so the
+# clusters collapse to float precision within a few hundred steps.
+CSGD_SETTINGS = {
+    "learning_rate": 0.03,
+    "momentum": 0.9,
+    "centripetal_strength": 0.3,
+    "vector_strength_scale": 1.0,
+    "weight_decay": 1e-4,
+}
+
+
+class CommandError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors as one line `keras-csgd: error: ...`."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+        check_keep(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction in (0, 1], got {text!r}"
+        ) from None
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, got {text!r}"
+        )
+    return value
+
+
+def _batch_sizes(text):
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
+def _existing_file(path, what):
+    if not os.path.isfile(path):
+        raise CommandError(f"{what} {path!r} is not an existing file")
+
+
+def _output_path(path, suffix, source=None):
+    """Checks that `path` ends in `suffix` and can be written."""
+    if not path.endswith(suffix):
+        raise CommandError(f"--out must end with {suffix}, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise CommandError(
+            f"--out {path!r}: folder {folder!r} does not exist or is not "
+            "writable"
+        )
+    if os.path.isdir(path):
+        raise CommandError(f"--out {path!r} is a folder")
+    if source is not None and os.path.abspath(source) == os.path.abspath(
+        path
+    ):
+        raise CommandError("--out must differ from the input model")
+    return path
+
+
+def _load_model(path):
+    _existing_file(path, "model")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types on bad files.
+        first_line = str(error).strip().splitlines()[0] if str(error) else ""
+        raise CommandError(
+            f"{path!r} is not a loadable Keras model "
+            f"({type(error).__name__}: {first_line})"
+        ) from error
+
+
+def _load_data(path, model):
+    """`(x, y)` from an `.npz` (arrays `x`, `y`) or an image folder.
+
+    Image folders are resized to the model's input size and scaled to
+    `[0, 1]`; `.npz` arrays are used as they are.
+    """
+    shape = tuple(model.inputs[0].shape[1:])
+    if os.path.isfile(path) and path.endswith(".npz"):
+        try:
+            with np.load(path) as arrays:
+                x, y = arrays["x"], arrays["y"]
+        except (OSError, ValueError, KeyError) as error:
+            raise CommandError(
+                f"--data {path!r} must be an .npz with arrays x and y "
+                f"({error})"
+            ) from None
+        x = x.astype(np.float32)
+    else:
+        x, y = kdata.load_image_folder(path, image_size=shape[:2])
+        x = x.astype(np.float32) / 255.0
+    if tuple(x.shape[1:]) != shape:
+        raise CommandError(
+            f"--data {path!r} holds inputs of shape {x.shape[1:]}, the "
+            f"model expects {shape}"
+        )
+    return x, y
+
+
+def _classifier_loss(model):
+    """Sparse cross-entropy on logits, or on probabilities after softmax."""
+    activation = getattr(model.layers[-1], "activation", None)
+    from_logits = getattr(activation, "__name__", "") != "softmax"
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def _compile(model, optimizer):
+    model.compile(
+        optimizer=optimizer, loss=_classifier_loss(model), metrics=["accuracy"]
+    )
+
+
+def _fit(model, data, epochs, optimizer, callbacks=()):
+    """Trains on `(x, y)` arrays (batches of 64) or a `tf.data.Dataset`."""
+    _compile(model, optimizer)
+    arrays = isinstance(data, tuple)
+    x, y = data if arrays else (data, None)
+    model.fit(x, y, batch_size=64 if arrays else None, epochs=epochs,
+              shuffle=arrays, callbacks=list(callbacks), verbose=0)
+
+
+def _sgd(learning_rate):
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+
+
+def _train_csgd(model, keep, data, epochs, round_to, seed):
+    plan = kc.make_plan(
+        model, keep=keep, method="kmeans", seed=seed, round_to=round_to
+    )
+    _fit(model, data, epochs, kc.CSGD(plan, **CSGD_SETTINGS))
+    return plan
+
+
+def _train_asfp(model, keep, data, epochs, round_to, seed):
+    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - keep, verbose=0)
+    _fit(model, data, epochs, _sgd(0.01), [asfp])
+    return asfp.plan
+
+
+def _plan_magnitude(model, keep, data, epochs, round_to, seed):
+    return kc.methods.magnitude_plan(model, keep=keep, round_to=round_to)
+
+
+def _plan_similarity(model, keep, data, epochs, round_to, seed):
+    x = None if data is None else data[0]
+    return kc.methods.similarity_plan(model, keep, data=x, round_to=round_to)
+
+
+def _plan_functionality(model, keep, data, epochs, round_to, seed):
+    return kc.methods.functionality_plan(model, data, keep, round_to=round_to)
+
+
+def _plan_ensembles(model, keep, data, epochs, round_to, seed):
+    _compile(model, "sgd")
+    scores = kc.methods.ensemble_importance(model, data, seed=seed, verbose=0)
+    return kc.plan_from_scores(model, scores, keep=keep, round_to=round_to)
+
+
+# name -> (plan maker, needs --data, trains the full model with --epochs).
+# Methods that do not train use --epochs to fine-tune the slim model.
+METHODS = {
+    "csgd": (_train_csgd, True, True),
+    "asfp": (_train_asfp, True, True),
+    "magnitude": (_plan_magnitude, False, False),
+    "similarity": (_plan_similarity, False, False),
+    "functionality": (_plan_functionality, True, False),
+    "ensembles": (_plan_ensembles, True, False),
+}
+
+
+def _write_atomically(writers):
+    """Runs `writer(tmp_path)` for each `(path, writer)`, then renames all.
+
+    Either every file appears or none does.
+    """
+    temps = []
+    try:
+        for path, writer in writers:
+            folder, name = os.path.split(os.path.abspath(path))
+            suffix = os.path.splitext(name)[1]
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix,
+                                       dir=folder)
+            os.close(fd)
+            temps.append(tmp)
+            writer(tmp)
+        for tmp, (path, _) in zip(temps, writers):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _write_text(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+
+    return write
+
+
+def _plan_path(out):
+    return out[: -len(".keras")] + ".plan.json"
+
+
+def cmd_prune(args):
+    _existing_file(args.model, "model")
+    _output_path(args.out, ".keras", source=args.model)
+    if args.data is not None and not os.path.exists(args.data):
+        raise CommandError(f"--data {args.data!r} does not exist")
+    make, needs_data, trains = METHODS[args.method]
+    if needs_data and args.data is None:
+        raise CommandError(f"--method {args.method} needs --data")
+    model = _load_model(args.model)
+    data = None if args.data is None else _load_data(args.data, model)
+    epochs = args.epochs if args.epochs is not None else (10 if trains else 0)
+    if epochs and data is None:
+        raise CommandError("--epochs needs --data")
+    keras.utils.set_random_seed(args.seed)
+    plan = make(model, args.keep, data, epochs, args.round_to, args.seed)
+    slim = kc.slim(model, plan)
+    if epochs and not trains:
+        _fit(slim, data, epochs, _sgd(0.01))
+    _write_atomically(
+        [
+            (args.out, slim.save),
+            (_plan_path(args.out), _write_text(plan.to_json())),
+        ]
+    )
+    before, after = kc.count_macs(model), kc.count_macs(slim)
+    print(
+        f"{args.method}: MACs {before:,} -> {after:,} "
+        f"({after / before:.1%}), params {model.count_params():,} -> "
+        f"{slim.count_params():,}; wrote {args.out} and "
+        f"{_plan_path(args.out)}"
+    )
+
+
+def cmd_export(args):
+    _output_path(args.out, ".tflite")
+    quantize = None if args.quantize == "none" else args.quantize
+    if quantize == "int8" and args.data is None:
+        raise CommandError("--quantize int8 needs --data (calibration)")
+    if args.data is not None and not os.path.exists(args.data):
+        raise CommandError(f"--data {args.data!r} does not exist")
+    model = _load_model(args.model)
+    data = None if args.data is None else _load_data(args.data, model)[0]
+    result = kc.export_tflite(
+        model, args.out, quantize=quantize, representative_data=data
+    )
+    print(
+        f"wrote {result.path}: {result.size_bytes:,} bytes, max relative "
+        f"error {result.max_error:.2g} (tolerance "
+        f"{kexport.TOLERANCES[quantize]:g})"
+    )
+
+
+def cmd_bench(args):
+    _existing_file(args.model, "model")
+    target = args.model
+    if not args.model.endswith(".tflite"):
+        target = _load_model(args.model)
+    results = kc.benchmark_latency(
+        target,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        runs=args.runs,
+        jit_compile=args.jit,
+    )
+    rows = [["batch", "median ms", "p10 ms", "p90 ms"]]
+    for batch, r in results.items():
+        rows.append(
+            [batch] + [f"{r[k]:.3f}" for k in ("median_ms", "p10_ms", "p90_ms")]
+        )
+    print(_table(rows))
+
+
+def _table(rows):
+    """Right-aligned plain-text table; the first column left-aligned."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths))
+        )
+        for row in cells
+    )
+
+
+def _demo_data(args):
+    """`(model, train, (x_test, y_test), test_label)`.
+
+    `train` is `(x, y)` arrays (digits) or an augmented `tf.data.Dataset`
+    (CIFAR-10); `x_test` an array or a dataset of normalised batches.
+    """
+    if args.dataset == "digits":
+        train, test = kdata.load_digits_images()
+        return models.small_resnet(), train, test, "test split (450 digits)"
+    try:
+        x, y = kdata.load_cifar10(args.data_dir)
+    except RuntimeError as error:
+        raise CommandError(str(error)) from None
+    (x_train, y_train), (x_val, y_val) = kdata.train_val_split(x, y, 5000)
+    if args.train_samples:
+        x_train, y_train = x_train[: args.train_samples], y_train[
+            : args.train_samples
+        ]
+    mean, std = kdata.channel_stats(x_train)
+    train = kdata.make_dataset(
+        x_train, y_train, 128, shuffle=True, augment=True, mean=mean, std=std,
+        seed=args.seed,
+    )
+    val = kdata.make_dataset(x_val, y_val, 256, mean=mean, std=std)
+    return (
+        models.resnet_cifar(20),
+        train,
+        (val, y_val),
+        (
+            "validation split: the last 5,000 of a fixed shuffle of the "
+            "training folder"
+        ),
+    )
+
+
+def _accuracy(model, x, y):
+    logits = model.predict(x, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == y)), logits
+
+
+def cmd_demo(args):
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out!r} is not a folder")
+    if args.data_dir is not None and args.dataset != "cifar10":
+        raise CommandError("--data-dir needs --dataset cifar10")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise CommandError(f"--data-dir {args.data_dir!r} is not a folder")
+    start = time.perf_counter()
+    keras.utils.set_random_seed(args.seed)
+    model, train, (x_test, y_test), test_label = _demo_data(args)
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise CommandError(f"--out {out!r} is not writable")
+    epochs = args.epochs or (20 if args.dataset == "digits" else 10)
+    _fit(model, train, epochs, _sgd(0.05))
+    print(f"trained {model.name} for {epochs} epochs")
+    plan = _train_csgd(model, args.keep, train, epochs, None, args.seed)
+    print(f"C-SGD for {epochs} epochs, clusters: {plan.widths()}")
+    slim = kc.slim(model, plan)
+    acc_full, logits_full = _accuracy(model, x_test, y_test)
+    acc_slim, logits_slim = _accuracy(slim, x_test, y_test)
+    paths = {}
+    for name, m in (("trained", model), ("slim", slim)):
+        paths[name] = os.path.join(out, f"{name}.keras")
+        m.save(paths[name])
+        kc.export_tflite(m, os.path.join(out, f"{name}.tflite"))
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        f.write(plan.to_json())
+    rows = [["", "trained", "slim", "slim/trained"]]
+
+    def add(label, full, small, fmt="{:,}", ratio=True):
+        rows.append(
+            [label, fmt.format(full), fmt.format(small)]
+            + [f"{small / full:.2f}" if ratio else ""]
+        )
+
+    add("accuracy (%)", 100 * acc_full, 100 * acc_slim, "{:.2f}", False)
+    rows.append(
+        [
+            "max |logit difference|",
+            "",
+            f"{np.max(np.abs(logits_full - logits_slim)):.1e}",
+            "",
+        ]
+    )
+    add("MACs", kc.count_macs(model), kc.count_macs(slim))
+    add("params", model.count_params(), slim.count_params())
+    latency = {
+        name: {
+            "Keras": kc.benchmark_latency(
+                m, threads=args.threads, runs=args.runs
+            ),
+            "TFLite": kc.benchmark_latency(
+                os.path.join(out, f"{name}.tflite"),
+                threads=args.threads,
+                runs=args.runs,
+            ),
+        }
+        for name, m in (("trained", model), ("slim", slim))
+    }
+    for engine in ("Keras", "TFLite"):
+        for batch in (1, 64):
+            add(
+                f"{engine} latency, batch {batch} (ms)",
+                latency["trained"][engine][batch]["median_ms"],
+                latency["slim"][engine][batch]["median_ms"],
+                "{:.3f}",
+            )
+    for suffix in (".keras", ".tflite"):
+        add(
+            f"{suffix} file (KiB)",
+            os.path.getsize(os.path.join(out, "trained" + suffix)) / 1024,
+            os.path.getsize(os.path.join(out, "slim" + suffix)) / 1024,
+            "{:.1f}",
+        )
+    print()
+    print(_table(rows))
+    print(
+        f"\naccuracy on the {test_label}; latency: median of {args.runs} "
+        f"runs, {args.threads} threads; files in {out}; "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    if args.dataset == "digits":
+        print(
+            "The digits model is tiny: per-call overhead dominates its "
+            "latency, so the MACs saving shows in size more than in time."
+        )
+
+
+def build_parser():
+    """The `keras-csgd` argument parser (all subcommands)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Structured pruning for Keras 3: C-SGD and friends, "
+        "slimming and LiteRT export.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train, C-SGD to about half the MACs, slim, export, compare",
+        description="Trains a small residual CNN on scikit-learn's digits "
+        "(or ResNet-20 on CIFAR-10), runs C-SGD to about half the MACs, "
+        "slims it, exports TFLite and prints accuracy, MACs, params, "
+        "latency and file sizes of the trained and the slim model.",
+    )
+    demo.add_argument("--dataset", choices=("digits", "cifar10"),
+                      default="digits")
+    demo.add_argument("--data-dir", help="CIFAR-10 image folder (else tfds)")
+    demo.add_argument("--epochs", type=_positive_int,
+                      help="epochs of training and of C-SGD each "
+                      "(default 20 digits, 10 cifar10)")
+    demo.add_argument("--keep", type=_fraction, default=0.67,
+                      help="kept fraction of every channel group "
+                      "(default 0.67: about half the MACs)")
+    demo.add_argument("--out", default="demo_out",
+                      help="output folder (default ./demo_out)")
+    demo.add_argument("--train-samples", type=_positive_int,
+                      help="cifar10: use only this many training images")
+    demo.add_argument("--threads", type=_positive_int, default=2)
+    demo.add_argument("--runs", type=_positive_int, default=30,
+                      help="timed runs per latency (default 30)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    prune = sub.add_parser(
+        "prune",
+        help="prune a .keras model, write the slim model and plan JSON",
+        description="Prunes MODEL with --method, slims it and writes the "
+        "slim model to --out and its plan to <out>.plan.json. --data is an "
+        "image folder (scaled to [0, 1]) or an .npz with arrays x, y.",
+    )
+    prune.add_argument("model", help="input .keras model")
+    prune.add_argument("--method", choices=sorted(METHODS), required=True)
+    prune.add_argument("--keep", type=_fraction, default=0.625,
+                       help="kept fraction per group (default 0.625)")
+    prune.add_argument("--data", help="image folder or .npz (x, y)")
+    prune.add_argument("--epochs", type=int,
+                       help="training epochs (csgd, asfp; default 10) or "
+                       "fine-tuning epochs of the slim model (others; "
+                       "default 0)")
+    prune.add_argument("--round-to", type=_positive_int,
+                       help="round widths to a multiple of this")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, help="output .keras file")
+    prune.set_defaults(func=cmd_prune)
+
+    export = sub.add_parser(
+        "export",
+        help="export a .keras model to LiteRT (.tflite)",
+        description="Converts MODEL to a .tflite file, checks it against "
+        "Keras and writes it atomically.",
+    )
+    export.add_argument("model", help="input .keras model")
+    export.add_argument("--out", required=True, help="output .tflite file")
+    export.add_argument("--quantize", default="none",
+                        choices=("none", "dynamic", "float16", "int8"))
+    export.add_argument("--data", help="calibration inputs for int8: "
+                        "image folder or .npz (x, y)")
+    export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time a .keras or .tflite model",
+        description="Median and 10th/90th percentile latency per batch "
+        "size (Keras through a compiled tf.function, TFLite through the "
+        "interpreter).",
+    )
+    bench.add_argument("model", help=".keras or .tflite file")
+    bench.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 64),
+                       help="comma-separated (default 1,64)")
+    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--runs", type=_positive_int, default=50)
+    bench.add_argument("--jit", action="store_true",
+                       help="XLA-compile the Keras function")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    """Runs `keras-csgd`; returns the exit code (0, or 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads:
+        kexport.set_tf_threads(threads)
+    try:
+        args.func(args)
+    except (CommandError, ValueError, TypeError, OSError) as error:
+        lines = str(error).strip().splitlines() or [repr(error)]
+        print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Tests of `kc.methods.adaptive`: gates, folding, block removal, budget."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_csgd as kc
+from keras_csgd.methods.adaptive import (
+    AdaptiveGates,
+    BlockGate,
+    ChannelGate,
+    MacsTargetCallback,
+)
+from keras_csgd.models import resnet_cifar
+from utils import relative_error
+from zoo import preact_resnet, randomize
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(16, 16, 16, 3)).astype("float32")
+
+
+def resnet8():
+    return randomize(resnet_cifar(8, input_shape=(16, 16, 3)), seed=4)
+
+
+def close_some(gates):
+    """Closes a third of every channel gate and half of the block gates."""
+    for gate in gates.channel_gates.values():
+        values = RNG.uniform(0.5, 1.5, gate.gate.shape)
+        values[::3] = 0.0
+        gate.gate.assign(values)
+    for k, gate in enumerate(gates.block_gates.values()):
+        gate.gate.assign([0.0 if k % 2 == 0 else 0.7])
+
+
+@pytest.mark.parametrize("build", [resnet8, lambda: randomize(preact_resnet())])
+def test_open_gates_change_nothing(build):
+    model = build()
+    gates = AdaptiveGates(model, macs_target=0.5)
+    assert gates.channel_gates and gates.block_gates
+    np.testing.assert_allclose(
+        gates.model.predict(X, verbose=0), model.predict(X, verbose=0),
+        rtol=1e-6, atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("build", [resnet8, lambda: randomize(preact_resnet())])
+def test_closed_gates_are_removed_exactly(build):
+    model = build()
+    gates = AdaptiveGates(model, macs_target=0.5)
+    close_some(gates)
+    expected = gates.model.predict(X, verbose=0)
+    estimate = gates.estimated_macs(threshold=1e-3)
+    plan, blocks = gates.finalize(threshold=1e-3)
+    assert blocks == list(gates.block_gates)[::2]
+    assert plan.clusters
+    np.testing.assert_allclose(model.predict(X, verbose=0), expected,
+                               rtol=1e-5, atol=1e-5)
+    slim = kc.slim(model, plan, remove_blocks=blocks)
+    assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
+    assert kc.count_macs(slim) == estimate
+    for name in blocks:
+        assert name not in [layer.name for layer in slim.layers]
+
+
+def test_learnt_macs_meet_target_with_channels_and_blocks():
+    keras.utils.set_random_seed(0)
+    model = resnet_cifar(8, input_shape=(16, 16, 3))
+    x = RNG.normal(size=(128, 16, 16, 3)).astype("float32")
+    y = RNG.integers(0, 10, 128)
+    gates = AdaptiveGates(model, macs_target=0.5)
+    gates.model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = gates.model.fit(
+        x, y, batch_size=32, epochs=12, callbacks=[gates.callback], verbose=0
+    )
+    assert len(set(history.history["penalty_weight"])) > 1
+    plan, blocks = gates.finalize()
+    slim = kc.slim(model, plan, remove_blocks=blocks)
+    macs = kc.count_macs(slim)
+    assert abs(macs - gates.macs_target) <= 0.1 * gates.macs_target
+    assert blocks, "a whole block must go at half the MACs"
+    assert plan.clusters, "channels must go too"
+    assert all(w < plan.groups[n].size for n, w in plan.widths().items())
+
+
+def test_callback_moves_weight_towards_target():
+    gates = AdaptiveGates(resnet8(), macs_target=0.5, penalty_weight=2.0)
+    callback = MacsTargetCallback(gates, factor=2.0)
+    logs = {}
+    callback.on_epoch_end(0, logs)  # all gates open: above the target
+    assert gates.penalty_weight == 4.0
+    assert logs["macs"] == gates.base_macs
+    for gate in gates.block_gates.values():
+        gate.gate.assign([0.0])
+    for gate in gates.channel_gates.values():
+        gate.gate.assign(np.zeros(gate.gate.shape))
+    callback.on_epoch_end(1, logs)
+    assert gates.penalty_weight == 2.0 and logs["macs"] < gates.macs_target
+    strengths = [g.strength.numpy() for g in gates.channel_gates.values()]
+    np.testing.assert_allclose(strengths, 2.0)
+
+
+def test_gate_penalty_is_cost_weighted_l1():
+    gate = ChannelGate(cost=0.25)
+    x = np.ones((2, 3), "float32")
+    gate(x)
+    gate.gate.assign([1.0, 0.5, 0.0])
+    gate.strength.assign(2.0)
+    out = gate(x)
+    np.testing.assert_allclose(out, np.tile([1.0, 0.5, 0.0], (2, 1)))
+    np.testing.assert_allclose(float(gate.losses[0]), 2.0 * 0.25 * 1.5)
+
+
+@pytest.mark.parametrize("cls", [ChannelGate, BlockGate])
+def test_gate_config_round_trip(cls):
+    gate = cls(cost=0.125, name="g")
+    again = cls.from_config(gate.get_config())
+    assert again.get_config() == gate.get_config()
+    assert again.cost == 0.125
+
+
+def test_gated_model_saves_and_loads(tmp_path):
+    gates = AdaptiveGates(resnet8(), macs_target=0.5)
+    close_some(gates)
+    path = str(tmp_path / "gated.keras")
+    gates.model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(X, verbose=0), gates.model.predict(X, verbose=0),
+        rtol=1e-6, atol=1e-6,
+    )
+
+
+def test_bad_arguments():
+    model = resnet8()
+    with pytest.raises(ValueError, match="`macs_target` must be"):
+        AdaptiveGates(model, macs_target=10 * kc.count_macs(model))
+    with pytest.raises(TypeError, match="`macs_target` must be"):
+        AdaptiveGates(model, macs_target="half")
+    with pytest.raises(ValueError, match="`factor` must be > 1"):
+        AdaptiveGates(model, macs_target=0.5, factor=0.5)

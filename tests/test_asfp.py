@@ -1,0 +1,227 @@
+"""Tests of `kc.callbacks.AsymptoticSoftFilterPruning` (ASFP / SFP)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers as L
+from scipy.optimize import fsolve
+
+import keras_csgd as kc
+from conftest import two_cpu_strategy
+from keras_csgd import graph
+from keras_csgd.callbacks.asfp import asymptotic_speed
+
+ASFP = kc.callbacks.AsymptoticSoftFilterPruning
+
+
+def one_by_one_model(seed=0):
+    """Pruned groups are read only by 1x1 convs and a Dense behind GAP."""
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(x))
+    y = L.Conv2D(8, 1, name="c2")(x)
+    y = L.BatchNormalization(name="bn2")(y)
+    x = L.ReLU()(L.Add()([x, y]))
+    x = L.Conv2D(12, 1, name="c3")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn3")(x))
+    x = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, L.Dense(4, name="out")(x))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    return model
+
+
+def data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6, 6, 3)).astype("float32")
+    return x, rng.integers(0, 4, n)
+
+
+def zero_channels(model, group):
+    rows = graph.producer_filters(model, group)
+    return np.flatnonzero(~rows.any(axis=1))
+
+
+def prunable(model):
+    return [g for g in kc.channel_groups(model) if g.prunable]
+
+
+def test_rate_at_closed_form():
+    rate, total = 0.4, 16
+    cb = ASFP(rate, epochs=total)
+    assert abs(cb.rate_at(0)) < 1e-6
+    assert abs(cb.rate_at(0.125 * total) - 0.75 * rate) < 1e-6
+    assert abs(cb.rate_at(total) - rate) < 1e-6
+    assert cb.rate_at(total + 5) == pytest.approx(rate, abs=1e-12)
+
+    # Independent reference: solve a, k, b of P(t) = a exp(-k t) + b from
+    # the three conditions.
+    def eqs(p):
+        a, k, b = p
+        return [
+            a + b,
+            a * np.exp(-k * 2) + b - 0.75 * rate,
+            a * np.exp(-k * total) + b - rate,
+        ]
+
+    a, k, b = fsolve(eqs, [-rate, np.log(4) / 2, rate], xtol=1e-13)
+    for t in np.linspace(0, total, 9):
+        assert cb.rate_at(t) == pytest.approx(a * np.exp(-k * t) + b, abs=1e-9)
+    # The approximation of the paper: rate * (1 - 4 ** (-8 t / T)).
+    t = np.arange(total + 1)
+    approx = rate * (1 - 4.0 ** (-8 * t / total))
+    np.testing.assert_allclose([cb.rate_at(e) for e in t], approx, atol=1e-3)
+    assert asymptotic_speed(0.125) == pytest.approx(11.0894, abs=1e-3)
+
+
+def test_rate_at_other_decay_and_constant():
+    cb = ASFP(0.5, epochs=10, decay=0.3)
+    assert cb.rate_at(3) == pytest.approx(0.375, abs=1e-9)
+    assert cb.rate_at(10) == pytest.approx(0.5, abs=1e-9)
+    sfp = ASFP(0.3, schedule="constant")
+    assert sfp.rate_at(0) == 0.3 and sfp.rate_at(7) == 0.3
+    with pytest.raises(ValueError, match="number of epochs"):
+        ASFP(0.3).rate_at(1)
+
+
+def test_fit_zeroes_exact_count_and_slim_is_exact():
+    model = one_by_one_model()
+    x, y = data()
+    total, rate = 3, 0.3
+    cb = ASFP(rate, verbose=0)
+    hist = model.fit(x, y, epochs=total, batch_size=32, callbacks=[cb],
+                     verbose=0)
+    np.testing.assert_allclose(
+        hist.history["asfp_rate"], [cb.rate_at(e) for e in (1, 2, 3)]
+    )
+    assert hist.history["asfp_rate"][-1] == pytest.approx(rate)
+    groups = prunable(model)
+    assert sorted(g.size for g in groups) == [8, 12]
+    for g in groups:
+        zeroed = zero_channels(model, g)
+        assert len(zeroed) == int(np.floor(rate * g.size + 0.5))
+        kept = [c[0] for c in cb.plan.clusters[g.name]]
+        assert sorted(set(kept) | set(zeroed)) == list(range(g.size))
+    slim = kc.slim(model, cb.plan)
+    assert kc.count_macs(slim) < kc.count_macs(model)
+    np.testing.assert_allclose(
+        slim.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+def test_reuse_across_fits_skip_and_l1():
+    model = one_by_one_model(1)
+    x, y = data()
+    skip = ["c3"]
+    cb = ASFP(0.5, criterion="l1", skip=skip, verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, callbacks=[cb], verbose=0)
+    first = cb.plan
+    hist = model.fit(x, y, epochs=4, batch_size=32, callbacks=[cb], verbose=0)
+    # The second fit is its own schedule over its own 4 epochs.
+    np.testing.assert_allclose(
+        hist.history["asfp_rate"], [cb.rate_at(e) for e in (1, 2, 3, 4)]
+    )
+    assert list(first.clusters) == list(cb.plan.clusters) == ["c1"]
+    for g in prunable(model):
+        expected = 4 if g.name == "c1" else 0
+        assert len(zero_channels(model, g)) == expected
+
+
+def test_sfp_prunes_before_first_epoch():
+    model = one_by_one_model(2)
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if not seen:
+                seen.append(
+                    [len(zero_channels(model, g)) for g in prunable(model)]
+                )
+
+    x, y = data(32)
+    cb = ASFP(0.25, schedule="constant", verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, callbacks=[cb, Probe()],
+              verbose=0)
+    assert sorted(seen[0]) == [2, 3]
+
+
+def test_backup_and_restore_resumes_schedule(tmp_path):
+    x, y = data(32)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    model = one_by_one_model(3)
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path))
+    cb = ASFP(0.5, verbose=0)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        model.fit(x, y, epochs=4, batch_size=32, verbose=0,
+                  callbacks=[backup, cb, Interrupt()])
+    model = one_by_one_model(3)
+    hist = model.fit(x, y, epochs=4, batch_size=32, verbose=0,
+                     callbacks=[backup, cb])
+    assert hist.epoch == [2, 3]
+    np.testing.assert_allclose(
+        hist.history["asfp_rate"], [cb.rate_at(3), cb.rate_at(4)]
+    )
+    for g in prunable(model):
+        assert len(zero_channels(model, g)) == g.size // 2
+
+
+@pytest.mark.skipif(
+    len(tf.config.list_logical_devices("CPU")) < 2,
+    reason="needs two logical CPU devices (configured in conftest)",
+)
+def test_mirrored_strategy():
+    strategy = two_cpu_strategy()
+    with strategy.scope():
+        model = one_by_one_model(4)
+    x, y = data()
+    cb = ASFP(0.25, epochs=2, verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, callbacks=[cb], verbose=0)
+    for g in prunable(model):
+        assert len(zero_channels(model, g)) == int(0.25 * g.size + 0.5)
+        for _, path, _ in g.producers:
+            var = graph.get_variable(model, path).value
+            replicas = strategy.experimental_local_results(var)
+            for r in replicas[1:]:
+                np.testing.assert_array_equal(r.numpy(), replicas[0].numpy())
+
+
+def test_config_round_trip():
+    cb = ASFP(0.4, epochs=12, decay=0.2, criterion="l1",
+              schedule="constant", skip=("a", "b"), verbose=0)
+    config = cb.get_config()
+    again = ASFP.from_config(config)
+    assert again.get_config() == config
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(cb)
+    )
+    assert isinstance(restored, ASFP)
+    assert restored.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"rate": 1.0}, "`rate` must be"),
+        ({"rate": 0.3, "decay": 0.8}, "`decay` must be"),
+        ({"rate": 0.3, "criterion": "l3"}, "`criterion` must be"),
+        ({"rate": 0.3, "schedule": "linear"}, "`schedule` must be"),
+        ({"rate": 0.3, "epochs": 0}, "`epochs` must be"),
+    ],
+)
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ASFP(**kwargs)
+
+
+def test_unknown_skip_raises_at_fit():
+    model = one_by_one_model()
+    x, y = data(32)
+    with pytest.raises(ValueError, match="`skip` names groups"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[ASFP(0.3, skip=["nope"], verbose=0)])

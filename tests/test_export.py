@@ -1,0 +1,174 @@
+"""Tests for keras_csgd.export: TFLite export, its check, latency timing."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_csgd as kc
+from keras_csgd import export
+from keras_csgd.data import load_digits_images
+from keras_csgd.models import small_resnet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_images()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A small residual CNN trained briefly on digits (BN stats are real)."""
+    (x, y), _ = digits
+    keras.utils.set_random_seed(0)
+    model = small_resnet(width=8)
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return model
+
+
+def _relative_error(actual, expected):
+    scale = max(1.0, np.abs(expected).max())
+    return np.abs(actual - expected).max() / scale
+
+
+@pytest.fixture(scope="module")
+def float_path(trained, tmp_path_factory):
+    return kc.export_tflite(
+        trained, tmp_path_factory.mktemp("float") / "m.tflite"
+    ).path
+
+
+def test_float_export_matches_keras(trained, digits, tmp_path):
+    _, (x_test, _) = digits
+    path = tmp_path / "m.tflite"
+    result = kc.export_tflite(trained, path)
+    assert result.path == str(path)
+    assert result.size_bytes == os.path.getsize(path) > 0
+    assert result.max_error <= 1e-4
+    # Independent of the built-in check: other inputs, other batch size.
+    expected = trained(x_test[:50], training=False).numpy()
+    actual = export.run_tflite(path, x_test[:50])
+    np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
+
+
+@pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
+def test_quantized_exports_within_stated_tolerance(
+    quantize, trained, digits, float_path, tmp_path
+):
+    (x_train, _), (x_test, _) = digits
+    result = kc.export_tflite(
+        trained,
+        tmp_path / "q.tflite",
+        quantize=quantize,
+        representative_data=x_train,
+    )
+    assert result.max_error <= export.TOLERANCES[quantize]
+    expected = trained(x_test[:200], training=False).numpy()
+    actual = export.run_tflite(result.path, x_test[:200])
+    assert _relative_error(actual, expected) <= export.TOLERANCES[quantize]
+    agreement = np.mean(actual.argmax(1) == expected.argmax(1))
+    assert agreement >= 0.97
+    # Kernels shrink from 4 bytes per weight to 2 (float16) or 1 (int8).
+    kernels = sum(
+        int(np.prod(w.shape)) for w in trained.weights if len(w.shape) > 1
+    )
+    saved = (2 if quantize == "float16" else 3) * kernels
+    float_size = os.path.getsize(float_path)
+    assert float_size - result.size_bytes >= 0.6 * saved
+
+
+def test_int8_accepts_a_dataset_of_labelled_batches(trained, digits, tmp_path):
+    (x, y), _ = digits
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    result = kc.export_tflite(
+        trained, tmp_path / "q.tflite", "int8", representative_data=dataset
+    )
+    assert result.max_error <= export.TOLERANCES["int8"]
+
+
+def test_bad_arguments_write_nothing(trained, tmp_path):
+    path = tmp_path / "m.tflite"
+    with pytest.raises(ValueError, match="`representative_data` is required"):
+        kc.export_tflite(trained, path, quantize="int8")
+    with pytest.raises(ValueError, match="`quantize` must be one of"):
+        kc.export_tflite(trained, path, quantize="int4")
+    with pytest.raises(ValueError, match="existing folder"):
+        kc.export_tflite(trained, tmp_path / "no" / "m.tflite")
+    with pytest.raises(TypeError, match="`model` must be a keras.Model"):
+        kc.export_tflite("model.keras", path)
+    a = keras.Input((3,))
+    b = keras.Input((3,))
+    two = keras.Model([a, b], keras.layers.Add()([a, b]))
+    with pytest.raises(ValueError, match="exactly one input"):
+        kc.export_tflite(two, path)
+    for empty in ([], np.zeros((0, 8, 8, 1), np.float32)):
+        with pytest.raises(ValueError, match="at least one sample"):
+            kc.export_tflite(trained, path, "int8", representative_data=empty)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_check_leaves_previous_file(trained, tmp_path, monkeypatch):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"previous")
+    monkeypatch.setitem(export.TOLERANCES, None, -1.0)
+    with pytest.raises(RuntimeError, match="differs from the Keras model"):
+        kc.export_tflite(trained, path)
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
+    result = kc.export_tflite(trained, path, check=False)
+    assert result.max_error is None and path.read_bytes() != b"previous"
+
+
+def _check_timings(results, batch_sizes, runs):
+    assert list(results) == list(batch_sizes)
+    for r in results.values():
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["runs"] == runs
+
+
+@pytest.mark.filterwarnings("ignore:TensorFlow is already initialised")
+def test_benchmark_keras_and_tflite(trained, float_path):
+    path = float_path
+    _check_timings(
+        kc.benchmark_latency(trained, batch_sizes=(1, 4), runs=3, warmup=1),
+        (1, 4),
+        3,
+    )
+    _check_timings(
+        kc.benchmark_latency(
+            trained, (8, 8, 1), (2,), runs=3, warmup=1, jit_compile=True
+        ),
+        (2,),
+        3,
+    )
+    _check_timings(
+        kc.benchmark_latency(path, batch_sizes=(1, 16), runs=5, warmup=1),
+        (1, 16),
+        5,
+    )
+
+
+def test_benchmark_bad_arguments(trained, tmp_path):
+    with pytest.raises(ValueError, match="`runs` must be a positive"):
+        kc.benchmark_latency(trained, runs=0)
+    with pytest.raises(ValueError, match="`batch_sizes`"):
+        kc.benchmark_latency(trained, batch_sizes=(0,))
+    with pytest.raises(ValueError, match="existing .tflite file"):
+        kc.benchmark_latency(str(tmp_path / "missing.tflite"))
+
+
+def test_sparse_export_is_smaller_and_equal(tmp_path):
+    inp = keras.Input((64,))
+    model = keras.Model(inp, keras.layers.Dense(256)(inp))
+    kc.sparsify(model, density=0.1)
+    dense = kc.export_tflite(model, tmp_path / "d.tflite")
+    sparse = kc.export_tflite(model, tmp_path / "s.tflite", sparse=True)
+    assert sparse.size_bytes < 0.5 * dense.size_bytes
+    assert sparse.max_error < 1e-4
