@@ -200,9 +200,10 @@ class PruningPlan:
             d = json.loads(text)
         except (TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"`text` is not a JSON pruning plan: {e}") from e
-        if not isinstance(d, dict) or "clusters" not in d:
+        if not isinstance(d, dict) or not isinstance(d.get("clusters"), dict):
             raise ValueError(
-                "`text` is not a JSON pruning plan (no `clusters` key)."
+                "`text` is not a JSON pruning plan (`clusters` must be an "
+                "object of group names)."
             )
         version = d.get("format_version")
         if version != FORMAT_VERSION:
@@ -228,6 +229,24 @@ class PruningPlan:
         shown = ", ".join(f"{k}: {v}" for k, v in list(w.items())[:6])
         more = ", ..." if len(w) > 6 else ""
         return f"PruningPlan({{{shown}{more}}}, bound={self.bound})"
+
+
+def coerce_plan(plan, who: str) -> PruningPlan:
+    """`plan` (a `PruningPlan` or its JSON) as a bound `PruningPlan`.
+
+    Raises:
+        TypeError: neither a plan nor a string.
+        ValueError: bad JSON, or an unbound plan (the message names `who`).
+    """
+    if isinstance(plan, str):
+        plan = PruningPlan.from_json(plan)
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(
+            "`plan` must be a `kc.PruningPlan` or its JSON. "
+            f"Received: plan={plan!r}"
+        )
+    plan.require_bound(who)
+    return plan
 
 
 def _check_clusters(name: str, clusters: list[list[int]]) -> None:
@@ -377,6 +396,11 @@ def make_plan(
             clusters[name] = even_clusters(g.size, width)
         else:
             filters = graph.producer_filters(model, g)
+            if not np.isfinite(filters).all():
+                raise ValueError(
+                    f"Group {name!r} has NaN or Inf producer weights; "
+                    "k-means needs finite filters."
+                )
             clusters[name] = kmeans_clusters(filters, width, seed)
     return PruningPlan(clusters, groups=groups)
 

@@ -109,6 +109,12 @@ def _checked_scores(scores, by_name) -> dict[str, np.ndarray]:
                 f"`scores[{name!r}]` must have one score per channel "
                 f"({g.size}). Received: {len(s)} scores"
             )
+        if not np.isfinite(s).all():
+            raise ValueError(
+                f"`scores[{name!r}]` holds NaN or Inf (channels "
+                f"{np.flatnonzero(~np.isfinite(s)).tolist()[:8]}); are the "
+                "model's weights finite?"
+            )
         out[name] = s
     return out
 

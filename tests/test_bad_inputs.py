@@ -220,25 +220,7 @@ API_CASES = {
 
 
 # Checks the product still lacks (each fails today; remove the mark when fixed).
-MISSING_CHECKS = {
-    "functionality_plan empty data": (
-        "functionality_plan on empty data raises TypeError 'NoneType' object "
-        "is not subscriptable instead of a ValueError"
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case,
-            marks=pytest.mark.xfail(strict=True, reason=MISSING_CHECKS[case])
-            if case in MISSING_CHECKS else (),
-        )
-        for case in sorted(API_CASES)
-    ],
-)
+@pytest.mark.parametrize("case", sorted(API_CASES))
 def test_api_bad_input(model, case):
     call, error, pattern = API_CASES[case]
     with unchanged(model), pytest.raises(error, match=pattern):
@@ -316,20 +298,13 @@ def test_gsm_bad_density(kwargs, pattern):
     "text, error, pattern",
     [
         ("{]", ValueError, r"`text` is not a JSON pruning plan"),
-        ("[1, 2]", ValueError, r"no `clusters` key"),
+        ("[1, 2]", ValueError, r"`clusters` must be an object"),
         ('{"format_version": 99, "clusters": {}}', ValueError,
          r"Unsupported plan format_version 99"),
         ('{"format_version": 1, "clusters": {"c1": [[0, 0]]}}', ValueError,
          r"Group 'c1': channel 0 is in more than one cluster"),
-        pytest.param(
-            '{"format_version": 1, "clusters": [[0]]}', ValueError,
-            r"`clusters` must be a dict",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="from_json lets PruningPlan's TypeError through; its "
-                "docstring promises ValueError for text that is not a plan",
-            ),
-        ),
+        ('{"format_version": 1, "clusters": [[0]]}', ValueError,
+         r"`clusters` must be an object"),
     ],
     ids=["syntax", "list", "version", "duplicate", "clusters-not-dict"],
 )
@@ -354,20 +329,10 @@ def nan_model():
         pytest.param(
             lambda m: kc.make_plan(m, keep=0.5, method="kmeans"),
             id="make_plan-kmeans",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="scikit-learn's 'Input X contains NaN' comes through "
-                "without the group name",
-            ),
         ),
         pytest.param(
             lambda m: kc.methods.magnitude_plan(m, keep=0.5),
             id="magnitude_plan",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a NaN filter norm is ranked silently and a plan "
-                "comes back",
-            ),
         ),
     ],
 )

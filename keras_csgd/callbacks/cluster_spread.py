@@ -3,7 +3,7 @@
 import keras
 
 from keras_csgd.optimizers.spread import cluster_spread
-from keras_csgd.plan import PruningPlan
+from keras_csgd.plan import coerce_plan
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
@@ -36,14 +36,7 @@ class ClusterSpread(keras.callbacks.Callback):
 
     def __init__(self, plan):
         super().__init__()
-        if isinstance(plan, str):
-            plan = PruningPlan.from_json(plan)
-        if not isinstance(plan, PruningPlan):
-            raise TypeError(
-                "`plan` must be a `kc.PruningPlan` or its JSON. "
-                f"Received: plan={plan!r}"
-            )
-        self.plan = plan
+        self.plan = coerce_plan(plan, "`ClusterSpread`")
         self.history = []
 
     def on_train_begin(self, logs=None):

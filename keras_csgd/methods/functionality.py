@@ -119,7 +119,8 @@ def functionality_profiles(
         filter's mean activation over all examples, `(size,)`.
 
     Raises:
-        ValueError: `per_class=True` and the data has no labels.
+        ValueError: `per_class=True` and the data has no labels; `data`
+            yields no samples.
     """
     analysis = graph.analyze(model)
     groups = [g for g in analysis.groups if g.prunable]
@@ -140,6 +141,11 @@ def functionality_profiles(
             stats[n].update(act, y)
             totals[n] = totals[n] + act.sum(axis=0)
         count += len(x)
+    if not count:
+        raise ValueError(
+            "`data` yielded no examples; functionality profiles need a few "
+            "hundred labelled examples."
+        )
     out = {}
     for g in groups:
         profs, activity = [], np.zeros(g.size)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_csgd.plan import PruningPlan
+from keras_csgd.plan import coerce_plan
 from keras_csgd.sparsity import is_kernel
 
 _STATISTICS = ("moving_mean", "moving_variance")
@@ -193,14 +193,7 @@ class CSGD(keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        if isinstance(plan, str):
-            plan = PruningPlan.from_json(plan)
-        if not isinstance(plan, PruningPlan):
-            raise TypeError(
-                "`plan` must be a `kc.PruningPlan` or its JSON. "
-                f"Received: plan={plan!r}"
-            )
-        plan.require_bound("`CSGD`")
+        plan = coerce_plan(plan, "`CSGD`")
         for arg, value, top in (
             ("momentum", momentum, 1.0),
             ("centripetal_strength", centripetal_strength, None),
