@@ -33,7 +33,7 @@ from sklearn.model_selection import train_test_split
 
 import keras_csgd as kc
 from keras_csgd.export import run_tflite
-from keras_csgd.models import resnet_cifar
+from keras_csgd.models import lenet_300_100, resnet_cifar
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DENSITY = 0.1
@@ -46,14 +46,7 @@ def digits_mlp():
         x, y, test_size=0.25, random_state=0, stratify=y
     )
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras.layers.Dense(300, activation="relu"),
-            keras.layers.Dense(100, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
+    model = lenet_300_100()
     model.compile(
         optimizer=kc.GSM(
             compression=1 / DENSITY,

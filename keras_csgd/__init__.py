@@ -6,7 +6,7 @@ pre-trained models (`methods`) and surgery (`slim`) that builds the narrower
 model with merged weights.
 """
 
-from keras_csgd import callbacks, methods, optimizers
+from keras_csgd import callbacks, data, methods, models, optimizers
 from keras_csgd.export import benchmark_latency, export_tflite
 from keras_csgd.flops import count_macs
 from keras_csgd.graph import channel_groups

@@ -98,3 +98,22 @@ def small_resnet(
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def lenet_300_100(
+    input_dim: int = 64, num_classes: int = 10, name: str = "lenet_300_100"
+) -> keras.Model:
+    """LeNet-300-100 (LeCun et al. 1998): the GSM paper's MLP.
+
+    Two hidden ReLU layers of 300 and 100 units and a linear classifier
+    (logits). Defaults fit scikit-learn's 8x8 digits, flattened.
+    """
+    return keras.Sequential(
+        [
+            keras.Input((input_dim,)),
+            layers.Dense(300, activation="relu"),
+            layers.Dense(100, activation="relu"),
+            layers.Dense(num_classes),
+        ],
+        name=name,
+    )

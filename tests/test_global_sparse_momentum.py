@@ -9,6 +9,7 @@ from sklearn.model_selection import train_test_split
 
 import keras_csgd as kc
 from conftest import two_cpu_strategy
+from keras_csgd.models import lenet_300_100
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -326,14 +327,7 @@ def test_digits_mlp_compression_10_keeps_accuracy():
 
     def train(optimizer):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [
-                keras.Input((64,)),
-                keras.layers.Dense(300, activation="relu"),
-                keras.layers.Dense(100, activation="relu"),
-                keras.layers.Dense(10),
-            ]
-        )
+        model = lenet_300_100()
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
