@@ -21,19 +21,20 @@ def _spatial(shape) -> int:
     return math.prod(dims)
 
 
-def _layer_macs(layer, in_shape, out_shape) -> int:
-    if isinstance(layer, graph._CONV):
+def layer_macs(layer, in_shape, out_shape) -> int:
+    """MACs of one call of `layer` (0 for layers that are not counted)."""
+    if isinstance(layer, graph.CONV):
         k = math.prod(layer.kernel.shape[:-2])
         cin = layer.kernel.shape[-2]
         return _spatial(out_shape) * k * cin * layer.filters
-    if isinstance(layer, graph._TRANSPOSE):
+    if isinstance(layer, graph.TRANSPOSE):
         k = math.prod(layer.kernel.shape[:-2])
         return _spatial(in_shape) * k * in_shape[-1] * layer.filters
-    if isinstance(layer, graph._SEPARABLE):
+    if isinstance(layer, graph.SEPARABLE):
         k = math.prod(layer.depthwise_kernel.shape[:-2])
         cin, m = layer.depthwise_kernel.shape[-2:]
         return _spatial(out_shape) * cin * m * (k + layer.filters)
-    if isinstance(layer, graph._DEPTHWISE):
+    if isinstance(layer, graph.DEPTHWISE):
         k = math.prod(layer.kernel.shape[:-2])
         cin, m = layer.kernel.shape[-2:]
         return _spatial(out_shape) * k * cin * m
@@ -68,12 +69,12 @@ def count_macs(model) -> int:
     """
     graph.check_functional(model)
     total = 0
-    for node in graph._topological_nodes(model):
+    for node in graph.topological_nodes(model):
         op = node.operation
-        if graph._is_graph_model(op):
+        if graph.is_graph_model(op):
             total += count_macs(op)
             continue
-        total += _layer_macs(
+        total += layer_macs(
             op, node.input_tensors[0].shape, node.outputs[0].shape
         )
     return total

@@ -28,10 +28,10 @@ from keras_csgd.groups import ChannelGroup
 
 L = keras.layers
 
-_CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
-_TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-_SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
-_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
+TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
 _MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
 _PASS = (
     L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
@@ -203,7 +203,7 @@ class _Analyzer:
         tensor_layout: dict[int, tuple] = {}
         for t, lay in zip(model.inputs, inputs_layouts):
             tensor_layout[id(t)] = lay
-        for node in _topological_nodes(model):
+        for node in topological_nodes(model):
             op = node.operation
             ins = node.input_tensors
             lays = [tensor_layout[id(t)] for t in ins]
@@ -225,7 +225,7 @@ class _Analyzer:
                 self.freeze(lay, reason)
             return [self.new_group(_channels(t), lname, reason) for t in outs]
         if isinstance(op, keras.Model):
-            if _is_graph_model(op):
+            if is_graph_model(op):
                 self.nested[lname] = lays
                 return self.run_model(op, lays, lname + "/")
             return self.unknown(op, lname, lays, outs, "subclassed model")
@@ -299,7 +299,7 @@ def _channels(t) -> int:
     return int(dim) if dim is not None else 1
 
 
-def _topological_nodes(model):
+def topological_nodes(model):
     """The model's nodes from inputs to outputs, each once."""
     nodes, seen = [], set()
     stack = [(t._keras_history.operation, t._keras_history.node_index)
@@ -336,7 +336,7 @@ def _h_conv(an, layer, lname, lays, ins, outs):
     if getattr(layer, "groups", 1) != 1:
         return an.unknown(layer, lname, lays, outs, "grouped convolution")
     rank = len(layer.kernel.shape)
-    transpose = isinstance(layer, _TRANSPOSE)
+    transpose = isinstance(layer, TRANSPOSE)
     in_axis, out_axis = (rank - 1, rank - 2) if transpose else (rank - 2,
                                                                  rank - 1)
     an.add(layer, lname, layer.kernel, in_axis, lay, "consumer")
@@ -481,9 +481,9 @@ def _h_concat(an, layer, lname, lays, ins, outs):
 
 
 _HANDLERS = [
-    (_CONV + _TRANSPOSE, _h_conv),
-    (_SEPARABLE, _h_separable),
-    (_DEPTHWISE, _h_depthwise),
+    (CONV + TRANSPOSE, _h_conv),
+    (SEPARABLE, _h_separable),
+    (DEPTHWISE, _h_depthwise),
     ((L.Dense,), _h_dense),
     ((L.BatchNormalization,), _h_batchnorm),
     ((L.PReLU,), _h_prelu),
@@ -507,7 +507,8 @@ def _handler_for(op):
 
 
 # ---------------------------------------------------------------- public
-def _is_graph_model(model) -> bool:
+def is_graph_model(model) -> bool:
+    """Whether `model` is functional or Sequential (its graph can be read)."""
     return isinstance(model, (Functional, keras.Sequential))
 
 
@@ -517,7 +518,7 @@ def check_functional(model) -> None:
         raise TypeError(
             f"`model` must be a keras.Model. Received: model={model!r}"
         )
-    if not _is_graph_model(model):
+    if not is_graph_model(model):
         raise ValueError(
             "`model` must be a functional or Sequential Keras model; "
             f"{type(model).__name__} is a subclassed model, whose graph "

@@ -367,13 +367,7 @@ def make_plan(
             '`method` must be "even" or "kmeans". '
             f"Received: method={method!r}"
         )
-    if round_to is not None and (
-        not isinstance(round_to, int) or round_to < 1
-    ):
-        raise ValueError(
-            f"`round_to` must be a positive int or None. "
-            f"Received: round_to={round_to!r}"
-        )
+    check_round_to(round_to)
     groups = graph.channel_groups(model)
     by_name = {g.name: g for g in groups}
     if isinstance(keep, Mapping):
@@ -403,6 +397,18 @@ def make_plan(
                 )
             clusters[name] = kmeans_clusters(filters, width, seed)
     return PruningPlan(clusters, groups=groups)
+
+
+def check_round_to(round_to) -> None:
+    """Raises `ValueError` unless `round_to` is a positive int or `None`."""
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int)
+        or round_to < 1
+    ):
+        raise ValueError(
+            "`round_to` must be a positive int or None. "
+            f"Received: round_to={round_to!r}"
+        )
 
 
 def check_keep(keep) -> None:

@@ -21,7 +21,7 @@ from keras_csgd.plan import PruningPlan
 
 L = keras.layers
 _WIDTH_KEY = {L.Dense: "units"}
-_FOLDABLE = graph._CONV + (L.Dense,)
+_FOLDABLE = graph.CONV + (L.Dense,)
 
 
 class _Index:
@@ -152,7 +152,7 @@ def _constant_folds(model, an, index, consumers):
     return folds
 
 
-def _block_shortcuts(model, names: Iterable[str]) -> dict[str, int]:
+def block_shortcuts(model, names: Iterable[str]) -> dict[str, int]:
     """For each named two-input Add, the index of its shortcut input.
 
     The shortcut is the input that is an ancestor of the other (identity
@@ -174,7 +174,7 @@ def _block_shortcuts(model, names: Iterable[str]) -> dict[str, int]:
                 f"`remove_blocks`: Add layer {name!r} has {len(ins)} inputs;"
                 " a residual block has two."
             )
-        anc = [_ancestors(t) for t in ins]
+        anc = [ancestors(t) for t in ins]
         if id(ins[0]) in anc[1]:
             out[name] = 0
         elif id(ins[1]) in anc[0]:
@@ -185,7 +185,8 @@ def _block_shortcuts(model, names: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def _ancestors(tensor) -> set[int]:
+def ancestors(tensor) -> set[int]:
+    """Ids of `tensor` and of every Keras tensor it was computed from."""
     seen, stack = set(), [tensor]
     while stack:
         t = stack.pop()
@@ -243,7 +244,7 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
     """
     an = graph.analyze(model)
     local = _bound_plan(plan, an)
-    shortcuts = _block_shortcuts(model, remove_blocks)
+    shortcuts = block_shortcuts(model, remove_blocks)
     index = _Index(an, local)
     planned = set(index.ids)
     touched = [

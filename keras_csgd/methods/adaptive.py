@@ -482,7 +482,7 @@ def _check_target(macs_target, base_macs: int) -> int:
 def _successors(model) -> dict[str, list[str]]:
     """Names of the top-level operations that read each operation's output."""
     out: dict[str, list[str]] = {}
-    for node in graph._topological_nodes(model):
+    for node in graph.topological_nodes(model):
         for t in node.input_tensors:
             src = t._keras_history.operation.name
             out.setdefault(src, []).append(node.operation.name)
@@ -553,7 +553,7 @@ def _residual_blocks(model) -> dict[str, _Block]:
         and len(layer._inbound_nodes[0].input_tensors) == 2
     ]
     blocks = {}
-    for name, shortcut in surgery._block_shortcuts(model, adds).items():
+    for name, shortcut in surgery.block_shortcuts(model, adds).items():
         ins = model.get_layer(name)._inbound_nodes[0].input_tensors
         branch = 1 - shortcut
         end = ins[branch]._keras_history.operation
@@ -562,7 +562,7 @@ def _residual_blocks(model) -> dict[str, _Block]:
         producer = None
         if not isinstance(end, keras.layers.BatchNormalization):
             kernel = getattr(end, "kernel", None)
-            if kernel is None or isinstance(end, graph._DEPTHWISE):
+            if kernel is None or isinstance(end, graph.DEPTHWISE):
                 continue
             producer = (end.name, kernel.path, len(kernel.shape) - 1)
         blocks[name] = _Block(
@@ -573,7 +573,7 @@ def _residual_blocks(model) -> dict[str, _Block]:
 
 def _branch_ops(shortcut, branch) -> set[str]:
     """Operations between the shortcut's ancestors and the branch output."""
-    stop = surgery._ancestors(shortcut)
+    stop = surgery.ancestors(shortcut)
     names, seen, stack = set(), set(), [branch]
     while stack:
         t = stack.pop()
@@ -611,19 +611,19 @@ def _layer_costs(model, an: graph.Analysis, blocks) -> list[_LayerCost]:
     channels (every channel of a group appears equally often in a layout).
     """
     costs = []
-    for node in graph._topological_nodes(model):
+    for node in graph.topological_nodes(model):
         op = node.operation
-        if graph._is_graph_model(op):
+        if graph.is_graph_model(op):
             costs.append(_LayerCost(op.name, flops.count_macs(op), []))
             continue
-        macs = flops._layer_macs(
+        macs = flops.layer_macs(
             op, node.input_tensors[0].shape, node.outputs[0].shape
         )
         if not macs:
             continue
         mine = [e for e in an.entries if e.lname == op.name]
         ins = [e for e in mine if e.role == "consumer"]
-        if not ins and isinstance(op, graph._DEPTHWISE):
+        if not ins and isinstance(op, graph.DEPTHWISE):
             ins = [e for e in mine if e.path == op.kernel.path]
         outs = [e for e in mine if e.producer]
         layouts = []

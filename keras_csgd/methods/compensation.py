@@ -43,6 +43,7 @@ import numpy as np
 import scipy.linalg
 
 from keras_csgd import graph
+from keras_csgd.data import input_batches
 from keras_csgd.plan import PruningPlan
 from keras_csgd.surgery import slim
 
@@ -91,16 +92,6 @@ class _Moments:
 
 
 # ------------------------------------------------------------------ data
-def _batches(data, batch_size: int):
-    """Yields the input batches of a `tf.data.Dataset` or a NumPy array."""
-    if isinstance(data, np.ndarray):
-        for start in range(0, len(data), batch_size):
-            yield data[start : start + batch_size]
-        return
-    for element in data:
-        yield element[0] if isinstance(element, (tuple, list)) else element
-
-
 def _num_batches(data, batch_size: int, max_batches: int | None):
     if isinstance(data, np.ndarray):
         n = math.ceil(len(data) / batch_size)
@@ -236,7 +227,7 @@ def collect_statistics(
         unit_name="batch",
     )
     seen = 0
-    for x in _batches(data, batch_size):
+    for x in input_batches(data, batch_size):
         if max_batches is not None and seen >= max_batches:
             break
         outs = features(x, training=False)

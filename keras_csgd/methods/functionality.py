@@ -17,38 +17,23 @@ from __future__ import annotations
 import numpy as np
 
 from keras_csgd import graph
+from keras_csgd.data import labelled_batches
 from keras_csgd.methods.similarity import (
     LINKAGES,
     agglomerate,
     channel_entries,
     check_choice,
-    check_round_to,
     euclidean_distances,
     probe_outputs,
     response_layers,
     response_probe,
 )
-from keras_csgd.plan import PruningPlan, check_keep, target_width
-
-
-def _labelled_batches(data, batch_size: int):
-    """Yields `(x, y)` NumPy batches (`y` is `None` for unlabelled data)."""
-    if isinstance(data, np.ndarray):
-        data = (data,)
-    if isinstance(data, tuple) and all(
-        isinstance(a, np.ndarray) for a in data
-    ):
-        y = data[1] if len(data) > 1 else None
-        for start in range(0, len(data[0]), batch_size):
-            stop = start + batch_size
-            yield data[0][start:stop], None if y is None else y[start:stop]
-        return
-    for element in data:
-        if isinstance(element, (tuple, list)):
-            y = element[1] if len(element) > 1 else None
-            yield np.asarray(element[0]), y if y is None else np.asarray(y)
-        else:
-            yield np.asarray(element), None
+from keras_csgd.plan import (
+    PruningPlan,
+    check_keep,
+    check_round_to,
+    target_width,
+)
 
 
 def _class_ids(y: np.ndarray) -> np.ndarray:
@@ -128,7 +113,7 @@ def functionality_profiles(
     stats = {n: _Profiles(per_class) for n in names}
     totals = {n: 0.0 for n in names}
     count = 0
-    for x, y in _labelled_batches(data, batch_size):
+    for x, y in labelled_batches(data, batch_size):
         if per_class and y is None:
             raise ValueError(
                 "`per_class=True` needs labelled `data`: `(x, y)` arrays or "

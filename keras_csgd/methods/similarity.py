@@ -27,9 +27,14 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 from keras_csgd import graph
+from keras_csgd.data import input_batches
 from keras_csgd.groups import ChannelGroup
-from keras_csgd.methods.compensation import _batches
-from keras_csgd.plan import PruningPlan, check_keep, target_width
+from keras_csgd.plan import (
+    PruningPlan,
+    check_keep,
+    check_round_to,
+    target_width,
+)
 
 _METRICS = ("wasserstein", "correlation")
 # Linkages that are valid on arbitrary (non-Euclidean) distance matrices.
@@ -197,7 +202,7 @@ def correlation_distances(
     stats = {
         n: _CorrelationStats(t.shape[-1]) for n, t in zip(names, probe.outputs)
     }
-    for x in _batches(data, batch_size):
+    for x in input_batches(data, batch_size):
         for n, out in zip(names, probe_outputs(probe, x)):
             stats[n].update(out)
     corr = {n: s.correlation() for n, s in stats.items()}
@@ -250,18 +255,6 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(
             f"`{name}` must be one of {list(choices)}. "
             f"Received: {name}={value!r}"
-        )
-
-
-def check_round_to(round_to) -> None:
-    """Raises `ValueError` unless `round_to` is a positive int or `None`."""
-    if round_to is not None and (
-        isinstance(round_to, bool) or not isinstance(round_to, int)
-        or round_to < 1
-    ):
-        raise ValueError(
-            "`round_to` must be a positive int or None. "
-            f"Received: round_to={round_to!r}"
         )
 
 
