@@ -351,7 +351,9 @@ def test_cluster_spread_matches_numpy_and_is_zero_when_collapsed():
             [
                 np.moveaxis(graph.get_variable(model, p).numpy(), a, 0)
                 .reshape(g.size, -1)
-                for _, p, a in g.producers
+                for _, p, a in g.members
+                if not p.endswith(("moving_mean", "moving_variance"))
+                and p not in g.maps
             ],
             axis=1,
         )
@@ -363,6 +365,12 @@ def test_cluster_spread_matches_numpy_and_is_zero_when_collapsed():
         np.testing.assert_allclose(spread["groups"][name], expected,
                                    rtol=1e-5)
     assert spread["overall"] == max(spread["groups"].values()) > 0
+    # BN gamma/beta count: a model whose kernels agree but whose BN
+    # parameters do not is not collapsed.
+    collapse(model, plan)
+    bn = model.get_layer("bn1")
+    bn.gamma.assign(bn.gamma.numpy() * np.linspace(0.5, 1.5, 8))
+    assert kc.cluster_spread(model, plan)["groups"]["c1"] > 1e-3
     collapse(model, plan)
     assert kc.cluster_spread(model, plan)["overall"] < 1e-6
 

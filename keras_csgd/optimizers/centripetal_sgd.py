@@ -303,7 +303,7 @@ class CSGD(keras.optimizers.Optimizer):
     def _distributed_tf_update_step(
         self, distribution, grads_and_vars, learning_rate
     ):
-        # Keras's TensorFlow optimizer (keras>=3.12,<3.16, pinned in
+        # Keras's TensorFlow optimizer (keras>=3.15,<3.16, pinned in
         # setup.cfg; the tests exercise this hook) calls this in cross-replica
         # context with the all-reduced gradients. Instead of one
         # `update_step` per variable, update all variables in one

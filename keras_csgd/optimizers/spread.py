@@ -5,18 +5,40 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.distance import pdist
 
-from keras_csgd.graph import producer_filters
+from keras_csgd.graph import get_variable
 from keras_csgd.plan import PruningPlan
+
+_STATISTICS = ("moving_mean", "moving_variance")
+
+
+def _channel_rows(model, group) -> np.ndarray:
+    """Every trained per-channel value of the group, one row per channel.
+
+    Producer kernels and biases, BN gamma/beta, depthwise kernels, PReLU
+    alpha: all members whose channel axis is the group's own (members
+    behind a Concatenate or a depth multiplier are left out), except BN
+    moving statistics, which follow the others.
+    """
+    rows = []
+    for _, path, axis in group.members:
+        if path.rsplit("/", 1)[-1] in _STATISTICS or path in group.maps:
+            continue
+        w = np.moveaxis(get_variable(model, path).numpy(), axis, 0)
+        rows.append(w.reshape(group.size, -1))
+    return np.concatenate(rows, axis=1).astype(np.float64)
 
 
 def cluster_spread(model, plan: PruningPlan) -> dict:
     """Largest intra-cluster filter distance, relative to the filters' norm.
 
-    For every planned group, the producer filters (one row per channel, all
-    producer kernels of the group side by side) are compared within each
-    cluster: the group's spread is the largest Euclidean distance between
-    two filters of one cluster, divided by the mean filter norm of the
-    group. It is 0 once C-SGD has collapsed every cluster (then
+    For every planned group, the channels' trained values (one row per
+    channel: producer kernels and biases, BN gamma and beta, depthwise
+    kernels, side by side) are compared within each cluster: the group's
+    spread is the largest Euclidean distance between two rows of one
+    cluster, divided by the mean row norm of the group. BN gamma/beta are
+    included because C-SGD pulls them `vector_strength_scale` times more
+    weakly than the kernels: slimming is exact only once they agree too.
+    It is 0 once C-SGD has collapsed every cluster (then
     `kc.slim(model, plan)` is exact) and for groups of singleton clusters.
 
     Args:
@@ -40,7 +62,7 @@ def cluster_spread(model, plan: PruningPlan) -> dict:
     groups = plan.require_bound("`cluster_spread`")
     spreads = {}
     for name, clusters in plan.clusters.items():
-        filters = producer_filters(model, groups[name]).astype(np.float64)
+        filters = _channel_rows(model, groups[name])
         scale = np.linalg.norm(filters, axis=1).mean()
         widest = max(
             (pdist(filters[c]).max() for c in clusters if len(c) > 1),
