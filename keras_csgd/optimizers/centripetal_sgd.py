@@ -14,11 +14,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_csgd.optimizers.nonfinite import all_finite, check_on_nonfinite
 from keras_csgd.plan import coerce_plan
 from keras_csgd.sparsity import is_kernel
 
 _STATISTICS = ("moving_mean", "moving_variance")
-_ON_NONFINITE = ("skip", "raise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,11 +208,7 @@ class CSGD(keras.optimizers.Optimizer):
                     f"`{arg}` must be a float {bound}. "
                     f"Received: {arg}={value!r}"
                 )
-        if on_nonfinite not in _ON_NONFINITE:
-            raise ValueError(
-                f"`on_nonfinite` must be one of {_ON_NONFINITE}. "
-                f"Received: on_nonfinite={on_nonfinite!r}"
-            )
+        check_on_nonfinite(on_nonfinite)
         self.plan = plan
         self.kernel_weight_decay = float(weight_decay or 0.0)
         self.momentum = float(momentum)
@@ -357,7 +353,7 @@ class CSGD(keras.optimizers.Optimizer):
         grads = [ops.cast(g, v.dtype) for g, v in zip(grads, variables)]
         values = [ops.convert_to_tensor(v) for v in variables]
         rules = [self._rules[i] for i in indices]
-        finite = _all_finite(grads)
+        finite = all_finite(grads)
         pulled = [
             (
                 r.segment_ids(w.shape),
@@ -404,14 +400,3 @@ class CSGD(keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-def _all_finite(tensors):
-    """Whether no entry of `tensors` is NaN or Inf, as a scalar tensor.
-
-    `x * 0` is 0 for finite `x` and NaN otherwise; one sum over all
-    tensors compiles and runs much faster under XLA than one `isfinite`
-    reduction per tensor.
-    """
-    flat = [ops.reshape(ops.cast(t, "float32"), [-1]) for t in tensors]
-    return ops.isfinite(ops.sum(ops.concatenate(flat) * 0.0))

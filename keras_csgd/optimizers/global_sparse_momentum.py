@@ -5,15 +5,8 @@ import numbers
 import keras
 import tensorflow as tf
 
+from keras_csgd.optimizers.nonfinite import all_finite, check_on_nonfinite
 from keras_csgd.sparsity import check_density, is_kernel, top_q_threshold
-
-_NONFINITE_MODES = ("skip", "raise")
-
-
-def _all_finite(grads):
-    return tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    )
 
 
 def _gsm_step(
@@ -36,7 +29,7 @@ def _gsm_step(
     """
     grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
     values = [v.read_value() for v in variables]
-    finite = _all_finite(grads)
+    finite = all_finite(grads)
     scores = [
         tf.abs(tf.cast(w * g, tf.float32)) if d is not None else None
         for w, g, d in zip(values, grads, decays)
@@ -204,11 +197,7 @@ class GSM(keras.optimizers.Optimizer):
                 "`weight_decay` must be a float >= 0. "
                 f"Received: weight_decay={weight_decay!r}"
             )
-        if on_nonfinite not in _NONFINITE_MODES:
-            raise ValueError(
-                f"`on_nonfinite` must be one of {_NONFINITE_MODES}. "
-                f"Received: on_nonfinite={on_nonfinite!r}"
-            )
+        check_on_nonfinite(on_nonfinite)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.kernel_weight_decay = float(weight_decay)
@@ -283,7 +272,7 @@ class GSM(keras.optimizers.Optimizer):
             with tf.device(local_vars[0].device):
                 if self.on_nonfinite == "raise":
                     tf.debugging.Assert(
-                        _all_finite(local_grads),
+                        all_finite(local_grads),
                         ["GSM received a non-finite (NaN or Inf) gradient."],
                     )
                 self._step_fn(
