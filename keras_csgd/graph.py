@@ -168,7 +168,7 @@ class _Analyzer:
             if reason not in reasons:
                 reasons.append(reason)
 
-    def unify(self, a, b, where: str) -> bool:
+    def unify(self, a, b) -> bool:
         """Makes two layouts the same channel space; False if impossible."""
         if a[0] == "leaf" and b[0] == "leaf":
             if self.size[self.find(a[1])] != self.size[self.find(b[1])]:
@@ -187,8 +187,8 @@ class _Analyzer:
                 layout_size(p, sizes) for p in b[1]
             ]:
                 return False
-            return all(self.unify(x, y, where) for x, y in zip(a[1], b[1]))
-        return self.unify(a[1], b[1], where)
+            return all(self.unify(x, y) for x, y in zip(a[1], b[1]))
+        return self.unify(a[1], b[1])
 
     # ------------------------------------------------------ entries
     def add(self, layer, lname, var, axis, layout, role, producer=False):
@@ -467,7 +467,7 @@ def _h_merge(an, layer, lname, lays, ins, outs):
         if i not in full and full:
             an.freeze(lays[i], f"broadcast over channels in `{lname}`")
     for other in keep[1:]:
-        if not an.unify(keep[0], other, lname):
+        if not an.unify(keep[0], other):
             for lay in lays:
                 an.freeze(lay, f"mismatched channel structures in `{lname}`")
     return [keep[0]]
