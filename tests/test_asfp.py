@@ -110,6 +110,95 @@ def test_fit_zeroes_exact_count_and_slim_is_exact():
     )
 
 
+def test_kernel_mode_sets_bn_moving_mean_of_zeroed_channels():
+    model = one_by_one_model(5)
+    x, y = data()
+    cb = ASFP(0.5, epochs=2, verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, callbacks=[cb], verbose=0)
+    (group,) = [g for g in prunable(model) if g.name == "c1"]
+    zeroed = zero_channels(model, group)
+    assert len(zeroed) == 4
+    bias = model.get_layer("c2").bias.numpy()
+    for bn, expected in (("bn1", 0.0), ("bn2", bias[zeroed])):
+        moving_mean = model.get_layer(bn).moving_mean.numpy()
+        np.testing.assert_array_equal(moving_mean[zeroed], expected)
+    # A zeroed channel outputs beta at inference, as in training.
+    probe = keras.Model(model.input, model.get_layer("bn1").output)
+    out = probe.predict(x, verbose=0)[..., zeroed]
+    beta = model.get_layer("bn1").beta.numpy()[zeroed]
+    np.testing.assert_allclose(out, np.broadcast_to(beta, out.shape),
+                               atol=1e-6)
+
+
+def folded_filters(model, group):
+    """Producer filters times their BN's gamma / sqrt(var + eps)."""
+    rows = []
+    for lname, path, axis in group.producers:
+        w = np.moveaxis(graph.get_variable(model, path).numpy(), axis, 0)
+        w = w.reshape(group.size, -1)
+        bn = model.get_layer("bn" + lname[1:])
+        scale = bn.gamma.numpy() / np.sqrt(
+            bn.moving_variance.numpy() + bn.epsilon
+        )
+        rows.append(w * scale[:, None])
+    return np.concatenate(rows, axis=1)
+
+
+def test_scale_mode_zeroes_gamma_and_slim_is_exact():
+    model = one_by_one_model(6)
+    x, y = data()
+    kernels = {
+        g.name: graph.producer_filters(model, g).copy()
+        for g in prunable(model)
+    }
+    rate = 0.5
+    cb = ASFP(rate, epochs=3, batchnorm="scale", verbose=0)
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[cb], verbose=0)
+    for g in prunable(model):
+        rows = folded_filters(model, g)
+        zeroed = np.flatnonzero(~rows.any(axis=1))
+        assert len(zeroed) == int(np.floor(rate * g.size + 0.5))
+        kept = [c[0] for c in cb.plan.clusters[g.name]]
+        assert sorted(set(kept) | set(zeroed)) == list(range(g.size))
+        for lname, _, _ in g.producers:
+            gamma = model.get_layer("bn" + lname[1:]).gamma.numpy()
+            np.testing.assert_array_equal(gamma[zeroed], 0.0)
+        # The kernels are not zeroed: they keep training.
+        assert graph.producer_filters(model, g)[zeroed].any(axis=1).all()
+        assert not np.allclose(graph.producer_filters(model, g),
+                               kernels[g.name])
+    slim = kc.slim(model, cb.plan)
+    np.testing.assert_allclose(
+        slim.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
+    )
+
+
+def test_scale_mode_ranks_by_the_bn_folded_norm():
+    model = one_by_one_model(7)
+    (group,) = [g for g in prunable(model) if g.name == "c3"]
+    bn = model.get_layer("bn3")
+    # Channel 0 has the largest kernel but the smallest folded filter.
+    kernel = model.get_layer("c3").kernel
+    w = kernel.numpy()
+    w[..., 0] *= 100.0
+    kernel.assign(w)
+    gamma = np.ones(12, "float32")
+    gamma[0] = 1e-4
+    bn.gamma.assign(gamma)
+    cb = ASFP(1 / 12, schedule="constant", skip=["c1"], batchnorm="scale",
+              verbose=0)
+    cb.set_model(model)
+    cb.on_train_begin()
+    cb.on_epoch_begin(0)
+    np.testing.assert_array_equal(cb._zeroed[group.name][1], [0])
+    assert bn.gamma.numpy()[0] == 0.0
+    kernel_mode = ASFP(1 / 12, schedule="constant", skip=["c1"], verbose=0)
+    kernel_mode.set_model(model)
+    kernel_mode.on_train_begin()
+    kernel_mode.on_epoch_begin(0)
+    assert kernel_mode._zeroed[group.name][1].tolist() != [0]
+
+
 def test_reuse_across_fits_skip_and_l1():
     model = one_by_one_model(1)
     x, y = data()
@@ -193,7 +282,8 @@ def test_mirrored_strategy():
 
 def test_config_round_trip():
     cb = ASFP(0.4, epochs=12, decay=0.2, criterion="l1",
-              schedule="constant", skip=("a", "b"), verbose=0)
+              schedule="constant", skip=("a", "b"), batchnorm="scale",
+              verbose=0)
     config = cb.get_config()
     again = ASFP.from_config(config)
     assert again.get_config() == config
@@ -212,6 +302,7 @@ def test_config_round_trip():
         ({"rate": 0.3, "criterion": "l3"}, "`criterion` must be"),
         ({"rate": 0.3, "schedule": "linear"}, "`schedule` must be"),
         ({"rate": 0.3, "epochs": 0}, "`epochs` must be"),
+        ({"rate": 0.3, "batchnorm": "gamma"}, "`batchnorm` must be"),
     ],
 )
 def test_bad_arguments(kwargs, pattern):

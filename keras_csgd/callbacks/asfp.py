@@ -9,10 +9,11 @@ import numpy as np
 from scipy.optimize import brentq
 
 from keras_csgd import graph
-from keras_csgd.methods.magnitude import NORMS, filter_norms
+from keras_csgd.methods.magnitude import NORMS, row_norms
 from keras_csgd.plan import PruningPlan
 
 SCHEDULES = ("asymptotic", "constant")
+BATCHNORM_MODES = ("kernel", "scale")
 
 
 def asymptotic_speed(decay: float) -> float:
@@ -52,7 +53,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     Before the first epoch and at the end of every epoch, in every prunable
     channel group (`kc.channel_groups(model)`, less `skip`), the
     `round(P(t) * size)` channels with the smallest filter norm get their
-    producer kernels zeroed (kernels only: biases and BN stay). The norm of
+    producer filters zeroed (kernels only, biases stay; see `batchnorm` for
+    filters followed by a BN). The norm of
     a channel is taken over ALL producers of its group (see
     `kc.methods.magnitude.filter_norms`), so coupled residual layers are
     pruned together. The zeroed filters keep being trained and may grow
@@ -69,6 +71,23 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     with `s` from `asymptotic_speed(decay)` (about `8 ln 4` for the
     default `decay = 1/8`); `P` stays at `rate` after `T`.
     `schedule="constant"` is SFP: `P(t) = rate` from the start.
+
+    Behind a `BatchNormalization`, a zero kernel is not a small filter: the
+    batch variance of its channel is 0, so its first gradient is scaled by
+    `gamma / sqrt(epsilon)` (316 gamma at `epsilon=1e-5`) and the regrown
+    filter is normalised back to full scale at once. With
+    `batchnorm="kernel"` (the papers' rule, the default) the kernel is
+    zeroed all the same, and the BN moving mean of the zeroed channels is
+    set to what a zero filter outputs (its bias, or 0), so inference sees
+    the same constant as training. With `batchnorm="scale"` a producer
+    followed by its own `BatchNormalization` is treated as one filter,
+    `gamma / sqrt(moving_variance + epsilon) * kernel`: its norm ranks the
+    channels and zeroing it sets `gamma` to 0 (the kernel keeps its values
+    and both keep training, so the channel regrows from 0 at the normal
+    pace). On a CIFAR ResNet-20 (`epsilon=1e-5`, coupled residual groups
+    at rate 0.375) `"kernel"` training collapses within three epochs and
+    `"scale"` does not; see `benchmarks/results/RESULTS.md`. Producers
+    without their own BN are zeroed by kernel in both modes.
 
     The epoch comes from the `epoch` argument of the callback hooks (not a
     counter), so training resumed by `keras.callbacks.BackupAndRestore`
@@ -96,6 +115,9 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         schedule: `"asymptotic"` (ASFP) or `"constant"` (SFP). Defaults to
             `"asymptotic"`.
         skip: names of groups never pruned. Defaults to `()`.
+        batchnorm: how a producer followed by a `BatchNormalization` is
+            zeroed: `"kernel"` (its kernel) or `"scale"` (its BN `gamma`,
+            ranked by the BN-folded filter norm). Defaults to `"kernel"`.
         verbose: `1` prints the rate and the zeroed channels at each
             epoch end. Defaults to `1`.
 
@@ -126,6 +148,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         criterion="l2",
         schedule="asymptotic",
         skip=(),
+        batchnorm="kernel",
         verbose=1,
     ):
         super().__init__()
@@ -155,6 +178,11 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
                 '`schedule` must be "asymptotic" or "constant". '
                 f"Received: schedule={schedule!r}"
             )
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(
+                '`batchnorm` must be "kernel" or "scale". '
+                f"Received: batchnorm={batchnorm!r}"
+            )
         if isinstance(skip, str):
             raise TypeError(
                 "`skip` must be a list of group names, not a string. "
@@ -166,11 +194,13 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self.criterion = criterion
         self.schedule = schedule
         self.skip = tuple(skip)
+        self.batchnorm = batchnorm
         self.verbose = verbose
         self._speed = asymptotic_speed(self.decay)
         self.plan = None
         self._groups = []
         self._all_groups = []
+        self._producers = {}
         self._zeroed = {}
         self._started = False
 
@@ -199,7 +229,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         return self.rate * math.expm1(-s * t / total) / math.expm1(-s)
 
     def on_train_begin(self, logs=None):
-        groups = graph.channel_groups(self.model)
+        an = graph.analyze(self.model)
+        groups = an.groups
         names = {g.name for g in groups}
         unknown = sorted(set(self.skip) - names)
         if unknown:
@@ -211,6 +242,17 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self._groups = [
             g for g in groups if g.prunable and g.name not in self.skip
         ]
+        self._producers = {
+            g.name: [
+                _Producer(
+                    graph.get_variable(self.model, path), axis,
+                    _own_batchnorm(an.layers[lname]),
+                    getattr(an.layers[lname], "bias", None),
+                )
+                for lname, path, axis in g.producers
+            ]
+            for g in self._groups
+        }
         self._zeroed = {}
         self._started = False
         self.plan = None
@@ -243,12 +285,18 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     def _prune(self, rate):
         """Zeroes the weakest filters of every group; returns their count."""
         count = 0
+        scaled = self.batchnorm == "scale"
         for g in self._groups:
             n = min(g.size - 1, math.floor(rate * g.size + 0.5))
-            norms = filter_norms(self.model, g, self.criterion)
+            producers = self._producers[g.name]
+            rows = np.concatenate(
+                [p.filters(scaled) for p in producers], axis=1
+            )
+            norms = row_norms(rows, self.criterion)
             zeroed = np.sort(np.argsort(norms, kind="stable")[:n])
             if n:
-                _zero_filters(self.model, g, zeroed)
+                for producer in producers:
+                    producer.zero(zeroed, scaled)
             self._zeroed[g.name] = (g.size, zeroed)
             count += n
         return count
@@ -261,6 +309,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             "criterion": self.criterion,
             "schedule": self.schedule,
             "skip": list(self.skip),
+            "batchnorm": self.batchnorm,
             "verbose": self.verbose,
         }
 
@@ -269,12 +318,57 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         return cls(**config)
 
 
-def _zero_filters(model, group, channels) -> None:
-    """Sets the given channels of every producer kernel of `group` to 0."""
-    for _, path, axis in group.producers:
-        variable = graph.get_variable(model, path)
-        shape = [1] * len(variable.shape)
-        shape[axis] = group.size
-        mask = np.ones(group.size, dtype=variable.dtype)
+def _own_batchnorm(layer):
+    """The `BatchNormalization` (with `gamma`) that alone reads `layer`."""
+    nodes = layer._outbound_nodes
+    if len(layer._inbound_nodes) != 1 or len(nodes) != 1:
+        return None
+    bn = nodes[0].operation
+    if isinstance(bn, keras.layers.BatchNormalization) and bn.scale:
+        return bn
+    return None
+
+
+class _Producer:
+    """One producer kernel of a group, with the BN that follows it."""
+
+    def __init__(self, kernel, axis, bn, bias):
+        self.kernel = kernel
+        self.axis = axis
+        self.bn = bn
+        self.bias = bias
+
+    def _per_channel(self, values):
+        shape = [1] * len(self.kernel.shape)
+        shape[self.axis] = -1
+        return np.reshape(values, shape)
+
+    def filters(self, scaled):
+        """The filters, `(channels, -1)`; BN-folded when `scaled`."""
+        w = self.kernel.numpy().astype(np.float64)
+        if scaled and self.bn is not None:
+            bn = self.bn
+            scale = np.abs(bn.gamma.numpy()) / np.sqrt(
+                bn.moving_variance.numpy().astype(np.float64) + bn.epsilon
+            )
+            w = w * self._per_channel(scale)
+        return np.moveaxis(w, self.axis, 0).reshape(w.shape[self.axis], -1)
+
+    def zero(self, channels, scaled):
+        """Zeroes `channels`: BN `gamma` when `scaled`, else the kernel."""
+        if scaled and self.bn is not None:
+            _assign_at(self.bn.gamma, channels, 0.0)
+            return
+        mask = np.ones(self.kernel.shape[self.axis], self.kernel.dtype)
         mask[channels] = 0
-        variable.assign(variable.numpy() * mask.reshape(shape))
+        self.kernel.assign(self.kernel.numpy() * self._per_channel(mask))
+        if self.bn is not None:
+            # What the zero filter now outputs: its bias, or 0.
+            value = 0.0 if self.bias is None else self.bias.numpy()[channels]
+            _assign_at(self.bn.moving_mean, channels, value)
+
+
+def _assign_at(variable, channels, value) -> None:
+    array = variable.numpy()
+    array[channels] = value
+    variable.assign(array)

@@ -36,7 +36,12 @@ def filter_norms(
         raise ValueError(
             f'`norm` must be "l1" or "l2". Received: norm={norm!r}'
         )
-    rows = graph.producer_filters(model, group).astype(np.float64)
+    return row_norms(graph.producer_filters(model, group), norm)
+
+
+def row_norms(rows: np.ndarray, norm: str) -> np.ndarray:
+    """The `"l1"` or `"l2"` norm of every row, in float64."""
+    rows = rows.astype(np.float64)
     if norm == "l1":
         return np.abs(rows).sum(axis=1)
     return np.sqrt(np.square(rows).sum(axis=1))
