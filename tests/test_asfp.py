@@ -161,8 +161,9 @@ def test_scale_mode_zeroes_gamma_and_slim_is_exact():
         kept = [c[0] for c in cb.plan.clusters[g.name]]
         assert sorted(set(kept) | set(zeroed)) == list(range(g.size))
         for lname, _, _ in g.producers:
-            gamma = model.get_layer("bn" + lname[1:]).gamma.numpy()
-            np.testing.assert_array_equal(gamma[zeroed], 0.0)
+            bn = model.get_layer("bn" + lname[1:])
+            np.testing.assert_array_equal(bn.gamma.numpy()[zeroed], 0.0)
+            np.testing.assert_array_equal(bn.beta.numpy()[zeroed], 0.0)
         # The kernels are not zeroed: they keep training.
         assert graph.producer_filters(model, g)[zeroed].any(axis=1).all()
         assert not np.allclose(graph.producer_filters(model, g),
@@ -171,6 +172,43 @@ def test_scale_mode_zeroes_gamma_and_slim_is_exact():
     np.testing.assert_allclose(
         slim.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5
     )
+
+
+def three_by_three_model(seed=0):
+    """A residual CNN whose pruned groups feed zero-padded 3x3 convs."""
+    keras.utils.set_random_seed(seed)
+    x = inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(x))
+    y = L.Conv2D(8, 3, padding="same", use_bias=False, name="c2")(x)
+    y = L.ReLU()(L.BatchNormalization(name="bn2")(y))
+    y = L.Conv2D(8, 3, padding="same", use_bias=False, name="c3")(y)
+    x = L.ReLU()(L.Add()([x, L.BatchNormalization(name="bn3")(y)]))
+    x = L.Conv2D(4, 3, padding="same", name="c4")(x)
+    x = L.Flatten()(x)
+    model = keras.Model(inp, L.Dense(4, name="out")(x))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    return model
+
+
+def test_scale_mode_slim_is_exact_behind_padded_3x3_convs():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 4, 64)
+    gaps = {}
+    for mode in ("kernel", "scale"):
+        model = three_by_three_model(8)
+        cb = ASFP(0.5, epochs=2, batchnorm=mode, verbose=0)
+        model.fit(x, y, epochs=2, batch_size=32, callbacks=[cb], verbose=0)
+        # c1 (with c3) and c2 halved; c4 (no BN, behind Flatten) too.
+        assert sorted(cb.plan.widths().values()) == [2, 4, 4]
+        slim = kc.slim(model, cb.plan)
+        gaps[mode] = np.abs(
+            slim.predict(x, verbose=0) - model.predict(x, verbose=0)
+        ).max()
+    assert gaps["scale"] < 1e-5
+    # The papers' rule leaves the constant beta, wrong at padded borders.
+    assert gaps["kernel"] > 1e-4
 
 
 def test_scale_mode_ranks_by_the_bn_folded_norm():

@@ -79,15 +79,18 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     `batchnorm="kernel"` (the papers' rule, the default) the kernel is
     zeroed all the same, and the BN moving mean of the zeroed channels is
     set to what a zero filter outputs (its bias, or 0), so inference sees
-    the same constant as training. With `batchnorm="scale"` a producer
-    followed by its own `BatchNormalization` is treated as one filter,
-    `gamma / sqrt(moving_variance + epsilon) * kernel`: its norm ranks the
-    channels and zeroing it sets `gamma` to 0 (the kernel keeps its values
-    and both keep training, so the channel regrows from 0 at the normal
-    pace). On a CIFAR ResNet-20 (`epsilon=1e-5`, coupled residual groups
-    at rate 0.375) `"kernel"` training collapses within three epochs and
-    `"scale"` does not; see `benchmarks/results/RESULTS.md`. Producers
-    without their own BN are zeroed by kernel in both modes.
+    the same constant `beta` as training. With `batchnorm="scale"` a
+    producer followed by its own `BatchNormalization` is treated as one
+    filter, `gamma / sqrt(moving_variance + epsilon) * kernel`: its norm
+    ranks the channels, and zeroing it sets the BN's `gamma` and `beta` to
+    0. The channel then outputs exactly 0 after its BN, as if removed, so
+    behind ReLU-like activations `kc.slim` has no constant to fold and is
+    exact behind any consumer; the kernel keeps its values and all three
+    keep training, so the channel regrows from 0 at the normal pace. On a
+    CIFAR ResNet-20 (`epsilon=1e-5`, coupled residual groups at rate
+    0.375), `"kernel"` training collapses within three epochs and
+    `"scale"` does not (`benchmarks/cifar10.py`). Producers without their
+    own BN are zeroed by kernel in both modes.
 
     The epoch comes from the `epoch` argument of the callback hooks (not a
     counter), so training resumed by `keras.callbacks.BackupAndRestore`
@@ -116,8 +119,9 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             `"asymptotic"`.
         skip: names of groups never pruned. Defaults to `()`.
         batchnorm: how a producer followed by a `BatchNormalization` is
-            zeroed: `"kernel"` (its kernel) or `"scale"` (its BN `gamma`,
-            ranked by the BN-folded filter norm). Defaults to `"kernel"`.
+            zeroed: `"kernel"` (its kernel) or `"scale"` (its BN `gamma` and
+            `beta`, ranked by the BN-folded filter norm). Defaults to
+            `"kernel"`.
         verbose: `1` prints the rate and the zeroed channels at each
             epoch end. Defaults to `1`.
 
@@ -355,9 +359,12 @@ class _Producer:
         return np.moveaxis(w, self.axis, 0).reshape(w.shape[self.axis], -1)
 
     def zero(self, channels, scaled):
-        """Zeroes `channels`: BN `gamma` when `scaled`, else the kernel."""
+        """Zeroes `channels`: BN `gamma` and `beta` when `scaled`, else the
+        kernel."""
         if scaled and self.bn is not None:
             _assign_at(self.bn.gamma, channels, 0.0)
+            if self.bn.center:
+                _assign_at(self.bn.beta, channels, 0.0)
             return
         mask = np.ones(self.kernel.shape[self.axis], self.kernel.dtype)
         mask[channels] = 0
