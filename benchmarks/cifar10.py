@@ -285,11 +285,16 @@ def new_model(args, widths=(16, 32, 64)):
 
 
 # ---------------------------------------------------------- base model
+def base_seed(args) -> int:
+    """The seed of the base model: `--base-seed`, else `--seed`."""
+    return args.seed if args.base_seed is None else args.base_seed
+
+
 def base_path(args, cache_dir: str) -> str:
     folder = hashlib.sha1(
         os.path.abspath(args.data_dir).encode()
     ).hexdigest()[:8]
-    name = f"{args.model}_{args.profile}_s{args.seed}_{folder}"
+    name = f"{args.model}_{args.profile}_s{base_seed(args)}_{folder}"
     return os.path.join(cache_dir, name)
 
 
@@ -665,6 +670,11 @@ def build_parser():
         "--test-dir", help="a separate labelled image folder to evaluate on"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--base-seed", type=int,
+        help="seed of the base model (default: --seed); another --seed "
+        "with the same --base-seed repeats only the method",
+    )
     parser.add_argument("--keep", type=float, default=0.625)
     parser.add_argument(
         "--cache-dir", default=os.path.join(HERE, "cache"),
@@ -683,7 +693,7 @@ def main(argv=None):
     check_keep(args.keep)
     profile = PROFILES[args.profile]
     info = machine()
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(base_seed(args))
     data = load_data(args, profile, args.cache_dir)
     base, base_info = base_model(args, profile, data, args.cache_dir)
     base_macs, base_params = kc.count_macs(base), base.count_params()
@@ -707,6 +717,7 @@ def main(argv=None):
         "method": args.method,
         "profile": args.profile,
         "seed": args.seed,
+        "base_seed": base_seed(args),
         "keep": args.keep,
         "accuracy": acc,
         "headline": out["headline"],

@@ -93,9 +93,9 @@ class Stat:
 
 
 def base_stat(methods, key="accuracy") -> Stat:
-    """`Stat` of the base model's `run[key]["base"]`, one per seed."""
+    """`Stat` of the base model's `run[key]["base"]`, one per base seed."""
     by_seed = {
-        r["seed"]: (r.get(key) or {}).get("base")
+        r.get("base_seed", r["seed"]): (r.get(key) or {}).get("base")
         for seeds in methods.values() for r in seeds
     }
     return Stat(by_seed.values())

@@ -3,7 +3,9 @@
 CIFAR ResNet-56 (`kc.models.resnet_cifar(56)`), one fixed random batch of
 64 images, `keras.optimizers.SGD(momentum=0.9, nesterov=True)` as the
 baseline, all optimizers measured in the same run, round-robin (every round
-times each optimizer in turn; the median over rounds is reported):
+times each optimizer in turn, starting with a different one each round;
+the medians over rounds of the times and of the per-round ratios to SGD
+are reported, with the range of the ratios):
 
 - `train_step_ms`: `model.train_on_batch` (forward, backward, update);
 - `apply_ms`: `optimizer.apply_gradients` alone on fixed gradients, inside a
@@ -112,18 +114,29 @@ def timed(fn, steps):
 
 def run(names, args, xla):
     fns = setups(names, args, xla)
-    samples = {k: {n: [] for n in names} for k in ("train_step_ms", "apply_ms")}
-    for _ in range(args.rounds):
-        for kind in samples:
+    kinds = ("train_step_ms", "apply_ms")
+    samples = {k: {n: [] for n in names} for k in kinds}
+    ratios = {k: {n: [] for n in names} for k in kinds}
+    for r in range(args.rounds):
+        # Each round starts with a different optimizer, so that no one of
+        # them is always timed first (or last).
+        order = names[r % len(names):] + names[: r % len(names)]
+        for kind in kinds:
+            times = {name: timed(fns[name][kind], args.steps) for name in order}
             for name in names:
-                samples[kind][name].append(timed(fns[name][kind], args.steps))
+                samples[kind][name].append(times[name])
+                ratios[kind][name].append(times[name] / times["sgd"])
     result = {
         kind: {n: statistics.median(v) for n, v in per.items()}
         for kind, per in samples.items()
     }
     result["ratio_to_sgd"] = {
-        kind: {n: result[kind][n] / result[kind]["sgd"] for n in names}
-        for kind in samples
+        kind: {n: statistics.median(v) for n, v in per.items()}
+        for kind, per in ratios.items()
+    }
+    result["ratio_range"] = {
+        kind: {n: [min(v), max(v)] for n, v in per.items()}
+        for kind, per in ratios.items()
     }
     return result
 
