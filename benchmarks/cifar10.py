@@ -78,12 +78,8 @@ class Profile:
             lr `lr` with cosine decay; `scratch` trains
             `base_epochs + epochs` from random weights.
         short_finetune: ASFP/SFP: extra fine-tuning epochs of the slim model,
-            reported separately.
-        adaptive_finetune: adaptive: the part of `epochs` spent fine-tuning
-            the slim model after the gates.
-        adaptive_penalty: adaptive: initial gate penalty weight.
-        adaptive_factor: adaptive: the callback's step of that weight per
-            epoch.
+            reported separately; adaptive: the part of `epochs` spent
+            fine-tuning after the gates.
         base_lr: peak learning rate from random weights.
         lr: peak learning rate after the base model (C-SGD's 3e-2).
         centripetal_strength: C-SGD `eps` of kernels.
@@ -108,9 +104,6 @@ class Profile:
     base_epochs: int
     epochs: int
     short_finetune: int
-    adaptive_finetune: int
-    adaptive_penalty: float
-    adaptive_factor: float
     base_lr: float
     lr: float
     centripetal_strength: float
@@ -128,8 +121,7 @@ PROFILES = {
     # Seconds on a handful of images: checks the harness, not the methods.
     "smoke": Profile(
         train_size=256, val_size=256, batch_size=16, base_epochs=1,
-        epochs=1, short_finetune=1, adaptive_finetune=1,
-        adaptive_penalty=1.0, adaptive_factor=1.5, base_lr=0.1, lr=0.03,
+        epochs=1, short_finetune=1, base_lr=0.1, lr=0.03,
         centripetal_strength=0.1, vector_strength_scale=1.0, gsm_lr=5e-3,
         gsm_momentum=0.98, gsm_weight_decay=2e-2, calib_size=32,
         ensemble_images=32,
@@ -143,15 +135,10 @@ PROFILES = {
     # within 6 epochs: a cluster's spread shrinks by about
     # exp(-eps * lr * steps / (2 (1 - momentum))) = exp(-28) here. GSM's
     # weight decay is raised from 1e-4 to 2e-2 for the same reason: its
-    # inactive weights shrink by exp(-4.7) instead of exp(-0.02). The
-    # adaptive gates start from a 4x penalty that doubles per epoch, so the
-    # MACs reach the target within 3 gate epochs (1.5x from 1 stalled 12%
-    # above it after 5, and finalize then had to cut open gates), and get 3
-    # epochs of fine-tuning.
+    # inactive weights shrink by exp(-4.7) instead of exp(-0.02).
     "quick": Profile(
         train_size=20000, val_size=5000, batch_size=64, base_epochs=15,
-        epochs=6, short_finetune=1, adaptive_finetune=3,
-        adaptive_penalty=4.0, adaptive_factor=2.0, base_lr=0.1, lr=0.03,
+        epochs=6, short_finetune=1, base_lr=0.1, lr=0.03,
         centripetal_strength=0.1, vector_strength_scale=1.0, gsm_lr=5e-3,
         gsm_momentum=0.98, gsm_weight_decay=2e-2, calib_size=2000,
         ensemble_images=500,
@@ -164,8 +151,7 @@ PROFILES = {
     # and GSM's (lr 5e-3, momentum 0.98).
     "full": Profile(
         train_size=None, val_size=5000, batch_size=64, base_epochs=160,
-        epochs=160, short_finetune=20, adaptive_finetune=20,
-        adaptive_penalty=1.0, adaptive_factor=1.5, base_lr=0.1, lr=0.03,
+        epochs=160, short_finetune=20, base_lr=0.1, lr=0.03,
         centripetal_strength=3e-3, vector_strength_scale=0.1, gsm_lr=5e-3,
         gsm_momentum=0.98, gsm_weight_decay=1e-4, calib_size=5000,
         ensemble_images=5000,
@@ -594,31 +580,26 @@ def run_adaptive(base, ctx: Context):
     target = kc.count_macs(
         kc.slim(base, kc.make_plan(base, keep=ctx.keep))
     ) / kc.count_macs(base)
-    gates = AdaptiveGates(
-        base, macs_target=target, penalty_weight=p.adaptive_penalty,
-        factor=p.adaptive_factor,
-    )
-    gate_epochs = max(1, p.epochs - p.adaptive_finetune)
+    gates = AdaptiveGates(base, macs_target=target)
+    gate_epochs = max(1, p.epochs - p.short_finetune)
     fit(gates.model, sgd(p.lr, gate_epochs, ctx.data), gate_epochs,
         ctx.data, p, [gates.callback])
     trained = accuracy(gates.model, ctx.data)
     plan, blocks = gates.finalize()
     small = kc.slim(base, plan, remove_blocks=blocks)
     slim_acc = accuracy(small, ctx.data)
-    tuned = ctx.finetune(small, p.adaptive_finetune)
+    tuned = ctx.finetune(small, p.short_finetune)
     return {
         "final": small,
         "accuracy": {
             "trained": trained, "slim": slim_acc, "finetuned": tuned
         },
         "headline": "finetuned",
-        "epochs": gate_epochs + p.adaptive_finetune,
+        "epochs": gate_epochs + p.short_finetune,
         "details": {
             "macs_target": target,
             "gate_epochs": gate_epochs,
-            "finetune_epochs": p.adaptive_finetune,
-            "penalty_weight": p.adaptive_penalty,
-            "factor": p.adaptive_factor,
+            "finetune_epochs": p.short_finetune,
             "removed_blocks": list(blocks),
             "widths": plan.widths(),
         },
