@@ -43,7 +43,10 @@ import keras_csgd as kc  # noqa: E402
 from keras_csgd import data as kdata  # noqa: E402
 from keras_csgd import models  # noqa: E402
 from keras_csgd.methods import compensation  # noqa: E402
-from keras_csgd.methods.adaptive import AdaptiveGates  # noqa: E402
+from keras_csgd.methods.adaptive import (  # noqa: E402
+    AdaptiveGates,
+    MacsTargetCallback,
+)
 from keras_csgd.plan import check_keep, target_width  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +63,8 @@ GSM_COMPRESSION = 10
 # 1e-5, coupled residual groups): 9.3% (ASFP) and 25.1% (SFP) after the
 # quick profile, results of commits b08d04c and 6aa5260.
 SOFT_PRUNING_BATCHNORM = "scale"
+# Adaptive gates: penalty weight adjustments per epoch.
+ADAPTIVE_ADJUSTMENTS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +83,16 @@ class Profile:
             lr `lr` with cosine decay; `scratch` trains
             `base_epochs + epochs` from random weights.
         short_finetune: ASFP/SFP: extra fine-tuning epochs of the slim model,
-            reported separately; adaptive: the part of `epochs` spent
-            fine-tuning after the gates.
+            reported separately; adaptive: fine-tuning epochs when the gates
+            never reached the MACs target (no lock).
         base_lr: peak learning rate from random weights.
         lr: peak learning rate after the base model (C-SGD's 3e-2).
         centripetal_strength: C-SGD `eps` of kernels.
         vector_strength_scale: C-SGD `eps` scale of BN gamma/beta.
         gsm_lr: GSM learning rate (reference 5e-3).
         gsm_momentum: GSM momentum (reference 0.98).
+        adaptive_growth: adaptive gates: growth of the penalty weight per
+            epoch while the MACs are above the target.
         gsm_weight_decay: GSM weight decay (reference 1e-4). The inactive
             weights shrink only through it, by about
             exp(-lr * wd * steps / (2 (1 - momentum))) over a cosine
@@ -111,6 +118,7 @@ class Profile:
     gsm_lr: float
     gsm_momentum: float
     gsm_weight_decay: float
+    adaptive_growth: float
     calib_size: int
     ensemble_images: int
     ensemble_samples: int
@@ -123,7 +131,8 @@ PROFILES = {
         train_size=256, val_size=256, batch_size=16, base_epochs=1,
         epochs=1, short_finetune=1, base_lr=0.1, lr=0.03,
         centripetal_strength=0.1, vector_strength_scale=1.0, gsm_lr=5e-3,
-        gsm_momentum=0.98, gsm_weight_decay=2e-2, calib_size=32,
+        gsm_momentum=0.98, gsm_weight_decay=2e-2, adaptive_growth=3.0,
+        calib_size=32,
         ensemble_images=32,
         ensemble_samples=8,
         jit_compile=False,
@@ -140,7 +149,8 @@ PROFILES = {
         train_size=20000, val_size=5000, batch_size=64, base_epochs=15,
         epochs=6, short_finetune=1, base_lr=0.1, lr=0.03,
         centripetal_strength=0.1, vector_strength_scale=1.0, gsm_lr=5e-3,
-        gsm_momentum=0.98, gsm_weight_decay=2e-2, calib_size=2000,
+        gsm_momentum=0.98, gsm_weight_decay=2e-2, adaptive_growth=3.0,
+        calib_size=2000,
         ensemble_images=500,
         ensemble_samples=512,
         jit_compile=True,
@@ -153,7 +163,8 @@ PROFILES = {
         train_size=None, val_size=5000, batch_size=64, base_epochs=160,
         epochs=160, short_finetune=20, base_lr=0.1, lr=0.03,
         centripetal_strength=3e-3, vector_strength_scale=0.1, gsm_lr=5e-3,
-        gsm_momentum=0.98, gsm_weight_decay=1e-4, calib_size=5000,
+        gsm_momentum=0.98, gsm_weight_decay=1e-4, adaptive_growth=1.5,
+        calib_size=5000,
         ensemble_images=5000,
         ensemble_samples=2048,
         jit_compile=True,
@@ -230,13 +241,18 @@ def cosine(peak, epochs, data: Data):
     )
 
 
-def sgd(peak, epochs, data: Data):
-    """Nesterov momentum SGD, cosine lr, weight decay on kernels only."""
+def sgd(peak, epochs, data: Data, no_decay=()):
+    """Nesterov momentum SGD, cosine lr, weight decay on kernels only.
+
+    `no_decay` names more variables (by name) without weight decay.
+    """
     optimizer = keras.optimizers.SGD(
         cosine(peak, epochs, data), momentum=MOMENTUM, nesterov=True,
         weight_decay=SGD_DECAY,
     )
-    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    optimizer.exclude_from_weight_decay(
+        var_names=["gamma", "beta", "bias", *no_decay]
+    )
     return optimizer
 
 
@@ -581,29 +597,60 @@ def run_adaptive(base, ctx: Context):
         kc.slim(base, kc.make_plan(base, keep=ctx.keep))
     ) / kc.count_macs(base)
     gates = AdaptiveGates(base, macs_target=target)
-    gate_epochs = max(1, p.epochs - p.short_finetune)
-    fit(gates.model, sgd(p.lr, gate_epochs, ctx.data), gate_epochs,
-        ctx.data, p, [gates.callback])
+    # The penalty grows by `adaptive_growth` per epoch, in 10 steps, until
+    # the MACs reach the target; then the gates lock (the smallest at
+    # exactly 0) and the rest of the epochs fine-tune the pruned network.
+    steps = max(1, ctx.data.steps_per_epoch // ADAPTIVE_ADJUSTMENTS)
+    callback = MacsTargetCallback(
+        gates, factor=p.adaptive_growth ** (1 / ADAPTIVE_ADJUSTMENTS),
+        steps=steps,
+    )
+    lock_epoch = LockEpoch(gates, ctx.data.steps_per_epoch)
+    fit(gates.model, sgd(p.lr, p.epochs, ctx.data, no_decay=["gate"]),
+        p.epochs, ctx.data, p, [callback, lock_epoch])
     trained = accuracy(gates.model, ctx.data)
     plan, blocks = gates.finalize()
     small = kc.slim(base, plan, remove_blocks=blocks)
     slim_acc = accuracy(small, ctx.data)
-    tuned = ctx.finetune(small, p.short_finetune)
-    return {
+    out = {
         "final": small,
-        "accuracy": {
-            "trained": trained, "slim": slim_acc, "finetuned": tuned
-        },
-        "headline": "finetuned",
-        "epochs": gate_epochs + p.short_finetune,
+        "accuracy": {"trained": trained, "slim": slim_acc},
+        "headline": "slim",
+        "epochs": p.epochs,
         "details": {
             "macs_target": target,
-            "gate_epochs": gate_epochs,
-            "finetune_epochs": p.short_finetune,
+            "penalty_growth_per_epoch": p.adaptive_growth,
+            "penalty_adjust_every_steps": steps,
+            "locked": gates.locked,
+            "locked_at_epoch": lock_epoch.epoch,
             "removed_blocks": list(blocks),
             "widths": plan.widths(),
         },
     }
+    if not gates.locked:  # the smallest open gates were closed: fine-tune
+        out["accuracy"]["finetuned"] = ctx.finetune(small, p.short_finetune)
+        out["headline"] = "finetuned"
+        out["epochs"] += p.short_finetune
+    return out
+
+
+class LockEpoch(keras.callbacks.Callback):
+    """Records the (fractional) epoch at which the gates locked."""
+
+    def __init__(self, gates, steps_per_epoch):
+        super().__init__()
+        self.gates = gates
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch is None and self.gates.locked:
+            done = (batch + 1) / self.steps_per_epoch
+            self.epoch = round(self._epoch + done, 2)
 
 
 METHODS = {

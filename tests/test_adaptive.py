@@ -63,7 +63,7 @@ def test_closed_gates_are_removed_exactly(build):
         assert name not in [layer.name for layer in slim.layers]
 
 
-def test_learnt_macs_meet_target_with_channels_and_blocks():
+def train_gates(callback_kwargs, epochs):
     keras.utils.set_random_seed(0)
     model = resnet_cifar(8, input_shape=(16, 16, 3))
     x = RNG.normal(size=(128, 16, 16, 3)).astype("float32")
@@ -73,22 +73,52 @@ def test_learnt_macs_meet_target_with_channels_and_blocks():
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    callback = MacsTargetCallback(gates, **callback_kwargs)
     history = gates.model.fit(
-        x, y, batch_size=32, epochs=12, callbacks=[gates.callback], verbose=0
+        x, y, batch_size=32, epochs=epochs, callbacks=[callback], verbose=0
     )
-    assert len(set(history.history["penalty_weight"])) > 1
-    plan, blocks = gates.finalize()
+    return model, gates, history
+
+
+def check_budget(model, gates, plan, blocks):
     slim = kc.slim(model, plan, remove_blocks=blocks)
     macs = kc.count_macs(slim)
     assert abs(macs - gates.macs_target) <= 0.1 * gates.macs_target
     assert blocks, "a whole block must go at half the MACs"
     assert plan.clusters, "channels must go too"
     assert all(w < plan.groups[n].size for n, w in plan.widths().items())
+    return slim
+
+
+def test_learnt_macs_meet_target_with_channels_and_blocks():
+    model, gates, history = train_gates({"lock": False}, epochs=12)
+    assert len(set(history.history["penalty_weight"])) > 1
+    assert not gates.locked
+    check_budget(model, gates, *gates.finalize())
+
+
+def test_locked_gates_stay_closed_and_are_removed_exactly():
+    model, gates, history = train_gates({"factor": 1.2, "steps": 1}, 12)
+    assert gates.locked
+    assert history.history["penalty_weight"][-1] == 0.0
+    locked_macs = history.history["macs"][-1]
+    assert locked_macs >= gates.macs_target
+    # Training went on after the lock: the locked gates are still exactly 0.
+    values = gates.gate_values()
+    masks, closed = gates._locked
+    for name in closed:
+        assert values[name][0] == 0.0
+    for site in gates._sites:
+        assert np.all(values[site.group][~masks[site.root]] == 0.0)
+    expected = gates.model.predict(X, verbose=0)
+    slim = check_budget(model, gates, *gates.finalize())
+    assert kc.count_macs(slim) == locked_macs
+    assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
 
 
 def test_callback_moves_weight_towards_target():
     gates = AdaptiveGates(resnet8(), macs_target=0.5, penalty_weight=2.0)
-    callback = MacsTargetCallback(gates, factor=2.0)
+    callback = MacsTargetCallback(gates, factor=2.0, lock=False)
     logs = {}
     callback.on_epoch_end(0, logs)  # all gates open: above the target
     assert gates.penalty_weight == 4.0
@@ -101,6 +131,31 @@ def test_callback_moves_weight_towards_target():
     assert gates.penalty_weight == 2.0 and logs["macs"] < gates.macs_target
     strengths = [g.strength.numpy() for g in gates.channel_gates.values()]
     np.testing.assert_allclose(strengths, 2.0)
+    assert not gates.locked
+
+
+def test_callback_locks_at_target_every_few_steps():
+    gates = AdaptiveGates(resnet8(), macs_target=0.5, penalty_weight=2.0)
+    callback = MacsTargetCallback(gates, factor=2.0, steps=3)
+    for batch in range(3):
+        callback.on_train_batch_end(batch)
+    assert gates.penalty_weight == 4.0  # one adjustment after 3 batches
+    callback.on_epoch_end(0, {})
+    assert gates.penalty_weight == 4.0  # none at the epoch's end
+    close_some(gates)
+    estimate = gates.estimated_macs()
+    assert estimate <= gates.macs_target
+    for batch in range(3):
+        callback.on_train_batch_end(batch)
+    assert gates.locked and gates.penalty_weight == 0.0
+    with pytest.raises(RuntimeError, match="already locked"):
+        gates.lock()
+    for gate in gates.channel_gates.values():  # gradient steps reopen ...
+        gate.gate.assign(np.ones(gate.gate.shape))
+    values = gates.gate_values()  # ... but the mask holds them at 0
+    masks, closed = gates._locked
+    assert all(values[name][0] == 0.0 for name in closed)
+    assert any(not m.all() for m in masks.values())
 
 
 def test_gate_penalty_is_cost_weighted_l1():
@@ -138,6 +193,9 @@ def test_bad_arguments():
     model = resnet8()
     with pytest.raises(ValueError, match="`macs_target` must be"):
         AdaptiveGates(model, macs_target=10 * kc.count_macs(model))
+    gates = AdaptiveGates(model, macs_target=0.5)
+    with pytest.raises(ValueError, match="`steps` must be"):
+        MacsTargetCallback(gates, steps=0)
     with pytest.raises(TypeError, match="`macs_target` must be"):
         AdaptiveGates(model, macs_target="half")
     with pytest.raises(ValueError, match="`factor` must be > 1"):

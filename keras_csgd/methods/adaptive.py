@@ -6,11 +6,13 @@ model: a per-channel gate (`ChannelGate`) on every prunable channel group and
 a scalar gate (`BlockGate`) on the branch of every residual block. An L1
 penalty on the gates, each weighted by the MACs it controls, pulls them to
 zero; a callback raises the penalty weight while the estimated MACs of the
-pruned model are above the target and lowers it below. `finalize` folds the
-gates back into the weights and returns the plan (channels whose gate fell
-below a threshold are removed) and the residual blocks whose branch gate
-closed, which `kc.slim(model, plan, remove_blocks=blocks)` removes (the Add
-is replaced by its shortcut: layer removal).
+pruned model are above the target and, once they reach it, locks the
+smallest gates at exactly 0 and stops the penalty, so that the rest of
+training fine-tunes the pruned network. `finalize` folds the gates back into
+the weights and returns the plan (the channels whose gates are locked, or
+fell lowest) and the residual blocks whose branch gate closed, which
+`kc.slim(model, plan, remove_blocks=blocks)` removes (the Add is replaced by
+its shortcut: layer removal).
 
 References:
     Adaptive channel and layer pruning (seed abstract: "the proportion of
@@ -37,10 +39,11 @@ _POSITIVELY_HOMOGENEOUS = (keras.activations.linear, keras.activations.relu)
 class ChannelGate(keras.layers.Layer):
     """Learnable non-negative per-channel scale with an L1 penalty.
 
-    Multiplies its input by `gate` (one entry per channel, initialised to 1,
-    kept `>= 0` by a `NonNeg` constraint so that gates can reach exactly 0)
-    and adds the loss `strength * cost * sum(gate)`, where `strength` is a
-    non-trainable weight that `MacsTargetCallback` adjusts.
+    Multiplies its input by `gate * mask` (`gate`: one entry per channel,
+    initialised to 1, kept `>= 0` by a `NonNeg` constraint so that gates
+    can reach exactly 0; `mask`: non-trainable, 1 until `lock` holds a gate
+    at 0) and adds the loss `strength * cost * sum(gate * mask)`, where
+    `strength` is a non-trainable weight that `MacsTargetCallback` adjusts.
 
     Args:
         cost: weight of this gate's penalty (MACs per channel, as a fraction
@@ -73,17 +76,33 @@ class ChannelGate(keras.layers.Layer):
             constraint="non_neg",
             name="gate",
         )
+        self.mask = self.add_weight(
+            shape=self._gate_shape(input_shape),
+            initializer="ones",
+            trainable=False,
+            name="mask",
+        )
         self.strength = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="strength"
         )
 
     def call(self, x):
-        gate = ops.cast(self.gate, x.dtype)
+        gate = self.gate * self.mask
         self.add_loss(
             ops.cast(self.strength * self.cost, "float32")
-            * ops.cast(ops.sum(ops.abs(self.gate)), "float32")
+            * ops.cast(ops.sum(ops.abs(gate)), "float32")
         )
-        return x * gate
+        return x * ops.cast(gate, x.dtype)
+
+    def value(self) -> np.ndarray:
+        """The effective gate, `gate * mask`, as a NumPy array."""
+        return self.gate.numpy() * self.mask.numpy()
+
+    def lock(self, keep) -> None:
+        """Holds the gates where `keep` is False at exactly 0 from now on."""
+        keep = np.asarray(keep, bool).reshape(self.mask.shape)
+        self.mask.assign(self.mask.numpy() * keep)
+        self.gate.assign(self.gate.numpy() * keep)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -127,44 +146,80 @@ class _Site:
 
 
 class MacsTargetCallback(keras.callbacks.Callback):
-    """Adjusts the gate penalty weight each epoch towards a MACs target.
+    """Adjusts the gate penalty weight towards a MACs target.
 
-    At the end of each epoch the MACs of the model pruned at the current
-    gates (`AdaptiveGates.estimated_macs`) are compared with the target:
-    above it, the penalty weight is multiplied by `factor`; at or below it,
-    divided by `factor`. Writes `macs` and `penalty_weight` into the logs.
+    Every `steps` training batches, or at the end of each epoch when
+    `steps=None`, the MACs of the model pruned at the current gates
+    (`AdaptiveGates.estimated_macs`) are compared with the target. Above
+    it, the penalty weight is multiplied by `factor`. At or below it:
+
+    - `lock=True` (the default): `AdaptiveGates.lock` holds the gates that
+      `finalize` would close at exactly 0 and sets the penalty weight to 0,
+      once and for all. The rest of training fine-tunes the pruned network
+      inside the gated model, and the removal by `finalize()` is exact.
+    - `lock=False`: the weight is divided by `factor` (the gates keep
+      moving; `finalize` closes the smallest ones, not all of them at 0).
+
+    Writes `macs` and `penalty_weight` into the epoch logs.
 
     Args:
         gates: the `AdaptiveGates` whose gates are trained.
         factor: multiplicative step of the weight, `> 1`. Defaults to `1.5`.
+        steps: adjust every `steps` batches instead of every epoch: several
+            times per epoch lets the penalty grow within a short schedule.
+            Defaults to `None`.
+        lock: lock the gates when the target is first reached. Defaults to
+            `True`.
 
     Example:
 
     ```python
-    gates.model.fit(x, y, epochs=20, callbacks=[MacsTargetCallback(gates)])
+    callback = MacsTargetCallback(gates, factor=1.1, steps=25)
+    gates.model.fit(x, y, epochs=20, callbacks=[callback])
     ```
     """
 
-    def __init__(self, gates, factor=1.5):
+    def __init__(self, gates, factor=1.5, steps=None, lock=True):
         super().__init__()
         if not factor > 1:
             raise ValueError(
                 f"`factor` must be > 1. Received: factor={factor!r}"
             )
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(
+                "`steps` must be a positive int or None. "
+                f"Received: steps={steps!r}"
+            )
         self.gates = gates
         self.factor = float(factor)
+        self.steps = steps
+        self.lock = bool(lock)
+        self._batches = 0
+
+    def _adjust(self) -> None:
+        if self.gates.locked:
+            return
+        macs = self.gates.estimated_macs()
+        if macs > self.gates.macs_target:
+            self.gates.penalty_weight *= self.factor
+        elif self.lock:
+            self.gates.lock()
+        else:
+            self.gates.penalty_weight /= self.factor
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self.steps is not None and self._batches % self.steps == 0:
+            self._adjust()
 
     def on_epoch_end(self, epoch, logs=None):
-        macs = self.gates.estimated_macs()
-        weight = self.gates.penalty_weight
-        if macs > self.gates.macs_target:
-            weight *= self.factor
-        else:
-            weight /= self.factor
-        self.gates.penalty_weight = weight
+        if self.steps is None:
+            self._adjust()
         if logs is not None:
-            logs["macs"] = macs
-            logs["penalty_weight"] = weight
+            logs["macs"] = self.gates.estimated_macs()
+            logs["penalty_weight"] = self.gates.penalty_weight
 
 
 class AdaptiveGates:
@@ -192,9 +247,11 @@ class AdaptiveGates:
     fraction of the model's MACs (per channel: the MACs of the layers that
     produce or read the group, divided by its size; per block: the MACs of
     the branch), times a global penalty weight that `.callback` adapts each
-    epoch towards `macs_target`. Train `.model` with momentum SGD: its steps
-    follow the MACs weighting, whereas Adam moves every gate at the same
-    pace whatever it costs.
+    epoch towards `macs_target` and, once the target is reached, locks the
+    gates that go at exactly 0 (`lock`): the rest of training fine-tunes
+    the pruned network, and its removal is exact. Train `.model` with
+    momentum SGD: its steps follow the MACs weighting, whereas Adam moves
+    every gate at the same pace whatever it costs.
 
     `finalize` copies the trained weights back into `model`, folds the
     gates into them and returns what to remove; `model` is left untouched
@@ -213,7 +270,9 @@ class AdaptiveGates:
 
     Attributes:
         model: the gated, trainable copy of `model`.
-        callback: the `MacsTargetCallback` to pass to `model.fit`.
+        callback: a `MacsTargetCallback(self, factor)` to pass to
+            `model.fit` (per epoch, locking; make another one to adjust
+            every few batches).
         channel_gates: `{group_name: ChannelGate}`.
         block_gates: `{add_layer_name: BlockGate}`.
         base_macs: MACs of `model`.
@@ -273,6 +332,7 @@ class AdaptiveGates:
         self._layers = _layer_costs(model, self._analysis, self._blocks)
         self._build_gated_model()
         self.penalty_weight = penalty_weight
+        self._locked = None
         self.callback = MacsTargetCallback(self, factor)
 
     # ------------------------------------------------------ gated model
@@ -334,9 +394,36 @@ class AdaptiveGates:
     # ------------------------------------------------------ decisions
     def gate_values(self) -> dict[str, np.ndarray]:
         """Current gate values, `{group or Add name: array}`."""
-        out = {n: g.gate.numpy() for n, g in self.channel_gates.items()}
-        out.update({n: g.gate.numpy() for n, g in self.block_gates.items()})
-        return out
+        return {n: g.value() for n, g in
+                {**self.channel_gates, **self.block_gates}.items()}
+
+    @property
+    def locked(self) -> bool:
+        """Whether `lock` has fixed the channels and blocks to remove."""
+        return self._locked is not None
+
+    def lock(self) -> None:
+        """Holds the gates that `finalize()` would close at exactly 0.
+
+        Chooses the channels and blocks as `finalize(threshold=None)` does
+        (ascending gate values, down to the MACs budget), fixes their gates
+        at 0 for the rest of training (`ChannelGate.lock`) and sets the
+        penalty weight to 0. Further training fine-tunes what is left, and
+        `finalize()` removes exactly these channels and blocks, whose
+        outputs are then exactly 0.
+
+        Raises:
+            RuntimeError: when already locked.
+        """
+        if self.locked:
+            raise RuntimeError("The gates are already locked.")
+        masks, closed = self._decide(None)
+        for site in self._sites:
+            self.channel_gates[site.group].lock(masks[site.root])
+        for name in closed:
+            self.block_gates[name].lock([False])
+        self.penalty_weight = 0.0
+        self._locked = (masks, closed)
 
     def _dropped(self, closed) -> set[str]:
         return set().union(*(self._blocks[n].ops for n in closed))
@@ -392,13 +479,18 @@ class AdaptiveGates:
         """MACs of the model pruned where the gates are below `threshold`.
 
         Args:
-            threshold: gate threshold. Defaults to `self.threshold`.
+            threshold: gate threshold. Defaults to `None`: the locked
+                channels and blocks once `lock` has run, else
+                `self.threshold`.
 
         Returns:
-            The MACs of the slim model `finalize(threshold)` gives: layers of
-            closed blocks count zero, every Conv/Dense scales with its kept
-            input and output channel fractions.
+            The MACs of the slim model `finalize(threshold)` gives (after a
+            lock, `finalize()`): layers of closed blocks count zero, every
+            Conv/Dense scales with its kept input and output channel
+            fractions.
         """
+        if threshold is None and self.locked:
+            return round(self._macs(*self._locked))
         threshold = self.threshold if threshold is None else threshold
         return round(self._macs(*self._decide(threshold)))
 
@@ -411,16 +503,18 @@ class AdaptiveGates:
         what `.model` computes. Then channels and blocks are chosen for
         removal (at least one channel per group is kept):
 
-        - `threshold=None` (the default): the gates are closed in ascending
-          order of their values (blocks first on ties), each one only if the
-          MACs stay at or above `macs_target`, until the target is reached:
-          the learnt gates rank what goes, the budget says how much, and the
-          MACs land just above the target (within one channel's MACs, when
-          a channel fits).
+        - `threshold=None` (the default): the locked gates when `lock` has
+          run (the callback locks when training reaches the target);
+          otherwise the gates are closed in ascending order of their values
+          (blocks first on ties), each one only if the MACs stay at or
+          above `macs_target`, until the target is reached: the learnt
+          gates rank what goes, the budget says how much, and the MACs land
+          just above the target (within one channel's MACs, when a channel
+          fits).
         - a number: every gate below it is closed, whatever the MACs.
 
-        Removal is exact for gates at 0 and close for small gates; fine-tune
-        the slim model briefly.
+        Removal is exact for gates at 0 (all of them after `lock`) and
+        close for small gates; without a lock, fine-tune the slim model.
 
         Args:
             threshold: `None` or a gate threshold (e.g. `self.threshold`).
@@ -439,13 +533,16 @@ class AdaptiveGates:
                     self.model.get_layer(layer.name).get_weights()
                 )
         for site in self._sites:
-            values = self.channel_gates[site.group].gate.numpy()
+            values = self.channel_gates[site.group].value()
             for _, layer, producer in site.layers:
                 _fold_scale(self.source, layer, producer, values)
         for name, block in self._blocks.items():
-            value = self.block_gates[name].gate.numpy()
+            value = self.block_gates[name].value()
             _fold_scale(self.source, block.end, block.producer, value)
-        masks, closed = self._decide(threshold)
+        if threshold is None and self.locked:
+            masks, closed = self._locked
+        else:
+            masks, closed = self._decide(threshold)
         dropped = self._dropped(closed)
         clusters = {}
         for site in self._sites:
