@@ -158,7 +158,7 @@ def test_callback_locks_at_target_every_few_steps():
     assert any(not m.all() for m in masks.values())
 
 
-def test_gate_penalty_is_cost_weighted_l1():
+def test_gate_penalties_are_cost_weighted():
     gate = ChannelGate(cost=0.25)
     x = np.ones((2, 3), "float32")
     gate(x)
@@ -166,7 +166,23 @@ def test_gate_penalty_is_cost_weighted_l1():
     gate.strength.assign(2.0)
     out = gate(x)
     np.testing.assert_allclose(out, np.tile([1.0, 0.5, 0.0], (2, 1)))
-    np.testing.assert_allclose(float(gate.losses[0]), 2.0 * 0.25 * 1.5)
+    # Hoyer-square: (sum g)^2 / sum g^2, the same for any common scale.
+    hoyer = 1.5**2 / 1.25
+    np.testing.assert_allclose(float(gate.losses[0]), 2.0 * 0.25 * hoyer,
+                               rtol=1e-6)
+    gate.gate.assign([3.0, 1.5, 0.0])
+    gate(x)
+    np.testing.assert_allclose(float(gate.losses[0]), 2.0 * 0.25 * hoyer,
+                               rtol=1e-6)
+    gate.lock([True, False, True])  # a locked gate counts as closed
+    gate(x)
+    np.testing.assert_allclose(float(gate.losses[0]), 2.0 * 0.25, rtol=1e-6)
+    block = BlockGate(cost=0.5)
+    block(x)
+    block.gate.assign([0.75])
+    block.strength.assign(2.0)
+    np.testing.assert_allclose(block(x), 0.75 * x)
+    np.testing.assert_allclose(float(block.losses[0]), 2.0 * 0.5 * 0.75)
 
 
 @pytest.mark.parametrize("cls", [ChannelGate, BlockGate])

@@ -3,12 +3,13 @@
 "Cut off the channel and the layer adaptively; the proportion of each is
 learned." `AdaptiveGates` inserts learnable gates into a copy of a trained
 model: a per-channel gate (`ChannelGate`) on every prunable channel group and
-a scalar gate (`BlockGate`) on the branch of every residual block. An L1
-penalty on the gates, each weighted by the MACs it controls, pulls them to
-zero; a callback raises the penalty weight while the estimated MACs of the
-pruned model are above the target and, once they reach it, locks the
-smallest gates at exactly 0 and stops the penalty, so that the rest of
-training fine-tunes the pruned network. `finalize` folds the gates back into
+a scalar gate (`BlockGate`) on the branch of every residual block. A
+sparsity penalty on the gates (Hoyer-square per channel group, L1 per
+block), each weighted by the MACs it controls, pulls them to zero; a
+callback raises the penalty weight while the estimated MACs of the pruned
+model are above the target and, once they reach it, locks the smallest
+gates at exactly 0 and stops the penalty, so that the rest of training
+fine-tunes the pruned network. `finalize` folds the gates back into
 the weights and returns the plan (the channels whose gates are locked, or
 fell lowest) and the residual blocks whose branch gate closed, which
 `kc.slim(model, plan, remove_blocks=blocks)` removes (the Add is replaced by
@@ -17,7 +18,9 @@ its shortcut: layer removal).
 References:
     Adaptive channel and layer pruning (seed abstract: "the proportion of
     each is learned"); the gates follow network slimming (Liu et al.,
-    ICCV 2017, arXiv 1708.06519) and its budgeted variants.
+    ICCV 2017, arXiv 1708.06519) and its budgeted variants; the channel
+    penalty is DeepHoyer's Hoyer-square (Yang et al., ICLR 2020,
+    arXiv 1908.09979).
 """
 
 from __future__ import annotations
@@ -37,13 +40,18 @@ _POSITIVELY_HOMOGENEOUS = (keras.activations.linear, keras.activations.relu)
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
 class ChannelGate(keras.layers.Layer):
-    """Learnable non-negative per-channel scale with an L1 penalty.
+    """Learnable non-negative per-channel scale with a sparsity penalty.
 
-    Multiplies its input by `gate * mask` (`gate`: one entry per channel,
-    initialised to 1, kept `>= 0` by a `NonNeg` constraint so that gates
-    can reach exactly 0; `mask`: non-trainable, 1 until `lock` holds a gate
-    at 0) and adds the loss `strength * cost * sum(gate * mask)`, where
-    `strength` is a non-trainable weight that `MacsTargetCallback` adjusts.
+    Multiplies its input by `g = gate * mask` (`gate`: one entry per
+    channel, initialised to 1, kept `>= 0` by a `NonNeg` constraint so that
+    gates can reach exactly 0; `mask`: non-trainable, 1 until `lock` holds a
+    gate at 0) and adds the loss `strength * cost * sum(g)**2 / sum(g**2)`,
+    where `strength` is a non-trainable weight that `MacsTargetCallback`
+    adjusts. This Hoyer-square measure counts the open gates (it is `k` for
+    `k` equal open gates) and is blind to a common scale of all the gates.
+    An L1 penalty is not: it shrinks all the gates of a layer together,
+    which costs nothing when a BatchNormalization further on renormalises
+    the channels, until their signal drowns in that BN's epsilon.
 
     Args:
         cost: weight of this gate's penalty (MACs per channel, as a fraction
@@ -86,11 +94,16 @@ class ChannelGate(keras.layers.Layer):
             shape=(), initializer="zeros", trainable=False, name="strength"
         )
 
+    def penalty(self, gate):
+        """The sparsity measure of `gate` (before `strength * cost`)."""
+        total = ops.sum(gate)
+        return total * total / (ops.sum(gate * gate) + 1e-12)
+
     def call(self, x):
         gate = self.gate * self.mask
         self.add_loss(
             ops.cast(self.strength * self.cost, "float32")
-            * ops.cast(ops.sum(ops.abs(gate)), "float32")
+            * ops.cast(self.penalty(gate), "float32")
         )
         return x * ops.cast(gate, x.dtype)
 
@@ -115,9 +128,11 @@ class ChannelGate(keras.layers.Layer):
 class BlockGate(ChannelGate):
     """Learnable non-negative scalar gate of a residual branch.
 
-    Same as `ChannelGate` with one gate for all channels: multiplies the
-    branch output before the residual `Add`; a closed gate (0) makes the
-    block the identity of its shortcut.
+    Same as `ChannelGate` with one gate for all channels and an L1
+    penalty, `strength * cost * gate`: multiplies the branch output before
+    the residual `Add` (whose sum with the shortcut does depend on the
+    gate's scale); a closed gate (0) makes the block the identity of its
+    shortcut.
 
     Args:
         cost: weight of the penalty (the branch's MACs as a fraction of the
@@ -133,6 +148,9 @@ class BlockGate(ChannelGate):
 
     def _gate_shape(self, input_shape):
         return (1,)
+
+    def penalty(self, gate):
+        return ops.sum(gate)
 
 
 @dataclasses.dataclass
@@ -243,13 +261,14 @@ class AdaptiveGates:
       branch ends in a BN with `scale=True` or a linear Conv/Dense used
       only by that Add.
 
-    Each gate's L1 penalty is weighted by the MACs it controls, as a
-    fraction of the model's MACs (per channel: the MACs of the layers that
-    produce or read the group, divided by its size; per block: the MACs of
-    the branch), times a global penalty weight that `.callback` adapts each
-    epoch towards `macs_target` and, once the target is reached, locks the
-    gates that go at exactly 0 (`lock`): the rest of training fine-tunes
-    the pruned network, and its removal is exact. Train `.model` with
+    Each gate's penalty (see `ChannelGate`, `BlockGate`) is weighted by
+    the MACs it controls, as a fraction of the model's MACs (per channel:
+    the MACs of the layers that produce or read the group, divided by its
+    size; per block: the MACs of the branch), times a global penalty
+    weight that `.callback` adapts each epoch towards `macs_target` and,
+    once the target is reached, locks the gates that go at exactly 0
+    (`lock`): the rest of training fine-tunes the pruned network, and its
+    removal is exact. Train `.model` with
     momentum SGD: its steps follow the MACs weighting, whereas Adam moves
     every gate at the same pace whatever it costs.
 
