@@ -4,9 +4,11 @@
 
 The full ResNet-56 (16/32/64) and its slim versions at `--keep 0.625` of
 every channel group (`kc.make_plan(..., round_to=r)` for r = None, 4, 8, 16;
-`kc.slim`) are timed in Keras (a compiled `tf.function`, XLA off and on)
-and in LiteRT (`kc.export_tflite`, float32, interpreter with the default
-XNNPACK delegate), at batch 1 and 64, with `--threads` threads (TensorFlow
+`kc.slim`) are timed in Keras (a compiled `tf.function`, XLA off and on,
+as built and with BatchNormalization folded into the convolutions by
+`kc.fold_batchnorm`) and in LiteRT (`kc.export_tflite`, float32,
+interpreter with the default XNNPACK delegate; the converter folds BN
+itself), at batch 1 and 64, with `--threads` threads (TensorFlow
 intra-op and interpreter). Runs are interleaved: each round times every
 (model, runtime, batch) once, a block of calls each, in an order rotated
 every round, so slow phases of a shared machine hit all of them alike; the
@@ -39,7 +41,9 @@ from keras_csgd.models import resnet_cifar  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROUND_TO = (None, 4, 8, 16)
 BATCHES = (1, 64)
-RUNTIMES = ("keras", "keras_xla", "tflite")
+RUNTIMES = (
+    "keras", "keras_xla", "keras_folded", "keras_xla_folded", "tflite"
+)
 TARGETS = {"tflite_batch1": 2.0, "tensorflow_batch64": 1.8}
 # (rounds, calls per block at batch 1, calls per block at batch 64)
 SETTINGS = {"quick": (5, 20, 5), "full": (9, 50, 10)}
@@ -88,9 +92,13 @@ def callables(models, paths, threads) -> dict:
     }
     calls = {}
     for name, model in models.items():
+        folded = kc.fold_batchnorm(model)
         for b, x in inputs.items():
-            calls[name, "keras", b] = keras_call(model, x, False)
-            calls[name, "keras_xla", b] = keras_call(model, x, True)
+            for runtime, net in (("keras", model), ("keras_folded", folded)):
+                calls[name, runtime, b] = keras_call(net, x, False)
+                calls[name, runtime.replace("keras", "keras_xla"), b] = (
+                    keras_call(net, x, True)
+                )
             calls[name, "tflite", b] = tflite_call(paths[name], x, threads)
     return calls
 
@@ -183,7 +191,8 @@ def main(argv=None):
         "tensorflow_batch64": max(
             r["speedup"][f"{runtime}_batch64"]
             for r in slim_rows
-            for runtime in ("keras", "keras_xla")
+            for runtime in RUNTIMES
+            if runtime.startswith("keras")
         ),
     }
     end_load = [round(v, 2) for v in os.getloadavg()]

@@ -9,6 +9,7 @@ model with merged weights.
 from keras_csgd import callbacks, data, methods, models, optimizers
 from keras_csgd.export import benchmark_latency, export_tflite
 from keras_csgd.flops import count_macs
+from keras_csgd.fold import fold_batchnorm
 from keras_csgd.graph import channel_groups
 from keras_csgd.groups import ChannelGroup
 from keras_csgd.optimizers.centripetal_sgd import CSGD

@@ -22,8 +22,8 @@ def test_even_clusters_first_ones_longer():
 @pytest.mark.parametrize(
     "size, keep, round_to, width",
     [(16, 0.625, None, 10), (64, 0.625, None, 40), (10, 0.01, None, 1),
-     (16, 0.625, 8, 8), (64, 0.625, 8, 40), (64, 0.6, 16, 32),
-     (4, 0.5, 8, 4), (32, 1.0, 8, 32)],
+     (16, 0.625, 8, 8), (64, 0.625, 8, 40), (32, 0.625, 8, 24),
+     (64, 0.6, 16, 32), (4, 0.5, 8, 4), (32, 1.0, 8, 32)],
 )
 def test_target_width(size, keep, round_to, width):
     assert target_width(size, keep, round_to) == width
