@@ -4,9 +4,10 @@
 
 The full ResNet-56 (16/32/64) and its slim versions at `--keep 0.625` of
 every channel group (`kc.make_plan(..., round_to=r)` for r = None, 4, 8, 16;
-`kc.slim`) are timed in Keras (a compiled `tf.function`, XLA off and on,
-as built and with BatchNormalization folded into the convolutions by
-`kc.fold_batchnorm`) and in LiteRT (`kc.export_tflite`, float32,
+`kc.slim`), and one with chosen per-stage widths (`STAGE_WIDTHS`), are
+timed in Keras (a compiled `tf.function`, XLA off and on, as built and with
+BatchNormalization folded into the convolutions by `kc.fold_batchnorm`) and
+in LiteRT (`kc.export_tflite`, float32,
 interpreter with the default XNNPACK delegate; the converter folds BN
 itself), at batch 1 and 64, with `--threads` threads (TensorFlow
 intra-op and interpreter). Runs are interleaved: each round times every
@@ -45,8 +46,31 @@ RUNTIMES = (
     "keras", "keras_xla", "keras_folded", "keras_xla_folded", "tflite"
 )
 TARGETS = {"tflite_batch1": 2.0, "tensorflow_batch64": 1.8}
+# Stage widths at about 60% fewer MACs, ((residual), (block-inner)) per
+# stage: the early, high-resolution stages are cut harder and stage 3 kept
+# wide (small-channel layers at 32x32 are memory-bound, wide ones run near
+# peak). Picked as the fastest LiteRT batch-1 variant of seven
+# multiple-of-8 candidates between 58% and 63% fewer MACs in a probe run.
+STAGE_WIDTHS = {"stages_8-16-48_inner_8-24-48": ((8, 16, 48), (8, 24, 48))}
 # (rounds, calls per block at batch 1, calls per block at batch 64)
 SETTINGS = {"quick": (5, 20, 5), "full": (9, 50, 10)}
+
+
+def stage_keep(model, residual, inner) -> dict:
+    """`make_plan`'s `keep` dict for given stage widths of a CIFAR ResNet.
+
+    `residual[s]`: width of stage s's residual stream (the group of
+    `stem_conv`, `s2b1_2_conv`, `s3b1_2_conv`); `inner[s]`: width of every
+    block's first convolution in stage s.
+    """
+    keep = {}
+    for g in kc.channel_groups(model):
+        if not g.prunable:
+            continue
+        stage = 0 if g.name == "stem_conv" else int(g.name[1]) - 1
+        width = inner if g.name.endswith("_1_conv") else residual
+        keep[g.name] = width[stage] / g.size
+    return keep
 
 
 def variants(keep) -> dict:
@@ -56,6 +80,9 @@ def variants(keep) -> dict:
     for r in ROUND_TO:
         plan = kc.make_plan(model, keep=keep, round_to=r)
         out[f"keep{keep:g}_round{r}"] = kc.slim(model, plan)
+    for name, widths in STAGE_WIDTHS.items():
+        plan = kc.make_plan(model, keep=stage_keep(model, *widths))
+        out[name] = kc.slim(model, plan)
     return out
 
 
