@@ -605,9 +605,8 @@ def run_adaptive(base, ctx: Context):
         gates, factor=p.adaptive_growth ** (1 / ADAPTIVE_ADJUSTMENTS),
         steps=steps,
     )
-    lock_epoch = LockEpoch(gates, ctx.data.steps_per_epoch)
     fit(gates.model, sgd(p.lr, p.epochs, ctx.data, no_decay=["gate"]),
-        p.epochs, ctx.data, p, [callback, lock_epoch])
+        p.epochs, ctx.data, p, [callback])
     trained = accuracy(gates.model, ctx.data)
     plan, blocks = gates.finalize()
     small = kc.slim(base, plan, remove_blocks=blocks)
@@ -622,7 +621,8 @@ def run_adaptive(base, ctx: Context):
             "penalty_growth_per_epoch": p.adaptive_growth,
             "penalty_adjust_every_steps": steps,
             "locked": gates.locked,
-            "locked_at_epoch": lock_epoch.epoch,
+            "locked_at_epoch": None if callback.locked_at_step is None
+            else round(callback.locked_at_step / ctx.data.steps_per_epoch, 2),
             "removed_blocks": list(blocks),
             "widths": plan.widths(),
         },
@@ -632,25 +632,6 @@ def run_adaptive(base, ctx: Context):
         out["headline"] = "finetuned"
         out["epochs"] += p.short_finetune
     return out
-
-
-class LockEpoch(keras.callbacks.Callback):
-    """Records the (fractional) epoch at which the gates locked."""
-
-    def __init__(self, gates, steps_per_epoch):
-        super().__init__()
-        self.gates = gates
-        self.steps_per_epoch = steps_per_epoch
-        self.epoch = None
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.epoch is None and self.gates.locked:
-            done = (batch + 1) / self.steps_per_epoch
-            self.epoch = round(self._epoch + done, 2)
 
 
 METHODS = {

@@ -4,21 +4,20 @@
 
 The full ResNet-56 (16/32/64) and its slim versions at `--keep 0.625` of
 every channel group (`kc.make_plan(..., round_to=r)` for r = None, 4, 8, 16;
-`kc.slim`), and one with chosen per-stage widths (`STAGE_WIDTHS`), are
-timed in Keras (a compiled `tf.function`, XLA off and on, as built and with
+`kc.slim`), and one with chosen per-stage widths (`STAGE_WIDTHS`), are timed
+in Keras (a compiled `tf.function`, XLA off and on, as built and with
 BatchNormalization folded into the convolutions by `kc.fold_batchnorm`) and
-in LiteRT (`kc.export_tflite`, float32,
-interpreter with the default XNNPACK delegate; the converter folds BN
-itself), at batch 1 and 64, with `--threads` threads (TensorFlow
-intra-op and interpreter). Runs are interleaved: each round times every
-(model, runtime, batch) once, a block of calls each, in an order rotated
-every round, so slow phases of a shared machine hit all of them alike; the
-reported latency is the median over rounds of each block's median. Weights
-are random (latency does not depend on them). Writes
-`benchmarks/results/latency.json` with the speed-up over the full model
-next to the MACs ratio (the speed-up MACs would predict), and whether the
-targets (2.0x in LiteRT at batch 1, 1.8x in TensorFlow at batch 64) are met.
-`--quick` does fewer rounds and calls (noisier).
+in LiteRT (`kc.export_tflite`, float32, interpreter with the default XNNPACK
+delegate; the converter folds BN itself), at batch 1 and 64, with
+`--threads` threads (TensorFlow intra-op and interpreter). Runs are
+interleaved: each round times every (model, runtime, batch) once, a block of
+calls each, in an order rotated every round, so slow phases of a shared
+machine hit all of them alike; the reported latency is the median over
+rounds of each block's median. Weights are random (latency does not depend
+on them). Writes `benchmarks/results/latency.json` with the speed-up over
+the full model next to the MACs ratio (the speed-up MACs would predict), and
+whether the targets (2.0x in LiteRT at batch 1, 1.8x in TensorFlow at batch
+64) are met. `--quick` does fewer rounds and calls (noisier).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ def _bn_axis(bn, rank: int) -> int | None:
 def _foldable_pairs(model) -> dict[str, str]:
     """`{bn name: producer name}` of every BN that folds into its input."""
     outputs = {id(t) for t in model.outputs}
+    top_level = {layer.name for layer in model.layers}
     pairs = {}
     for bn in model.layers:
         if not isinstance(bn, keras.layers.BatchNormalization):
@@ -54,7 +55,7 @@ def _foldable_pairs(model) -> dict[str, str]:
             or id(x) in outputs
             or producer.activation is not keras.activations.linear
             or getattr(producer, "lora_enabled", False)
-            or producer.name not in {layer.name for layer in model.layers}
+            or producer.name not in top_level
         ):
             continue
         rank = len(x.shape)
@@ -156,14 +157,10 @@ def fold_batchnorm(model):
         if not new.weights:
             continue
         old = model.get_layer(new.name)
-        values = {_short(v): v.numpy() for v in old.weights}
+        values = {graph.short_name(v): v.numpy() for v in old.weights}
         if new.name in producers:
             values.update(_folded_weights(old, by_bn[new.name]))
         new.set_weights([
-            values[_short(v)].astype(v.dtype) for v in new.weights
+            values[graph.short_name(v)].astype(v.dtype) for v in new.weights
         ])
     return new_model
-
-
-def _short(v) -> str:
-    return v.path.rsplit("/", 1)[-1]

@@ -568,6 +568,11 @@ def channel_groups(model) -> list[ChannelGroup]:
     return analyze(model).groups
 
 
+def short_name(variable) -> str:
+    """A variable's name within its layer (`kernel`, `gamma`, ...)."""
+    return variable.path.rsplit("/", 1)[-1]
+
+
 def get_variable(model, path: str):
     """The variable of `model` whose `.path` is `path`.
 

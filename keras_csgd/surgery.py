@@ -320,18 +320,16 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = ()):
         else:  # a bias was created: match by name
             pairs = [(v, _by_name(old.weights, v)) for v in new.weights]
         new.set_weights([
-            values[_short(v)] if _short(v) in values else w.numpy()
+            values[name] if (name := graph.short_name(v)) in values
+            else w.numpy()
             for v, w in pairs
         ])
     return new_model
 
 
-def _short(v) -> str:
-    return v.path.rsplit("/", 1)[-1]
-
-
 def _by_name(weights, v):
-    return next((w for w in weights if _short(w) == _short(v)), None)
+    name = graph.short_name(v)
+    return next((w for w in weights if graph.short_name(w) == name), None)
 
 
 def _new_weights(an, index, touched, folds):
@@ -351,7 +349,7 @@ def _new_weights(an, index, touched, folds):
             else:
                 n_new = graph.layout_size(lay, index.new)
                 w = _segment_sum(w, index.assign(lay), n_new, e.axis)
-        out.setdefault(lname, {})[_short(var)] = w
+        out.setdefault(lname, {})[graph.short_name(var)] = w
     for lname, delta in folds.items():
         layer = an.layers[lname]
         bias = layer.bias.numpy() if layer.use_bias else 0 * delta

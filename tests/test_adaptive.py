@@ -148,6 +148,7 @@ def test_callback_locks_at_target_every_few_steps():
     for batch in range(3):
         callback.on_train_batch_end(batch)
     assert gates.locked and gates.penalty_weight == 0.0
+    assert callback.locked_at_step == 6
     with pytest.raises(RuntimeError, match="already locked"):
         gates.lock()
     for gate in gates.channel_gates.values():  # gradient steps reopen ...

@@ -189,6 +189,10 @@ class MacsTargetCallback(keras.callbacks.Callback):
         lock: lock the gates when the target is first reached. Defaults to
             `True`.
 
+    Attributes:
+        locked_at_step: the training batch (counted from 1 over all epochs)
+            after which this callback locked the gates, or `None`.
+
     Example:
 
     ```python
@@ -214,6 +218,7 @@ class MacsTargetCallback(keras.callbacks.Callback):
         self.factor = float(factor)
         self.steps = steps
         self.lock = bool(lock)
+        self.locked_at_step = None
         self._batches = 0
 
     def _adjust(self) -> None:
@@ -224,6 +229,7 @@ class MacsTargetCallback(keras.callbacks.Callback):
             self.gates.penalty_weight *= self.factor
         elif self.lock:
             self.gates.lock()
+            self.locked_at_step = self._batches
         else:
             self.gates.penalty_weight /= self.factor
 
@@ -494,6 +500,12 @@ class AdaptiveGates:
                 masks, closed, macs = trial_masks, trial_closed, trial
         return masks, closed
 
+    def _removal(self, threshold):
+        """`_decide(threshold)`, or the locked decision for `None`."""
+        if threshold is None and self.locked:
+            return self._locked
+        return self._decide(threshold)
+
     def estimated_macs(self, threshold=None) -> int:
         """MACs of the model pruned where the gates are below `threshold`.
 
@@ -508,10 +520,9 @@ class AdaptiveGates:
             Conv/Dense scales with its kept input and output channel
             fractions.
         """
-        if threshold is None and self.locked:
-            return round(self._macs(*self._locked))
-        threshold = self.threshold if threshold is None else threshold
-        return round(self._macs(*self._decide(threshold)))
+        if threshold is None and not self.locked:
+            threshold = self.threshold
+        return round(self._macs(*self._removal(threshold)))
 
     def finalize(self, threshold=None):
         """Folds the gates into `model` and returns what to remove.
@@ -558,10 +569,7 @@ class AdaptiveGates:
         for name, block in self._blocks.items():
             value = self.block_gates[name].value()
             _fold_scale(self.source, block.end, block.producer, value)
-        if threshold is None and self.locked:
-            masks, closed = self._locked
-        else:
-            masks, closed = self._decide(threshold)
+        masks, closed = self._removal(threshold)
         dropped = self._dropped(closed)
         clusters = {}
         for site in self._sites:
