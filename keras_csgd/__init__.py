@@ -6,12 +6,13 @@ pre-trained models (`methods`) and surgery (`slim`) that builds the narrower
 model with merged weights.
 """
 
-from keras_csgd import callbacks, data, methods, models, optimizers
+from keras_csgd import callbacks, data, layers, methods, models, optimizers
 from keras_csgd.export import benchmark_latency, export_tflite
-from keras_csgd.flops import count_macs
+from keras_csgd.flops import count_macs, macs_under
 from keras_csgd.fold import fold_batchnorm
 from keras_csgd.graph import channel_groups
 from keras_csgd.groups import ChannelGroup
+from keras_csgd.layers import register_layer
 from keras_csgd.optimizers.centripetal_sgd import CSGD
 from keras_csgd.optimizers.global_sparse_momentum import GSM
 from keras_csgd.optimizers.spread import cluster_spread

@@ -15,13 +15,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_csgd import graph
-
-_KERNEL = {  # the kernel whose last axis (or last two) are output channels
-    **{cls: "kernel" for cls in (*graph.CONV, *graph.DEPTHWISE)},
-    keras.layers.Dense: "kernel",
-    **{cls: "pointwise_kernel" for cls in graph.SEPARABLE},
-}
+from keras_csgd import graph, layers
+from keras_csgd.rebuild import rebuild
 
 
 def _channel_axis(layer, rank: int) -> int:
@@ -29,39 +24,28 @@ def _channel_axis(layer, rank: int) -> int:
     return 1 if fmt == "channels_first" else rank - 1
 
 
-def _bn_axis(bn, rank: int) -> int | None:
-    axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    if len(axis) != 1:
-        return None
-    return axis[0] % rank
-
-
 def _foldable_pairs(model) -> dict[str, str]:
-    """`{bn name: producer name}` of every BN that folds into its input."""
+    """`{producer name: bn name}` of every BN that folds into its input."""
     outputs = {id(t) for t in model.outputs}
-    top_level = {layer.name for layer in model.layers}
     pairs = {}
-    for bn in model.layers:
-        if not isinstance(bn, keras.layers.BatchNormalization):
+    for producer in model.layers:
+        handler = layers.handler_for(producer)
+        if handler is None or handler.fold(producer) is None:
             continue
-        if len(bn._inbound_nodes) != 1:
-            continue
-        x = bn._inbound_nodes[0].input_tensors[0]
-        producer = x._keras_history.operation
+        bn = graph.sole_reader(producer)
+        bn_handler = layers.handler_for(bn) if bn is not None else None
         if (
-            type(producer) not in _KERNEL
-            or len(producer._inbound_nodes) != 1
-            or len(producer._outbound_nodes) != 1
-            or id(x) in outputs
+            bn_handler is None or not bn_handler.normalizes
+            or graph.call_inputs(bn) is None
+            or id(producer.output) in outputs
             or producer.activation is not keras.activations.linear
             or getattr(producer, "lora_enabled", False)
-            or producer.name not in top_level
         ):
             continue
-        rank = len(x.shape)
-        if _bn_axis(bn, rank) != _channel_axis(producer, rank):
-            continue
-        pairs[bn.name] = producer.name
+        rank = len(producer.output.shape)
+        axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+        if len(axis) == 1 and axis[0] % rank == _channel_axis(producer, rank):
+            pairs[producer.name] = bn.name
     return pairs
 
 
@@ -75,12 +59,13 @@ def _folded_weights(producer, bn) -> dict[str, np.ndarray]:
     shift = -scale * mean
     if bn.beta is not None:
         shift = shift + bn.beta.numpy()
-    key = _KERNEL[type(producer)]
+    key = layers.handler_for(producer).fold(producer)
     kernel = getattr(producer, key).numpy().astype(np.float64)
-    if isinstance(producer, graph.DEPTHWISE):  # (..., in, m): out = in*m + k
-        folded = kernel * scale.reshape(kernel.shape[-2:])
-    else:
-        folded = kernel * scale
+    # The output channels are the kernel's trailing axes: (..., out), or
+    # (..., in, m) behind a depth multiplier (channel in * m + k).
+    k = next(k for k in range(1, kernel.ndim + 1)
+             if np.prod(kernel.shape[-k:]) == scale.size)
+    folded = kernel * scale.reshape(kernel.shape[-k:])
     bias = shift
     if producer.use_bias:
         bias = bias + scale * producer.bias.numpy()
@@ -130,37 +115,18 @@ def fold_batchnorm(model):
             )
         model = keras.Model(model.inputs, model.outputs, name=model.name)
     pairs = _foldable_pairs(model)
-    producers = set(pairs.values())
+    skipped = set(pairs.values())
 
-    def clone_function(layer):
-        config = layer.get_config()
-        if layer.name in producers:
+    def configure(name, layer, config):
+        if name in pairs:
             config["use_bias"] = True
-        return layer.__class__.from_config(config)
+        return config
 
-    def call_function(layer, *args, **kwargs):
-        if layer.name in pairs:
-            return args[0]
-        return layer(*args, **kwargs)
+    def call(name, layer, args, kwargs):
+        return args[0] if name in skipped else NotImplemented
 
-    inputs = [
-        keras.Input(t.shape[1:], dtype=t.dtype,
-                    name=t._keras_history.operation.name)
-        for t in model.inputs
-    ]
-    new_model = keras.models.clone_model(
-        model, keras.tree.pack_sequence_as(model.input, inputs),
-        clone_function=clone_function, call_function=call_function,
-    )
-    by_bn = {p: model.get_layer(b) for b, p in pairs.items()}
-    for new in new_model.layers:
-        if not new.weights:
-            continue
-        old = model.get_layer(new.name)
-        values = {graph.short_name(v): v.numpy() for v in old.weights}
-        if new.name in producers:
-            values.update(_folded_weights(old, by_bn[new.name]))
-        new.set_weights([
-            values[graph.short_name(v)].astype(v.dtype) for v in new.weights
-        ])
-    return new_model
+    values = {
+        p: _folded_weights(model.get_layer(p), model.get_layer(b))
+        for p, b in pairs.items()
+    }
+    return rebuild(model, configure, call, values)

@@ -18,35 +18,13 @@ unknown layer or an unmappable reshape is frozen with a reason.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 import numpy as np
 from keras.src.models.functional import Functional
 
+from keras_csgd import layers
 from keras_csgd.groups import ChannelGroup
-
-L = keras.layers
-
-CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
-TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
-DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
-_MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-_PASS = (
-    L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
-    L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
-    L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
-    L.AveragePooling2D, L.AveragePooling3D, L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.ZeroPadding1D,
-    L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D, L.UpSampling2D,
-    L.UpSampling3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Identity,
-    L.Rescaling,
-)
-# Activations that mix channels cannot pass a channel group through.
-_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
 @dataclasses.dataclass
@@ -72,12 +50,29 @@ class Analysis:
     layers: dict[str, keras.layers.Layer]  # qualified name -> layer
     roots: dict[int, int]  # gid -> root gid
     sizes: dict[int, int]  # root gid -> size
-    reshapes: dict[str, tuple]  # qualified reshape name -> input layout
+    widths: dict[str, dict[str, tuple]]  # layer -> {config key: layout}
     nested: dict[str, list]  # qualified nested-model name -> input layouts
+    costs: list[Cost]
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
         return _map_leaves(layout, lambda g: ("leaf", self.roots[g]))
+
+    def consumer_maps(self):
+        """Every consumer entry with the channels its input axis reads.
+
+        Yields:
+            `(entry, gids, channels)`: for each index along the entry's
+            axis, the root gid and the channel of that group it reads.
+        """
+        for e in self.entries:
+            if e.role == "consumer":
+                gids, chans = flat_channels(self.root(e.layout), self.sizes)
+                yield e, gids, chans
+
+    def entries_of(self, lname: str) -> list[Entry]:
+        """The entries of one (qualified) layer."""
+        return [e for e in self.entries if e.lname == lname]
 
 
 def _map_leaves(layout, fn):
@@ -126,7 +121,100 @@ def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(g, layout[2]), np.repeat(c, layout[2])
 
 
-class _Analyzer:
+class Reindex:
+    """Old <-> new entry indices of channel layouts under a plan."""
+
+    def __init__(self, an: Analysis, plan):
+        self.old = dict(an.sizes)
+        self.new = dict(an.sizes)
+        self.ids, self.first = {}, {}
+        for name, clusters in plan.clusters.items():
+            root = an.gid_of[name]
+            self.new[root] = len(clusters)
+            self.ids[root] = plan.cluster_ids(name, an.sizes[root])
+            self.first[root] = np.array([c[0] for c in clusters])
+
+    def select(self, lay) -> np.ndarray:
+        """For every new entry, the old entry it copies."""
+        kind = lay[0]
+        if kind == "leaf":
+            r = lay[1]
+            return self.first.get(r, np.arange(self.old[r]))
+        if kind == "cat":
+            out, off = [], 0
+            for part in lay[1]:
+                out.append(self.select(part) + off)
+                off += layout_size(part, self.old)
+            return np.concatenate(out)
+        inner, t = self.select(lay[1]), lay[2]
+        n = layout_size(lay[1], self.old)
+        if kind == "tile":
+            return np.concatenate([inner + p * n for p in range(t)])
+        return (inner[:, None] * t + np.arange(t)).ravel()
+
+    def assign(self, lay) -> np.ndarray:
+        """For every old entry, the new entry it adds into (-1: removed)."""
+        kind = lay[0]
+        if kind == "leaf":
+            r = lay[1]
+            return self.ids.get(r, np.arange(self.old[r]))
+        if kind == "cat":
+            out, off = [], 0
+            for part in lay[1]:
+                a = self.assign(part)
+                out.append(np.where(a >= 0, a + off, -1))
+                off += layout_size(part, self.new)
+            return np.concatenate(out)
+        inner, t = self.assign(lay[1]), lay[2]
+        n = layout_size(lay[1], self.new)
+        if kind == "tile":
+            return np.concatenate(
+                [np.where(inner >= 0, inner + p * n, -1) for p in range(t)]
+            )
+        rep = np.repeat(inner, t)
+        sub = np.tile(np.arange(t), len(inner))
+        return np.where(rep >= 0, rep * t + sub, -1)
+
+
+@dataclasses.dataclass
+class Call:
+    """One call of a layer in the model graph, as a handler sees it.
+
+    Attributes:
+        layer: the layer.
+        name: its qualified name (`outer/inner` inside nested models).
+        layouts: the channel layout of every input tensor.
+        inputs: the input Keras tensors.
+        outputs: the output Keras tensors.
+    """
+
+    layer: keras.layers.Layer
+    name: str
+    layouts: list
+    inputs: list
+    outputs: list
+
+
+@dataclasses.dataclass
+class Cost:
+    """MACs of one layer call, and the layouts they scale with.
+
+    At a plan, the MACs are `macs * prod(kept share of each layout)`.
+    """
+
+    lname: str
+    macs: int | None  # None: a spatial dimension is unknown
+    layouts: tuple
+
+
+class Context:
+    """What a layer handler declares its call's channels through.
+
+    Layouts are opaque to handlers: they take them from `call.layouts`,
+    make new ones with `produce`, `new_group`, `rep`, `tile` and `cat`, and
+    return one per output.
+    """
+
     def __init__(self):
         self.parent: dict[int, int] = {}
         self.size: dict[int, int] = {}
@@ -134,12 +222,14 @@ class _Analyzer:
         self.frozen: dict[int, list[str]] = {}
         self.entries: list[Entry] = []
         self.layers: dict[str, keras.layers.Layer] = {}
-        self.reshapes: dict[str, tuple] = {}
+        self.widths: dict[str, dict[str, tuple]] = {}
         self.nested: dict[str, list] = {}
+        self.costs: list[Cost] = []
         self.calls: dict[int, int] = {}
 
-    # ------------------------------------------------------ union-find
+    # ------------------------------------------------------ for handlers
     def new_group(self, size: int, origin: str, frozen: str | None = None):
+        """A layout of `size` new channels (a new group)."""
         gid = len(self.parent)
         self.parent[gid] = gid
         self.size[gid] = int(size)
@@ -147,33 +237,58 @@ class _Analyzer:
         self.frozen[gid] = [frozen] if frozen else []
         return ("leaf", gid)
 
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
+    def produce(self, call: Call, variable, axis: int, size: int,
+                key: str | None = None):
+        """A new group whose channels are `variable`'s `axis` (a producer).
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb < ra:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.frozen[ra] += self.frozen.pop(rb)
+        `key`: the config key of the call's layer that holds the width (set
+        to the new width when the layer is rebuilt narrower).
+        """
+        out = self.new_group(size, call.name)
+        self.member(call, variable, axis, out, producer=True)
+        if key is not None:
+            self.width(call, key, out)
+        return out
+
+    def member(self, call: Call, variable, axis: int, layout,
+               producer: bool = False) -> None:
+        """`variable`'s `axis` holds one entry per channel of `layout`."""
+        self._add(call, variable, axis, layout, "member", producer)
+
+    def consumer(self, call: Call, variable, axis: int, layout) -> None:
+        """`variable`'s `axis` reads the channels of `layout` (summed when
+        channels merge)."""
+        self._add(call, variable, axis, layout, "consumer")
+
+    def width(self, call: Call, key: str, layout) -> None:
+        """The layer's config `key` follows the width of `layout`."""
+        self.widths.setdefault(call.name, {})[key] = layout
+
+    def cost(self, call: Call, macs: int | None, *layouts) -> None:
+        """The call does `macs` MACs, scaling with each layout's width."""
+        self.costs.append(Cost(call.name, macs, layouts))
 
     def freeze(self, layout, reason: str) -> None:
+        """Marks every group `layout` reads as not prunable."""
         for g in leaves(layout):
             reasons = self.frozen[self.find(g)]
             if reason not in reasons:
                 reasons.append(reason)
+
+    def unknown(self, call: Call, why: str) -> list:
+        """Freezes the call's inputs; returns new frozen output layouts."""
+        reason = f"{why} `{call.name}` ({type(call.layer).__name__})"
+        for lay in call.layouts:
+            self.freeze(lay, reason)
+        return [self.new_group(channels(t), call.name, reason)
+                for t in call.outputs]
 
     def unify(self, a, b) -> bool:
         """Makes two layouts the same channel space; False if impossible."""
         if a[0] == "leaf" and b[0] == "leaf":
             if self.size[self.find(a[1])] != self.size[self.find(b[1])]:
                 return False
-            self.union(a[1], b[1])
+            self._union(a[1], b[1])
             return True
         same_shape = a[0] == b[0] and (
             (a[0] == "cat" and len(a[1]) == len(b[1]))
@@ -190,11 +305,42 @@ class _Analyzer:
             return all(self.unify(x, y) for x, y in zip(a[1], b[1]))
         return self.unify(a[1], b[1])
 
-    # ------------------------------------------------------ entries
-    def add(self, layer, lname, var, axis, layout, role, producer=False):
+    @staticmethod
+    def rep(layout, m: int):
+        """Every channel of `layout` repeated `m` times (depth multiplier)."""
+        return layout if m == 1 else ("rep", layout, m)
+
+    @staticmethod
+    def tile(layout, t: int):
+        """`t` copies of `layout` (Flatten: positions outer)."""
+        return layout if t == 1 else ("tile", layout, t)
+
+    @staticmethod
+    def cat(layouts):
+        """The layouts laid end to end (channel-axis concatenation)."""
+        return ("cat", tuple(layouts))
+
+    # ------------------------------------------------------ union-find
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.frozen[ra] += self.frozen.pop(rb)
+
+    def _add(self, call, var, axis, layout, role, producer=False):
         axis = axis % len(var.shape)
         self.entries.append(
-            Entry(layer, lname, var.path, axis, layout, role, producer)
+            Entry(call.layer, call.name, var.path, axis, layout, role,
+                  producer)
         )
 
     # ------------------------------------------------------ traversal
@@ -204,47 +350,51 @@ class _Analyzer:
         for t, lay in zip(model.inputs, inputs_layouts):
             tensor_layout[id(t)] = lay
         for node in topological_nodes(model):
-            op = node.operation
             ins = node.input_tensors
-            lays = [tensor_layout[id(t)] for t in ins]
-            outs = self.visit(op, prefix, lays, ins, node.outputs)
-            for t, lay in zip(node.outputs, outs):
+            call = Call(node.operation, prefix + node.operation.name,
+                        [tensor_layout[id(t)] for t in ins], ins,
+                        node.outputs)
+            for t, lay in zip(node.outputs, self.visit(call)):
                 tensor_layout[id(t)] = lay
         return [tensor_layout[id(t)] for t in model.outputs]
 
-    def visit(self, op, prefix, lays, ins, outs):
-        lname = prefix + op.name
+    def visit(self, call: Call) -> list:
+        op, lname = call.layer, call.name
         self.layers[lname] = op
         self.calls[id(op)] = self.calls.get(id(op), 0) + 1
+        if isinstance(op, keras.Model):
+            if not is_graph_model(op):
+                return self.unknown(call, "subclassed model")
+            if self.calls[id(op)] == 1:
+                self.nested[lname] = call.layouts
+                return self.run_model(op, call.layouts, lname + "/")
+            reason = f"layer `{lname}` is shared (called twice)"
+            for e in self.entries:
+                if e.lname.startswith(lname + "/"):
+                    self.freeze(e.layout, reason)
+            return self.unknown(call, "shared model")
+        handler = layers.handler_for(op)
+        if handler is None:
+            return self.unknown(call, "unsupported layer")
+        start = len(self.entries)
+        try:
+            outs = handler.channels(self, call)
+        except Exception as e:  # a handler's failure freezes, never slims
+            del self.entries[start:]
+            return self.unknown(call, f"handler failed ({e})")
         if self.calls[id(op)] > 1:
             reason = f"layer `{lname}` is shared (called twice)"
-            inner = lname + "/"
-            used = [e.layout for e in self.entries
-                    if e.layer is op or e.lname.startswith(inner)]
-            for lay in lays + used:
+            for e in self.entries:
+                if e.layer is op:
+                    self.freeze(e.layout, reason)
+            for lay in list(call.layouts) + list(outs):
                 self.freeze(lay, reason)
-            return [self.new_group(_channels(t), lname, reason) for t in outs]
-        if isinstance(op, keras.Model):
-            if is_graph_model(op):
-                self.nested[lname] = lays
-                return self.run_model(op, lays, lname + "/")
-            return self.unknown(op, lname, lays, outs, "subclassed model")
-        handler = _handler_for(op)
-        if handler is None:
-            return self.unknown(op, lname, lays, outs, "unsupported layer")
-        return handler(self, op, lname, lays, ins, outs)
-
-    def unknown(self, op, lname, lays, outs, why):
-        reason = f"{why} `{lname}` ({type(op).__name__})"
-        for lay in lays:
-            self.freeze(lay, reason)
-        return [self.new_group(_channels(t), lname, reason) for t in outs]
+        return outs
 
     # ------------------------------------------------------ results
     def finish(self, model) -> Analysis:
         for t, lay in zip(model.outputs, self.model_outputs):
-            name = t._keras_history.operation.name
-            self.freeze(lay, f"reaches model output `{name}`")
+            self.freeze(lay, f"reaches model output `{producer_name(t)}`")
         roots = {g: self.find(g) for g in self.parent}
         sizes = {g: self.size[g] for g in self.parent}
         by_root: dict[int, list[Entry]] = {}
@@ -280,9 +430,11 @@ class _Analyzer:
                 reason="; ".join(reasons) if reasons else None, maps=maps,
             ))
             gid_of[name] = root
-        return Analysis(groups, gid_of, self.entries, self.layers, roots,
-                        {r: self.size[r] for r in set(roots.values())},
-                        self.reshapes, self.nested)
+        return Analysis(
+            groups, gid_of, self.entries, self.layers, roots,
+            {r: self.size[r] for r in set(roots.values())}, self.widths,
+            self.nested, self.costs,
+        )
 
 
 def _unique(name: str, used: set) -> str:
@@ -294,7 +446,8 @@ def _unique(name: str, used: set) -> str:
     return out
 
 
-def _channels(t) -> int:
+def channels(t) -> int:
+    """Size of a tensor's last (channel) axis (1 for a scalar)."""
     dim = t.shape[-1] if len(t.shape) else 1
     return int(dim) if dim is not None else 1
 
@@ -323,187 +476,105 @@ def topological_nodes(model):
             if (id(h.operation), h.node_index) not in seen:
                 visit.append((h.operation, h.node_index, False))
     for node in order:
-        if not isinstance(node.operation, L.InputLayer):
+        if not isinstance(node.operation, keras.layers.InputLayer):
             nodes.append(node)
     return nodes
 
 
-# ---------------------------------------------------------------- handlers
-def _h_conv(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    if layer.data_format == "channels_first":
-        return an.unknown(layer, lname, lays, outs, "channels_first layer")
-    if getattr(layer, "groups", 1) != 1:
-        return an.unknown(layer, lname, lays, outs, "grouped convolution")
-    rank = len(layer.kernel.shape)
-    transpose = isinstance(layer, TRANSPOSE)
-    in_axis, out_axis = (rank - 1, rank - 2) if transpose else (rank - 2,
-                                                                 rank - 1)
-    an.add(layer, lname, layer.kernel, in_axis, lay, "consumer")
-    out = an.new_group(layer.filters, lname)
-    an.add(layer, lname, layer.kernel, out_axis, out, "member", producer=True)
-    if layer.use_bias:
-        an.add(layer, lname, layer.bias, 0, out, "member")
-    return [out]
+# ---------------------------------------------------------------- queries
+# The only code of the package that reads Keras's private node structure
+# (`_keras_history`, `_inbound_nodes`, `_outbound_nodes`).
+def producer_of(tensor):
+    """The operation that computed a Keras tensor."""
+    return tensor._keras_history.operation
 
 
-def _h_dense(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    an.add(layer, lname, layer.kernel, 0, lay, "consumer")
-    out = an.new_group(layer.units, lname)
-    an.add(layer, lname, layer.kernel, 1, out, "member", producer=True)
-    if layer.use_bias:
-        an.add(layer, lname, layer.bias, 0, out, "member")
-    return [out]
+def producer_name(tensor) -> str:
+    """The name of the operation (or input layer) of a Keras tensor."""
+    return tensor._keras_history.operation.name
 
 
-def _h_separable(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    if layer.data_format == "channels_first":
-        return an.unknown(layer, lname, lays, outs, "channels_first layer")
-    m = layer.depth_multiplier
-    rank = len(layer.depthwise_kernel.shape)
-    an.add(layer, lname, layer.depthwise_kernel, rank - 2, lay, "member")
-    an.add(layer, lname, layer.pointwise_kernel, rank - 2,
-           _rep(lay, m), "consumer")
-    out = an.new_group(layer.filters, lname)
-    an.add(layer, lname, layer.pointwise_kernel, rank - 1, out, "member",
-           producer=True)
-    if layer.use_bias:
-        an.add(layer, lname, layer.bias, 0, out, "member")
-    return [out]
+def call_inputs(layer) -> list | None:
+    """The input tensors of `layer`'s only call, or `None` (0 or 2+ calls)."""
+    nodes = layer._inbound_nodes
+    return list(nodes[0].input_tensors) if len(nodes) == 1 else None
 
 
-def _h_depthwise(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    if layer.data_format == "channels_first":
-        return an.unknown(layer, lname, lays, outs, "channels_first layer")
-    rank = len(layer.kernel.shape)
-    out = _rep(lay, layer.depth_multiplier)
-    an.add(layer, lname, layer.kernel, rank - 2, lay, "member")
-    if layer.use_bias:
-        an.add(layer, lname, layer.bias, 0, out, "member")
-    return [out]
+def sole_reader(layer):
+    """The one operation that reads `layer`'s output, or `None`.
+
+    `None` too when `layer` is called more than once.
+    """
+    if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
+        return None
+    return layer._outbound_nodes[0].operation
 
 
-def _rep(layout, m):
-    return layout if m == 1 else ("rep", layout, m)
+def following_batchnorm(layer, scaled: bool = False):
+    """The BatchNormalization over the last axis that alone reads `layer`.
+
+    Args:
+        layer: a layer called once.
+        scaled: require the BatchNormalization to have a `gamma`.
+
+    Returns:
+        The BatchNormalization layer, or `None`.
+    """
+    bn = sole_reader(layer)
+    handler = layers.handler_for(bn) if bn is not None else None
+    if handler is None or not handler.normalizes:
+        return None
+    rank = len(layer.output.shape)
+    if bn.axis not in (-1, rank - 1) or (scaled and not bn.scale):
+        return None
+    return bn
 
 
-def _h_batchnorm(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    if layer.axis not in (-1, len(ins[0].shape) - 1):
-        return an.unknown(layer, lname, lays, outs,
-                          "BatchNormalization not over the last axis")
-    for v in layer.weights:
-        an.add(layer, lname, v, 0, lay, "member")
-    return [lay]
+def ancestors(tensor) -> set[int]:
+    """Ids of `tensor` and of every Keras tensor it was computed from."""
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        h = t._keras_history
+        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
+    return seen
 
 
-def _h_prelu(an, layer, lname, lays, ins, outs):
-    (lay,) = lays
-    if layer.alpha.shape[-1] not in (1, None) or _channels(ins[0]) == 1:
-        an.add(layer, lname, layer.alpha, -1, lay, "member")
-    return [lay]
+def operations_between(start, stop: set[int]) -> set[str]:
+    """Names of the operations computing `start` from tensors in `stop`."""
+    names, seen, stack = set(), set(), [start]
+    while stack:
+        t = stack.pop()
+        if id(t) in stop or id(t) in seen:
+            continue
+        seen.add(id(t))
+        h = t._keras_history
+        names.add(h.operation.name)
+        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
+    return names
 
 
-def _h_activation(an, layer, lname, lays, ins, outs):
-    name = getattr(layer.activation, "__name__", str(layer.activation))
-    if name in _MIXING_ACTIVATIONS:
-        return an.unknown(layer, lname, lays, outs, "channel-mixing activation")
-    return lays
+def successors(model) -> dict[str, list[str | None]]:
+    """Names of the top-level operations that read each operation's output.
+
+    A model output counts as a reader named `None`.
+    """
+    out: dict[str, list] = {}
+    for node in topological_nodes(model):
+        for t in node.input_tensors:
+            out.setdefault(producer_name(t), []).append(node.operation.name)
+    for t in model.outputs:
+        out.setdefault(producer_name(t), []).append(None)
+    return out
 
 
-def _h_softmax(an, layer, lname, lays, ins, outs):
-    return an.unknown(layer, lname, lays, outs, "channel-mixing Softmax")
-
-
-def _h_pass(an, layer, lname, lays, ins, outs):
-    if getattr(layer, "data_format", None) == "channels_first":
-        return an.unknown(layer, lname, lays, outs, "channels_first layer")
-    if isinstance(layer, L.Rescaling) and np.ndim(layer.scale) > 0:
-        an.freeze(lays[0], f"per-channel Rescaling `{lname}`")
-    return [lays[0]]
-
-
-def _h_layernorm(an, layer, lname, lays, ins, outs):
-    rank = len(ins[0].shape)
-    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-    if any(a % rank == rank - 1 for a in axes):
-        an.freeze(lays[0], f"LayerNormalization over channels `{lname}`")
-    return [lays[0]]
-
-
-def _h_normalization(an, layer, lname, lays, ins, outs):
-    an.freeze(lays[0], f"per-channel Normalization `{lname}`")
-    return [lays[0]]
-
-
-def _h_flatten(an, layer, lname, lays, ins, outs):
-    shape = ins[0].shape[1:]
-    if any(d is None for d in shape):
-        return an.unknown(layer, lname, lays, outs, "dynamic-shape Flatten")
-    positions = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    return [lays[0] if positions == 1 else ("tile", lays[0], positions)]
-
-
-def _h_reshape(an, layer, lname, lays, ins, outs):
-    src, dst = ins[0].shape[1:], outs[0].shape[1:]
-    keeps_channels = (
-        len(src) > 0 and len(dst) > 0 and src[-1] == dst[-1]
-        and None not in src and None not in dst
-        and math.prod(src[:-1]) == math.prod(dst[:-1])
-    )
-    if not keeps_channels:
-        return an.unknown(layer, lname, lays, outs, "unmappable Reshape")
-    an.reshapes[lname] = lays[0]
-    return [lays[0]]
-
-
-def _h_merge(an, layer, lname, lays, ins, outs):
-    full = [i for i, t in enumerate(ins) if _channels(t) != 1]
-    keep = [lays[i] for i in full] or [lays[0]]
-    for i in range(len(ins)):
-        if i not in full and full:
-            an.freeze(lays[i], f"broadcast over channels in `{lname}`")
-    for other in keep[1:]:
-        if not an.unify(keep[0], other):
-            for lay in lays:
-                an.freeze(lay, f"mismatched channel structures in `{lname}`")
-    return [keep[0]]
-
-
-def _h_concat(an, layer, lname, lays, ins, outs):
-    rank = len(outs[0].shape)
-    if layer.axis % rank == rank - 1:
-        return [("cat", tuple(lays))]
-    return _h_merge(an, layer, lname, lays, ins, outs)
-
-
-_HANDLERS = [
-    (CONV + TRANSPOSE, _h_conv),
-    (SEPARABLE, _h_separable),
-    (DEPTHWISE, _h_depthwise),
-    ((L.Dense,), _h_dense),
-    ((L.BatchNormalization,), _h_batchnorm),
-    ((L.PReLU,), _h_prelu),
-    ((L.Activation,), _h_activation),
-    ((L.Softmax,), _h_softmax),
-    ((L.LayerNormalization,), _h_layernorm),
-    ((L.Normalization,), _h_normalization),
-    ((L.Flatten,), _h_flatten),
-    ((L.Reshape,), _h_reshape),
-    ((L.Concatenate,), _h_concat),
-    (_MERGE, _h_merge),
-    (_PASS, _h_pass),
-]
-
-
-def _handler_for(op):
-    for classes, handler in _HANDLERS:
-        if type(op) in classes:
-            return handler
-    return None
+def input_like(tensor, width: int | None = None):
+    """A new `keras.Input` like a model input (same name), `width` channels."""
+    shape = tensor.shape[1:] if width is None else (*tensor.shape[1:-1], width)
+    return keras.Input(shape, dtype=tensor.dtype, name=producer_name(tensor))
 
 
 # ---------------------------------------------------------------- public
@@ -530,9 +601,9 @@ def check_functional(model) -> None:
 def analyze(model) -> Analysis:
     """Channel analysis of `model` (groups, entries, layouts)."""
     check_functional(model)
-    an = _Analyzer()
+    an = Context()
     in_lays = [
-        an.new_group(_channels(t), f"input:{t._keras_history.operation.name}",
+        an.new_group(channels(t), f"input:{producer_name(t)}",
                      "model input")
         for t in model.inputs
     ]

@@ -29,6 +29,9 @@ class PruningPlan:
             the planned groups' members, axes and sizes, so that optimizers and
             callbacks can apply it to variables without the model. Defaults to
             `None` (unbound).
+        remove_blocks: names of the residual blocks' two-input `Add` layers
+            whose branch `kc.slim` removes (see `kc.slim`). Defaults to
+            `()`.
 
     Raises:
         ValueError: for an empty cluster, a group with zero clusters, a
@@ -50,6 +53,7 @@ class PruningPlan:
         groups: Iterable[ChannelGroup]
         | Mapping[str, ChannelGroup]
         | None = None,
+        remove_blocks: Iterable[str] = (),
     ):
         if not isinstance(clusters, Mapping):
             raise TypeError(
@@ -62,7 +66,16 @@ class PruningPlan:
         }
         for name, cl in self.clusters.items():
             _check_clusters(name, cl)
+        if isinstance(remove_blocks, str) or not all(
+            isinstance(b, str) for b in remove_blocks
+        ):
+            raise TypeError(
+                "`remove_blocks` must be a list of Add layer names. "
+                f"Received: remove_blocks={remove_blocks!r}"
+            )
+        self.remove_blocks = tuple(dict.fromkeys(remove_blocks))
         self.groups: dict[str, ChannelGroup] | None = None
+        self.analysis = None  # (model, graph.Analysis) it was made from
         if groups is not None:
             self.bind(groups)
 
@@ -184,6 +197,8 @@ class PruningPlan:
     def to_json(self, indent: int | None = None) -> str:
         """Serializes the plan (and its bound groups) to a JSON string."""
         d = {"format_version": FORMAT_VERSION, "clusters": self.clusters}
+        if self.remove_blocks:
+            d["remove_blocks"] = list(self.remove_blocks)
         if self.groups is not None:
             d["groups"] = {n: g.to_dict() for n, g in self.groups.items()}
         return json.dumps(d, indent=indent)
@@ -212,7 +227,7 @@ class PruningPlan:
                 f"of keras_csgd reads {FORMAT_VERSION}."
             )
         groups = d.get("groups")
-        plan = cls(d["clusters"])
+        plan = cls(d["clusters"], remove_blocks=d.get("remove_blocks", ()))
         if groups is not None:
             plan.groups = {
                 n: ChannelGroup.from_dict(g) for n, g in groups.items()
@@ -222,13 +237,24 @@ class PruningPlan:
     def __eq__(self, other) -> bool:
         return (
             isinstance(other, PruningPlan) and self.clusters == other.clusters
+            and self.remove_blocks == other.remove_blocks
         )
 
     def __repr__(self) -> str:
         w = self.widths()
         shown = ", ".join(f"{k}: {v}" for k, v in list(w.items())[:6])
         more = ", ..." if len(w) > 6 else ""
-        return f"PruningPlan({{{shown}{more}}}, bound={self.bound})"
+        blocks = (
+            f", remove_blocks={list(self.remove_blocks)}"
+            if self.remove_blocks else ""
+        )
+        return f"PruningPlan({{{shown}{more}}}{blocks}, bound={self.bound})"
+
+    def made_for(self, model):
+        """The analysis the plan was made from, if made from `model`."""
+        if self.analysis is not None and self.analysis[0] is model:
+            return self.analysis[1]
+        return None
 
 
 def coerce_plan(plan, who: str) -> PruningPlan:

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_csgd import flops, graph, surgery
+from keras_csgd import flops, graph
 from keras_csgd.methods.similarity import response_layers
 from keras_csgd.plan import PruningPlan
 
@@ -677,7 +677,7 @@ def _residual_blocks(model) -> dict[str, _Block]:
         and len(layer._inbound_nodes[0].input_tensors) == 2
     ]
     blocks = {}
-    for name, shortcut in surgery.block_shortcuts(model, adds).items():
+    for name, shortcut in blocks.block_shortcuts(model, adds).items():
         ins = model.get_layer(name)._inbound_nodes[0].input_tensors
         branch = 1 - shortcut
         end = ins[branch]._keras_history.operation
@@ -697,7 +697,7 @@ def _residual_blocks(model) -> dict[str, _Block]:
 
 def _branch_ops(shortcut, branch) -> set[str]:
     """Operations between the shortcut's ancestors and the branch output."""
-    stop = surgery.ancestors(shortcut)
+    stop = graph.ancestors(shortcut)
     names, seen, stack = set(), set(), [branch]
     while stack:
         t = stack.pop()

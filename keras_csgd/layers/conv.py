@@ -1,0 +1,122 @@
+"""Convolutions: Conv1D/2D/3D, their transposes, separable and depthwise."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from keras_csgd.layers.registry import LayerHandler, register_layer
+
+L = keras.layers
+
+
+def spatial(shape) -> int | None:
+    """Product of the spatial dimensions, or `None` when one is unknown."""
+    dims = shape[1:-1]
+    return None if any(d is None for d in dims) else math.prod(dims)
+
+
+def _times(n, *factors):
+    return None if n is None else n * math.prod(factors)
+
+
+def _refuse(ctx, call):
+    """The reason this call's layer cannot be analysed, or `None`."""
+    layer = call.layer
+    if getattr(layer, "data_format", None) == "channels_first":
+        return "channels_first layer"
+    if getattr(layer, "groups", 1) != 1:
+        return "grouped convolution"
+    return None
+
+
+class ConvHandler(LayerHandler):
+    """Conv1D/2D/3D and Conv*Transpose: consume input, produce `filters`."""
+
+    def __init__(self, transpose: bool = False):
+        self.transpose = transpose
+
+    def channels(self, ctx, call):
+        why = _refuse(ctx, call)
+        if why:
+            return ctx.unknown(call, why)
+        layer, (lay,) = call.layer, call.layouts
+        rank = len(layer.kernel.shape)
+        taps = math.prod(layer.kernel.shape[:-2])
+        if self.transpose:
+            in_axis, out_axis = rank - 1, rank - 2
+            macs = _times(spatial(call.inputs[0].shape), taps)
+        else:
+            in_axis, out_axis = rank - 2, rank - 1
+            macs = _times(spatial(call.outputs[0].shape), taps)
+        ctx.consumer(call, layer.kernel, in_axis, lay)
+        out = ctx.produce(call, layer.kernel, out_axis, layer.filters,
+                          key="filters")
+        if layer.use_bias:
+            ctx.member(call, layer.bias, 0, out)
+        ctx.cost(call, _times(macs, call.inputs[0].shape[-1], layer.filters),
+                 lay, out)
+        return [out]
+
+    def fold(self, layer):
+        return None if self.transpose else "kernel"
+
+
+class SeparableHandler(LayerHandler):
+    """SeparableConv1D/2D: depthwise members, pointwise consumer/producer."""
+
+    def channels(self, ctx, call):
+        why = _refuse(ctx, call)
+        if why:
+            return ctx.unknown(call, why)
+        layer, (lay,) = call.layer, call.layouts
+        m = layer.depth_multiplier
+        rank = len(layer.depthwise_kernel.shape)
+        ctx.member(call, layer.depthwise_kernel, rank - 2, lay)
+        ctx.consumer(call, layer.pointwise_kernel, rank - 2, ctx.rep(lay, m))
+        out = ctx.produce(call, layer.pointwise_kernel, rank - 1,
+                          layer.filters, key="filters")
+        if layer.use_bias:
+            ctx.member(call, layer.bias, 0, out)
+        taps = math.prod(layer.depthwise_kernel.shape[:-2])
+        cin = call.inputs[0].shape[-1]
+        n = spatial(call.outputs[0].shape)
+        ctx.cost(call, _times(n, cin, m, taps), lay)
+        ctx.cost(call, _times(n, cin, m, layer.filters), lay, out)
+        return [out]
+
+    def fold(self, layer):
+        return "pointwise_kernel"
+
+
+class DepthwiseHandler(LayerHandler):
+    """DepthwiseConv1D/2D: per-channel kernels, outputs `rep` by multiplier."""
+
+    def channels(self, ctx, call):
+        why = _refuse(ctx, call)
+        if why:
+            return ctx.unknown(call, why)
+        layer, (lay,) = call.layer, call.layouts
+        rank = len(layer.kernel.shape)
+        out = ctx.rep(lay, layer.depth_multiplier)
+        ctx.member(call, layer.kernel, rank - 2, lay)
+        if layer.use_bias:
+            ctx.member(call, layer.bias, 0, out)
+        taps = math.prod(layer.kernel.shape[:-2])
+        ctx.cost(call, _times(spatial(call.outputs[0].shape), taps,
+                              *layer.kernel.shape[-2:]), lay)
+        return [out]
+
+    def fold(self, layer):
+        return "kernel"
+
+
+for _cls in (L.Conv1D, L.Conv2D, L.Conv3D):
+    register_layer(_cls, ConvHandler())
+for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+    register_layer(_cls, ConvHandler(transpose=True))
+for _cls in (L.SeparableConv1D, L.SeparableConv2D):
+    register_layer(_cls, SeparableHandler())
+for _cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
+    register_layer(_cls, DepthwiseHandler())

@@ -1,0 +1,73 @@
+"""Layers that act on each channel alone: activations, pooling, padding."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_csgd.layers.registry import LayerHandler, register_layer
+
+L = keras.layers
+
+PASS_THROUGH = (
+    L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
+    L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
+    L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
+    L.AveragePooling2D, L.AveragePooling3D, L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.ZeroPadding1D,
+    L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D, L.UpSampling2D,
+    L.UpSampling3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Identity,
+    L.Rescaling,
+)
+# Activations that mix channels cannot pass a channel group through.
+MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+class PassThroughHandler(LayerHandler):
+    """A layer whose output channel `c` depends on input channel `c` only."""
+
+    def channels(self, ctx, call):
+        layer = call.layer
+        if getattr(layer, "data_format", None) == "channels_first":
+            return ctx.unknown(call, "channels_first layer")
+        if isinstance(layer, L.Rescaling) and np.ndim(layer.scale) > 0:
+            ctx.freeze(call.layouts[0], f"per-channel Rescaling `{call.name}`")
+        return [call.layouts[0]]
+
+
+class ActivationHandler(LayerHandler):
+    """`keras.layers.Activation`: passes channels unless it mixes them."""
+
+    def channels(self, ctx, call):
+        fn = call.layer.activation
+        if getattr(fn, "__name__", str(fn)) in MIXING_ACTIVATIONS:
+            return ctx.unknown(call, "channel-mixing activation")
+        return list(call.layouts)
+
+
+class SoftmaxHandler(LayerHandler):
+    """`keras.layers.Softmax` mixes the channels it normalises."""
+
+    def channels(self, ctx, call):
+        return ctx.unknown(call, "channel-mixing Softmax")
+
+
+class PReLUHandler(LayerHandler):
+    """PReLU: one slope per channel, unless shared over the channels."""
+
+    def channels(self, ctx, call):
+        layer, (lay,) = call.layer, call.layouts
+        if layer.alpha.shape[-1] not in (1, None) or (
+            call.inputs[0].shape[-1] == 1
+        ):
+            ctx.member(call, layer.alpha, -1, lay)
+        return [lay]
+
+
+for _cls in PASS_THROUGH:
+    register_layer(_cls, PassThroughHandler())
+register_layer(L.Activation, ActivationHandler())
+register_layer(L.Softmax, SoftmaxHandler())
+register_layer(L.PReLU, PReLUHandler())

@@ -1,0 +1,127 @@
+"""The layer registry: what keras_csgd knows of each layer type.
+
+Every layer type the package can analyse has one *handler*, registered
+against its class. The graph analysis (`keras_csgd.graph`), the MAC counter,
+`slim`, `fold_batchnorm` and the pretrained-model methods all read it;
+nothing else in the package switches on layer types.
+
+A handler is an object with three methods:
+
+- `channels(ctx, call) -> list[layout]`: states how the call's channels
+  relate to its variables, through `ctx` (see `graph.Context`): which
+  variable axes consume an input layout, which produce a new channel group,
+  which are per-channel members of a layout, and the layouts of its
+  outputs. It also records the call's MACs with `ctx.cost`.
+- `rebuild(config, widths) -> config`: the layer's config with new widths;
+  `widths` maps each key the handler declared with `ctx.width` to its new
+  size.
+- `fold(layer) -> str | None`: the name of the kernel variable whose last
+  axis is the layer's (linear) output channels, into which a following
+  BatchNormalization or a constant input can be folded; `None` if none.
+
+`LayerHandler` gives the defaults (`rebuild` sets each width key, `fold`
+returns `None`). Lookup is by exact class first; a subclass of a
+registered class is handled as that class only when it does not override
+`call` (otherwise its computation may differ, and its groups freeze as an
+unsupported layer).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+_REQUIRED = ("channels", "rebuild", "fold")
+_REGISTRY: dict[type, object] = {}
+
+
+class LayerHandler:
+    """Base class of a layer handler (see the module docstring).
+
+    Attributes:
+        normalizes: the layer is a per-channel normalization whose inference
+            map is `y = scale * (x - mean) + beta` (BatchNormalization):
+            what `fold_batchnorm`, ASFP and CaP look for after a producer.
+    """
+
+    normalizes = False
+
+    def channels(self, ctx, call):
+        """Declares the call's channel structure; returns output layouts."""
+        raise NotImplementedError
+
+    def rebuild(self, config: dict, widths: dict) -> dict:
+        """`config` with each declared width key set to its new size."""
+        config.update(widths)
+        return config
+
+    def fold(self, layer) -> str | None:
+        """The kernel a following per-channel affine map folds into."""
+        return None
+
+
+def register_layer(layer_class: type, handler, override: bool = False):
+    """Makes a layer type known to keras_csgd (graph, MACs, slim).
+
+    Args:
+        layer_class: the `keras.layers.Layer` subclass.
+        handler: an object with `channels`, `rebuild` and `fold` methods,
+            usually a `kc.layers.LayerHandler` subclass instance.
+        override: replace an existing registration. Defaults to `False`.
+
+    Returns:
+        `handler`.
+
+    Raises:
+        TypeError: `layer_class` is not a class, or `handler` lacks a
+            required method.
+        ValueError: `layer_class` is already registered and `override` is
+            `False`.
+
+    Example:
+
+    ```python
+    class ScaleHandler(kc.layers.LayerHandler):
+        def channels(self, ctx, call):
+            (lay,) = call.layouts
+            ctx.member(call, call.layer.scale, 0, lay)
+            return [lay]
+
+    kc.register_layer(MyScale, ScaleHandler())
+    ```
+    """
+    if not inspect.isclass(layer_class):
+        raise TypeError(
+            "`layer_class` must be a class. "
+            f"Received: layer_class={layer_class!r}"
+        )
+    missing = [m for m in _REQUIRED if not callable(getattr(handler, m, None))]
+    if missing:
+        raise TypeError(
+            f"`handler` must define {', '.join(_REQUIRED)}; it lacks "
+            f"{', '.join(missing)}. Subclass `kc.layers.LayerHandler`. "
+            f"Received: handler={handler!r}"
+        )
+    if layer_class in _REGISTRY and not override:
+        raise ValueError(
+            f"{layer_class.__name__} is already registered; pass "
+            "`override=True` to replace its handler. "
+            f"Received: layer_class={layer_class!r}"
+        )
+    _REGISTRY[layer_class] = handler
+    return handler
+
+
+def unregister_layer(layer_class: type) -> None:
+    """Removes a registration (a no-op for an unknown class)."""
+    _REGISTRY.pop(layer_class, None)
+
+
+def handler_for(layer):
+    """The handler of `layer`'s type, or `None` for an unknown layer."""
+    cls = type(layer)
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    for base in cls.__mro__[1:]:
+        if base in _REGISTRY:
+            return _REGISTRY[base] if cls.call is base.call else None
+    return None

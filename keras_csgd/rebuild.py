@@ -1,0 +1,116 @@
+"""`rebuild`: the one routine that clones a model with edited layers.
+
+`slim`, `fold_batchnorm`, compensation and the adaptive gates all build a
+new model from an old one: some layers get a new config (narrower, with a
+bias), some calls are replaced (a removed block's Add by its shortcut, a BN
+by its input, an output wrapped in a gate), and the weights are copied over
+with some values replaced. Nested functional models are rebuilt too, with
+their qualified names (`outer/inner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import keras
+
+from keras_csgd import graph
+
+
+def var_key(layer, variable) -> str:
+    """A variable's path inside its layer (`kernel`, `query/kernel`, ...)."""
+    path = variable.path
+    head = layer.name + "/"
+    if path.startswith(head):
+        return path[len(head):]
+    at = path.find("/" + head)
+    return path[at + len(head) + 1:] if at >= 0 else graph.short_name(variable)
+
+
+def rebuild(
+    model,
+    configure: Callable[[str, keras.layers.Layer, dict], dict] | None = None,
+    call: Callable | None = None,
+    values: Mapping[str, Mapping[str, object]] | None = None,
+    input_widths: Callable[[str, keras.Model], list | None] | None = None,
+):
+    """A new functional model with edited layers and copied weights.
+
+    Args:
+        model: a functional or Sequential `keras.Model`.
+        configure: `(qualified name, old layer, config) -> config` for the
+            new layer. Defaults to `None` (configs unchanged).
+        call: `(qualified name, new layer, args, kwargs) -> outputs` that
+            replaces the call of a top-level layer, or returns
+            `NotImplemented` for the plain call. Defaults to `None`.
+        values: `{qualified name: {variable key: array}}` (`var_key`) that
+            replace the copied weights; a new variable with no old
+            counterpart and no value (a created bias) is zero. Defaults to
+            `None`.
+        input_widths: `(qualified name or "", model) -> widths` of the
+            inputs of the (nested) model, `None` for unchanged. Defaults to
+            `None`.
+
+    Returns:
+        A new, uncompiled model with the same names, built and weighted.
+    """
+    configure = configure or (lambda name, layer, config: config)
+    values = values or {}
+    clones: dict[str, tuple] = {}  # name -> (old, new)
+    name_of: dict[int, str] = {}  # id(new layer) -> name
+
+    def clone(source, prefix):
+        widths = (input_widths(prefix.rstrip("/"), source)
+                  if input_widths else None)
+        widths = widths or [None] * len(source.inputs)
+        tensors = [graph.input_like(t, w)
+                   for t, w in zip(source.inputs, widths)]
+        names = {id(layer): prefix + layer.name for layer in source.layers}
+
+        def clone_function(layer):
+            name = names[id(layer)]
+            if graph.is_graph_model(layer):
+                new = clone(layer, name + "/")
+            else:
+                new = layer.__class__.from_config(
+                    configure(name, layer, layer.get_config())
+                )
+            clones[name] = (layer, new)
+            name_of[id(new)] = name
+            return new
+
+        kwargs = {}
+        if call is not None and not prefix:
+            def call_function(layer, *args, **kw):
+                out = call(name_of[id(layer)], layer, args, kw)
+                return layer(*args, **kw) if out is NotImplemented else out
+
+            kwargs["call_function"] = call_function
+        if isinstance(source, keras.Sequential):
+            return keras.models.clone_model(
+                source, tensors[0], clone_function=clone_function
+            )
+        return keras.models.clone_model(
+            source, keras.tree.pack_sequence_as(source.input, tensors),
+            clone_function=clone_function, **kwargs,
+        )
+
+    # The copy comes back uncompiled: the source's optimizer (C-SGD with
+    # its plan, say) does not fit the new variables.
+    compiled, model.compiled = model.compiled, False
+    try:
+        new_model = clone(model, "")
+    finally:
+        model.compiled = compiled
+    for name, (old, new) in clones.items():
+        if graph.is_graph_model(new) or not new.weights:
+            continue
+        given = values.get(name, {})
+        old_values = {var_key(old, v): v for v in old.weights}
+        new.set_weights([
+            given[k] if (k := var_key(new, v)) in given
+            else old_values[k].numpy() if k in old_values
+            else keras.ops.convert_to_numpy(keras.ops.zeros_like(v))
+            for v in new.weights
+        ])
+    return new_model
