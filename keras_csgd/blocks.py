@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import keras
-
-from keras_csgd import graph
+from keras_csgd import graph, layers
 
 
 def _is_block_add(layer) -> bool:
     ins = graph.call_inputs(layer)
-    return isinstance(layer, keras.layers.Add) and ins is not None and (
+    return layers.attribute(layer, "sums") and ins is not None and (
         len(ins) == 2
     )
 

@@ -33,9 +33,8 @@ def _foldable_pairs(model) -> dict[str, str]:
         if handler is None or handler.fold(producer) is None:
             continue
         bn = graph.sole_reader(producer)
-        bn_handler = layers.handler_for(bn) if bn is not None else None
         if (
-            bn_handler is None or not bn_handler.normalizes
+            bn is None or not layers.attribute(bn, "normalizes")
             or graph.call_inputs(bn) is None
             or id(producer.output) in outputs
             or producer.activation is not keras.activations.linear

@@ -521,8 +521,7 @@ def following_batchnorm(layer, scaled: bool = False):
         The BatchNormalization layer, or `None`.
     """
     bn = sole_reader(layer)
-    handler = layers.handler_for(bn) if bn is not None else None
-    if handler is None or not handler.normalizes:
+    if bn is None or not layers.attribute(bn, "normalizes"):
         return None
     rank = len(layer.output.shape)
     if bn.axis not in (-1, rank - 1) or (scaled and not bn.scale):

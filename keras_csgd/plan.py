@@ -395,7 +395,8 @@ def make_plan(
             f"Received: method={method!r}"
         )
     check_round_to(round_to)
-    groups = graph.channel_groups(model)
+    an = graph.analyze(model)
+    groups = an.groups
     by_name = {g.name: g for g in groups}
     if isinstance(keep, Mapping):
         for name in keep:
@@ -423,7 +424,9 @@ def make_plan(
                     "k-means needs finite filters."
                 )
             clusters[name] = kmeans_clusters(filters, width, seed)
-    return PruningPlan(clusters, groups=groups)
+    plan = PruningPlan(clusters, groups=groups)
+    plan.analysis = (model, an)
+    return plan
 
 
 def check_round_to(round_to) -> None:

@@ -12,6 +12,7 @@ from keras_csgd.layers import (
 )
 from keras_csgd.layers.registry import (
     LayerHandler,
+    attribute,
     handler_for,
     register_layer,
     unregister_layer,

@@ -116,6 +116,11 @@ def unregister_layer(layer_class: type) -> None:
     _REGISTRY.pop(layer_class, None)
 
 
+def attribute(layer, name: str) -> bool:
+    """A handler flag (`normalizes`, `sums`) of `layer`; False if unknown."""
+    return bool(getattr(handler_for(layer), name, False))
+
+
 def handler_for(layer):
     """The handler of `layer`'s type, or `None` for an unknown layer."""
     cls = type(layer)

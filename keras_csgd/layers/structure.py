@@ -9,7 +9,7 @@ import keras
 from keras_csgd.layers.registry import LayerHandler, register_layer
 
 L = keras.layers
-MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+MERGE = (L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
 
 
 def _channels(t) -> int:
@@ -70,6 +70,12 @@ class MergeHandler(LayerHandler):
         return [keep[0]]
 
 
+class AddHandler(MergeHandler):
+    """Add: a merge that sums (a residual block's end)."""
+
+    sums = True
+
+
 class ConcatenateHandler(MergeHandler):
     """Concatenate: on the channel axis, the layouts are laid end to end."""
 
@@ -83,5 +89,6 @@ class ConcatenateHandler(MergeHandler):
 register_layer(L.Flatten, FlattenHandler())
 register_layer(L.Reshape, ReshapeHandler())
 register_layer(L.Concatenate, ConcatenateHandler())
+register_layer(L.Add, AddHandler())
 for _cls in MERGE:
     register_layer(_cls, MergeHandler())
