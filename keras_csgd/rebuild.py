@@ -65,10 +65,8 @@ def rebuild(
         widths = widths or [None] * len(source.inputs)
         tensors = [graph.input_like(t, w)
                    for t, w in zip(source.inputs, widths)]
-        names = {id(layer): prefix + layer.name for layer in source.layers}
-
         def clone_function(layer):
-            name = names[id(layer)]
+            name = prefix + layer.name
             if graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
             else:
