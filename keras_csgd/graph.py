@@ -376,11 +376,12 @@ class Context:
         handler = layers.handler_for(op)
         if handler is None:
             return self.unknown(call, "unsupported layer")
-        start = len(self.entries)
+        start, costs = len(self.entries), len(self.costs)
         try:
             outs = handler.channels(self, call)
         except Exception as e:  # a handler's failure freezes, never slims
-            del self.entries[start:]
+            del self.entries[start:], self.costs[costs:]
+            self.widths.pop(lname, None)
             return self.unknown(call, f"handler failed ({e})")
         if self.calls[id(op)] > 1:
             reason = f"layer `{lname}` is shared (called twice)"
@@ -498,6 +499,17 @@ def call_inputs(layer) -> list | None:
     """The input tensors of `layer`'s only call, or `None` (0 or 2+ calls)."""
     nodes = layer._inbound_nodes
     return list(nodes[0].input_tensors) if len(nodes) == 1 else None
+
+
+def call_arguments(call: Call) -> tuple[tuple, dict]:
+    """The positional and keyword arguments `call` was made with.
+
+    Keras tensors among them are the ones of `call.inputs`; a handler maps
+    them to layouts by identity (`MultiHeadAttention(query=..., value=...)`).
+    """
+    h = call.outputs[0]._keras_history
+    args = h.operation._inbound_nodes[h.node_index].arguments
+    return args.args, args.kwargs
 
 
 def sole_reader(layer):

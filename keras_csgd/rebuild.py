@@ -39,7 +39,9 @@ def rebuild(
     Args:
         model: a functional or Sequential `keras.Model`.
         configure: `(qualified name, old layer, config) -> config` for the
-            new layer. Defaults to `None` (configs unchanged).
+            new layer, or the new (unbuilt) layer itself when it is of
+            another class (a handler's `rebuild` may return one). Defaults
+            to `None` (configs unchanged).
         call: `(qualified name, new layer, args, kwargs) -> outputs` that
             replaces the call of a top-level layer, or returns
             `NotImplemented` for the plain call. Defaults to `None`.
@@ -70,9 +72,9 @@ def rebuild(
             if graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
             else:
-                new = layer.__class__.from_config(
-                    configure(name, layer, layer.get_config())
-                )
+                new = configure(name, layer, layer.get_config())
+                if not isinstance(new, keras.layers.Layer):
+                    new = layer.__class__.from_config(new)
             clones[name] = (layer, new)
             name_of[id(new)] = name
             return new
@@ -101,7 +103,7 @@ def rebuild(
     finally:
         model.compiled = compiled
     for name, (old, new) in clones.items():
-        if graph.is_graph_model(new) or not new.weights:
+        if graph.is_graph_model(new) or not getattr(new, "weights", ()):
             continue
         given = values.get(name, {})
         old_values = {var_key(old, v): v for v in old.weights}

@@ -153,6 +153,24 @@ def conv1d_transpose():
     return keras.Model(inp, L.Dense(2)(y), name="conv1d_tr")
 
 
+def vit(image=16, patch=4, dim=32, heads=4, mlp=48, depth=2, classes=5):
+    """A small functional ViT: patch Conv2D, pre-norm MultiHeadAttention and
+    Dense-gelu-Dense MLP blocks, LayerNormalization, mean-pooled head."""
+    x = inp = keras.Input((image, image, 3))
+    x = L.Conv2D(dim, patch, strides=patch, name="patch")(x)
+    x = L.Reshape(((image // patch) ** 2, dim))(x)
+    for b in range(depth):
+        y = L.LayerNormalization(name=f"t{b}_ln1")(x)
+        y = L.MultiHeadAttention(heads, dim // heads, name=f"t{b}_mha")(y, y)
+        x = L.Add()([x, y])
+        y = L.LayerNormalization(name=f"t{b}_ln2")(x)
+        y = L.Dense(mlp, activation="gelu", name=f"t{b}_fc1")(y)
+        x = L.Add()([x, L.Dense(dim, name=f"t{b}_fc2")(y)])
+    x = L.LayerNormalization(name="ln")(x)
+    x = L.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, L.Dense(classes, name="head")(x), name="vit")
+
+
 def randomize(model, seed=0):
     """Random weights everywhere, BN statistics included (non-trivial BN)."""
     rng = np.random.default_rng(seed)
@@ -179,4 +197,5 @@ ZOO = {
     "nested": nested,
     "sequential": sequential_cnn,
     "conv1d_transpose": conv1d_transpose,
+    "vit": vit,
 }

@@ -1,9 +1,12 @@
 """The layer registry (see `registry`): one handler per layer type.
 
-Importing this package registers the built-in Keras layers.
+Importing this package registers the built-in Keras layers; the handlers
+of keras_hub's layers (`hub`) are registered when a keras_hub layer is
+first looked up, so keras_hub stays optional.
 """
 
 from keras_csgd.layers import (
+    attention,
     conv,
     dense,
     elementwise,

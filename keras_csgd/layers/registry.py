@@ -14,7 +14,9 @@ A handler is an object with three methods:
   outputs. It also records the call's MACs with `ctx.cost`.
 - `rebuild(config, widths) -> config`: the layer's config with new widths;
   `widths` maps each key the handler declared with `ctx.width` to its new
-  size.
+  size. It may return a new (unbuilt) layer instead, when the narrower
+  layer is of another class (keras_hub's encoders pin their head size in
+  a subclass, see `keras_csgd.layers.hub`).
 - `fold(layer) -> str | None`: the name of the kernel variable whose last
   axis is the layer's (linear) output channels, into which a following
   BatchNormalization or a constant input can be folded; `None` if none.
@@ -23,15 +25,20 @@ A handler is an object with three methods:
 returns `None`). Lookup is by exact class first; a subclass of a
 registered class is handled as that class only when it does not override
 `call` (otherwise its computation may differ, and its groups freeze as an
-unsupported layer).
+unsupported layer). A handler that raises freezes the groups its call
+touches, with the error as the reason (`graph.Context.visit`).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 _REQUIRED = ("channels", "rebuild", "fold")
 _REGISTRY: dict[type, object] = {}
+# Handlers of optional packages, imported when one of their layers is first
+# looked up: {top-level package of the layer class: handler module}.
+_DEFERRED = {"keras_hub": "keras_csgd.layers.hub"}
 
 
 class LayerHandler:
@@ -124,6 +131,22 @@ def attribute(layer, name: str) -> bool:
 def handler_for(layer):
     """The handler of `layer`'s type, or `None` for an unknown layer."""
     cls = type(layer)
+    handler = _lookup(cls)
+    if handler is None and _load_deferred(cls):
+        handler = _lookup(cls)
+    return handler
+
+
+def _load_deferred(cls: type) -> bool:
+    """Imports the deferred handlers of `cls`'s packages; True if any."""
+    packages = {c.__module__.split(".")[0] for c in cls.__mro__}
+    modules = [_DEFERRED.pop(p) for p in packages & _DEFERRED.keys()]
+    for module in modules:
+        importlib.import_module(module)
+    return bool(modules)
+
+
+def _lookup(cls: type):
     if cls in _REGISTRY:
         return _REGISTRY[cls]
     for base in cls.__mro__[1:]:

@@ -1,0 +1,301 @@
+"""keras_hub's composite layers: TransformerEncoder, ViT's encoder and MLP.
+
+keras_hub builds its backbones from layers that call sub-layers in Python
+(`TransformerEncoder.call`, `ViTEncoderBlock.call`). They are *handled*,
+not seen through: their `call` is Python code (masks merged in it, loops
+over blocks, `x + residual` on backend tensors) that leaves no graph to
+read, and tracing it would recover a graph only for the code paths that
+ran. A handler states what the code does, from the sub-layers it built:
+
+- each `MultiHeadAttention`'s **heads** are a group (`.../heads`), see
+  `keras_csgd.layers.attention`;
+- each MLP's **hidden units** (its first Dense) are a group;
+- the **residual stream** (the layer's input and output channels) is
+  frozen: the blocks normalise it with `LayerNormalization`, whose mean and
+  variance mix the channels.
+
+Rebuilt narrower, these layers need their head size pinned: keras_hub
+derives it as `hidden_dim // num_heads`, which fewer heads would change.
+So the narrower layer is a subclass (`PrunedTransformerEncoder`,
+`PrunedViTEncoderBlock`, `PrunedViTEncoder`: serializable, same weights
+names, same computation) with `key_dim` in its config, and per-block head
+and MLP widths for the ViT encoder.
+
+This module imports keras_hub; the registry imports it the first time it
+looks up a keras_hub layer, so keras_hub stays an optional dependency.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras_hub.layers import TransformerEncoder
+from keras_hub.src.models.vit.vit_layers import (
+    MLP,
+    ViTEncoder,
+    ViTEncoderBlock,
+    ViTPatchingAndEmbedding,
+)
+
+from keras_csgd import graph
+from keras_csgd.layers.attention import attention_channels, dense_channels
+from keras_csgd.layers.registry import LayerHandler, register_layer
+
+_RESIDUAL = (
+    "LayerNormalization over channels in `{}` ({}): the residual stream "
+    "stays whole (merging channels there would need a LayerNormalization "
+    "weighted by cluster sizes)"
+)
+
+
+def _stream(ctx, call):
+    """The layout of the call's first input, frozen as a residual stream."""
+    args, kwargs = graph.call_arguments(call)
+    x = args[0] if args else kwargs["inputs"]
+    lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
+    lay = lay_of[id(x)]
+    for other in call.layouts:
+        ctx.freeze(other, _RESIDUAL.format(call.name,
+                                           type(call.layer).__name__))
+    return x, lay
+
+
+def _mlp(ctx, call, first, second, lay, origin, key):
+    """First Dense: a new group (`key`); second: back into `lay`."""
+    hidden = dense_channels(ctx, call, first, lay, origin, key)
+    dense_channels(ctx, call, second, hidden, out=lay)
+
+
+def _block(ctx, call, block, x, lay, prefix="", suffix=""):
+    """A ViTEncoderBlock's heads and MLP, as sub-layer of `call`."""
+    origin = f"{call.name}/{prefix}"
+    attention_channels(ctx, call, block.mha, [lay] * 3, (x.shape, x.shape),
+                       origin + "mha", "num_heads" + suffix, out=lay)
+    _mlp(ctx, call, block.mlp.dense_1, block.mlp.dense_2, lay,
+         origin + "mlp/dense_1", "mlp_dim" + suffix)
+
+
+class TransformerEncoderHandler(LayerHandler):
+    """`keras_hub.layers.TransformerEncoder` (BERT's encoder layers)."""
+
+    def channels(self, ctx, call):
+        layer = call.layer
+        x, lay = _stream(ctx, call)
+        mha = layer._self_attention_layer
+        heads, _ = attention_channels(
+            ctx, call, mha, [lay] * 3, (x.shape, x.shape),
+            f"{call.name}/{mha.name}", out=lay,
+        )
+        # The attention width (heads x head size) carries the head size
+        # to `rebuild`, whose config lacks it.
+        ctx.width(call, "attention_dim", ctx.rep(heads, mha.key_dim))
+        _mlp(ctx, call, layer._feedforward_intermediate_dense,
+             layer._feedforward_output_dense, lay,
+             f"{call.name}/feedforward_intermediate_dense",
+             "intermediate_dim")
+        return [lay]
+
+    def rebuild(self, config, widths):
+        heads = widths["num_heads"]
+        config.update(num_heads=heads,
+                      intermediate_dim=widths["intermediate_dim"],
+                      key_dim=widths["attention_dim"] // heads)
+        return PrunedTransformerEncoder.from_config(config)
+
+
+class ViTEncoderBlockHandler(LayerHandler):
+    """keras_hub's `ViTEncoderBlock`: one heads and one MLP group."""
+
+    def channels(self, ctx, call):
+        x, lay = _stream(ctx, call)
+        _block(ctx, call, call.layer, x, lay)
+        return [lay]
+
+    def rebuild(self, config, widths):
+        config.update(widths)
+        return PrunedViTEncoderBlock.from_config(config)
+
+
+class ViTEncoderHandler(LayerHandler):
+    """keras_hub's `ViTEncoder`: the groups of every block, per block."""
+
+    def channels(self, ctx, call):
+        x, lay = _stream(ctx, call)
+        for i, block in enumerate(call.layer.encoder_layers):
+            _block(ctx, call, block, x, lay, f"{block.name}/", f"/{i}")
+        return [lay]
+
+    def rebuild(self, config, widths):
+        n = config["num_layers"]
+        config.update(
+            key_dim=config.get("key_dim") or _key_dim(config),
+            num_heads=[widths[f"num_heads/{i}"] for i in range(n)],
+            mlp_dim=[widths[f"mlp_dim/{i}"] for i in range(n)],
+        )
+        return PrunedViTEncoder.from_config(config)
+
+
+def _key_dim(config) -> int:
+    return config["hidden_dim"] // config["num_heads"]
+
+
+class MLPHandler(LayerHandler):
+    """keras_hub's ViT `MLP`: its hidden units, and its output units."""
+
+    def channels(self, ctx, call):
+        layer, (lay,) = call.layer, call.layouts
+        hidden = dense_channels(ctx, call, layer.dense_1, lay,
+                                f"{call.name}/dense_1", "mlp_dim")
+        return [dense_channels(ctx, call, layer.dense_2, hidden,
+                               call.name, "hidden_dim")]
+
+
+class PatchingHandler(LayerHandler):
+    """ViT's patch embedding: a patch Conv2D, class token, positions."""
+
+    def channels(self, ctx, call):
+        layer, (lay,) = call.layer, call.layouts
+        if layer.data_format == "channels_first":
+            return ctx.unknown(call, "channels_first layer")
+        conv = layer.patch_embedding
+        ctx.consumer(call, conv.kernel, 2, lay)
+        out = ctx.produce(call, conv.kernel, 3, layer.hidden_dim,
+                          key="hidden_dim")
+        extra = [(conv.bias, 0), (layer.position_embedding.embeddings, 1)]
+        if layer.use_class_token:
+            extra.append((layer.class_token, 2))
+        for variable, axis in extra:
+            if variable is not None:
+                ctx.member(call, variable, axis, out)
+        ctx.cost(call, layer.num_patches * conv.kernel.numpy().size, lay,
+                 out)
+        return [out]
+
+    def rebuild(self, config, widths):
+        # keras_hub's get_config writes two derived sizes that its
+        # __init__ rejects.
+        config.pop("num_patches", None)
+        config.pop("num_positions", None)
+        config.update(widths)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class PrunedTransformerEncoder(TransformerEncoder):
+    """A `TransformerEncoder` whose head size is `key_dim`, not derived.
+
+    Args:
+        intermediate_dim: the feedforward width.
+        num_heads: the number of attention heads.
+        key_dim: the size of each head.
+        **kwargs: the other `TransformerEncoder` arguments.
+
+    Example:
+
+    ```python
+    layer = PrunedTransformerEncoder(48, num_heads=3, key_dim=8)
+    ```
+    """
+
+    def __init__(self, intermediate_dim, num_heads, key_dim, **kwargs):
+        super().__init__(intermediate_dim, num_heads, **kwargs)
+        self.key_dim = key_dim
+
+    def build(self, inputs_shape):
+        super().build(inputs_shape)
+        derived = self._self_attention_layer
+        if derived.key_dim == self.key_dim:
+            return
+        config = {**derived.get_config(), "key_dim": self.key_dim,
+                  "value_dim": self.key_dim}
+        # Untrack the derived-size attention, then build the pinned one.
+        self._layers.remove(derived)
+        mha = keras.layers.MultiHeadAttention.from_config(config)
+        mha.build(inputs_shape, inputs_shape)
+        self._self_attention_layer = mha
+
+    def get_config(self):
+        return {**super().get_config(), "key_dim": self.key_dim}
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class PrunedViTEncoderBlock(ViTEncoderBlock):
+    """A ViT encoder block whose head size is `key_dim`, not derived.
+
+    Args:
+        num_heads: the number of attention heads.
+        hidden_dim: the residual width.
+        mlp_dim: the MLP hidden width.
+        key_dim: the size of each head. Defaults to `None`
+            (`hidden_dim // num_heads`).
+        **kwargs: the other `ViTEncoderBlock` arguments.
+
+    Example:
+
+    ```python
+    block = PrunedViTEncoderBlock(3, hidden_dim=32, mlp_dim=40, key_dim=8)
+    ```
+    """
+
+    def __init__(self, num_heads, hidden_dim, mlp_dim, key_dim=None,
+                 **kwargs):
+        super().__init__(num_heads, hidden_dim, mlp_dim, **kwargs)
+        self.key_dim = key_dim or self.key_dim
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class PrunedViTEncoder(ViTEncoder):
+    """A ViT encoder with a head count and an MLP width per block.
+
+    Args:
+        num_layers: the number of blocks.
+        num_heads: the number of heads of each block (a list).
+        hidden_dim: the residual width.
+        mlp_dim: the MLP width of each block (a list).
+        key_dim: the size of each head.
+        **kwargs: the other `ViTEncoder` arguments.
+
+    Example:
+
+    ```python
+    encoder = PrunedViTEncoder(2, [3, 4], 32, [40, 64], key_dim=8)
+    ```
+    """
+
+    def __init__(self, num_layers, num_heads, hidden_dim, mlp_dim, key_dim,
+                 **kwargs):
+        super().__init__(num_layers, num_heads, hidden_dim, mlp_dim, **kwargs)
+        self.key_dim = key_dim
+
+    def build(self, input_shape):
+        self.encoder_layers = []
+        for i, (heads, mlp) in enumerate(zip(self.num_heads, self.mlp_dim)):
+            block = PrunedViTEncoderBlock(
+                heads, self.hidden_dim, mlp, key_dim=self.key_dim,
+                use_mha_bias=self.use_mha_bias,
+                use_mlp_bias=self.use_mlp_bias,
+                dropout_rate=self.dropout_rate,
+                attention_dropout=self.attention_dropout,
+                layer_norm_epsilon=self.layer_norm_epsilon,
+                dtype=self.dtype_policy, name=f"transformer_block_{i + 1}",
+            )
+            block.build((None, None, self.hidden_dim))
+            self.encoder_layers.append(block)
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
+        )
+        self.layer_norm = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy,
+            name="ln",
+        )
+        self.layer_norm.build((None, None, self.hidden_dim))
+        self.built = True
+
+    def get_config(self):
+        return {**super().get_config(), "key_dim": self.key_dim}
+
+
+register_layer(TransformerEncoder, TransformerEncoderHandler())
+register_layer(ViTEncoderBlock, ViTEncoderBlockHandler())
+register_layer(ViTEncoder, ViTEncoderHandler())
+register_layer(MLP, MLPHandler())
+register_layer(ViTPatchingAndEmbedding, PatchingHandler())
