@@ -1,5 +1,7 @@
 """Tests of `kc.methods.adaptive`: gates, folding, block removal, budget."""
 
+import inspect
+
 import keras
 import numpy as np
 import pytest
@@ -51,7 +53,8 @@ def test_closed_gates_are_removed_exactly(build):
     close_some(gates)
     expected = gates.model.predict(X, verbose=0)
     estimate = gates.estimated_macs(threshold=1e-3)
-    plan, blocks = gates.finalize(threshold=1e-3)
+    model, plan = gates.finalize(threshold=1e-3)
+    blocks = list(plan.remove_blocks)
     assert blocks == list(gates.block_gates)[::2]
     assert plan.clusters
     np.testing.assert_allclose(model.predict(X, verbose=0), expected,
@@ -94,7 +97,8 @@ def test_learnt_macs_meet_target_with_channels_and_blocks():
     model, gates, history = train_gates({"lock": False}, epochs=12)
     assert len(set(history.history["penalty_weight"])) > 1
     assert not gates.locked
-    check_budget(model, gates, *gates.finalize())
+    folded, plan = gates.finalize()
+    check_budget(folded, gates, plan, list(plan.remove_blocks))
 
 
 def test_locked_gates_stay_closed_and_are_removed_exactly():
@@ -111,7 +115,8 @@ def test_locked_gates_stay_closed_and_are_removed_exactly():
     for site in gates._sites:
         assert np.all(values[site.group][~masks[site.root]] == 0.0)
     expected = gates.model.predict(X, verbose=0)
-    slim = check_budget(model, gates, *gates.finalize())
+    folded, plan = gates.finalize()
+    slim = check_budget(folded, gates, plan, list(plan.remove_blocks))
     assert kc.count_macs(slim) == locked_macs
     assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
 
@@ -217,3 +222,118 @@ def test_bad_arguments():
         AdaptiveGates(model, macs_target="half")
     with pytest.raises(ValueError, match="`factor` must be > 1"):
         AdaptiveGates(model, macs_target=0.5, factor=0.5)
+
+
+def test_finalize_leaves_the_model_and_the_gates_unchanged():
+    model = resnet8()
+    before = [w.copy() for w in model.get_weights()]
+    gates = AdaptiveGates(model, macs_target=0.5)
+    close_some(gates)
+    gated = gates.model.predict(X, verbose=0)
+    values = gates.gate_values()
+    folded, _ = gates.finalize(threshold=1e-3)
+    assert folded is not model
+    assert [layer.name for layer in folded.layers] == [
+        layer.name for layer in model.layers
+    ]
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+    np.testing.assert_array_equal(gates.model.predict(X, verbose=0), gated)
+    for name, value in gates.gate_values().items():
+        np.testing.assert_array_equal(value, values[name])
+
+
+def test_callback_config_round_trip():
+    gates = AdaptiveGates(resnet8(), macs_target=0.5)
+    callback = kc.callbacks.MacsTargetCallback(gates, factor=1.25, steps=4,
+                                               lock=False)
+    config = callback.get_config()
+    params = inspect.signature(MacsTargetCallback.__init__).parameters
+    assert set(config) == set(params) - {"self"}
+    again = MacsTargetCallback.from_config(config)
+    assert again.get_config() == config
+    assert again.gates is gates and again.steps == 4 and not again.lock
+
+
+class LinearTable:
+    """A fake latency table: milliseconds linear in widths and blocks."""
+
+    def __init__(self, gates, seed=0):
+        rng = np.random.default_rng(seed)
+        self.sizes = {s.group: s.size for s in gates._sites}
+        self.per_channel = {g: rng.uniform(0.01, 0.1) for g in self.sizes}
+        self.per_block = {b: rng.uniform(0.5, 1.0) for b in gates.block_gates}
+        self.full = 1.0 + sum(self.per_block.values()) + sum(
+            n * self.per_channel[g] for g, n in self.sizes.items()
+        )
+
+    def predict(self, widths, remove_blocks=()):
+        return self.full - sum(
+            (n - widths.get(g, n)) * self.per_channel[g]
+            for g, n in self.sizes.items()
+        ) - sum(self.per_block[b] for b in remove_blocks)
+
+
+def test_latency_target_follows_the_table():
+    model = resnet8()
+    table = LinearTable(AdaptiveGates(model, macs_target=0.5))
+    gates = AdaptiveGates(model, latency_target=0.8, latency_table=table)
+    assert gates.macs_target is None
+    np.testing.assert_allclose(gates.target, 0.8 * table.full)
+    for site in gates._sites:  # penalties weighted by the table's costs
+        cost = gates.channel_gates[site.group].cost * len(site.layers)
+        np.testing.assert_allclose(
+            cost, table.per_channel[site.group] / table.full, rtol=1e-9
+        )
+    for name, gate in gates.block_gates.items():
+        np.testing.assert_allclose(gate.cost, table.per_block[name]
+                                   / table.full, rtol=1e-9)
+    close_some(gates)
+    closed = list(gates.block_gates)[::2]
+    expected = table.full - sum(table.per_block[b] for b in closed) - sum(
+        len(range(0, n, 3)) * table.per_channel[g]
+        for g, n in table.sizes.items()
+    )
+    np.testing.assert_allclose(gates.estimated_cost(1e-3), expected)
+    # Below the target, the callback locks; the logs carry the latency.
+    gates.threshold = 1e-3
+    logs = {}
+    gates.callback.on_epoch_end(0, logs)
+    assert gates.locked
+    np.testing.assert_allclose(logs["latency_ms"], gates.estimated_cost())
+    assert logs["latency_ms"] >= gates.target
+
+
+def test_latency_budget_closes_the_cheapest_gates_to_the_target():
+    model = resnet8()
+    table = LinearTable(AdaptiveGates(model, macs_target=0.5), seed=1)
+    gates = AdaptiveGates(model, latency_target=0.9, latency_table=table)
+    for gate in gates.channel_gates.values():
+        gate.gate.assign(RNG.uniform(0.0, 0.5, gate.gate.shape))
+    for gate in gates.block_gates.values():  # blocks rank after channels
+        gate.gate.assign([1.0])
+    gates.lock()
+    _, plan = gates.finalize()
+    assert not plan.remove_blocks and plan.clusters
+    latency = table.predict(plan.widths())
+    step = max(table.per_channel.values())
+    assert gates.target <= latency < gates.target + step
+    np.testing.assert_allclose(gates.estimated_cost(), latency)
+
+
+def test_bad_latency_arguments():
+    model = resnet8()
+    table = LinearTable(AdaptiveGates(model, macs_target=0.5))
+    with pytest.raises(ValueError, match="exactly one of `macs_target`"):
+        AdaptiveGates(model)
+    with pytest.raises(ValueError, match="exactly one of `macs_target`"):
+        AdaptiveGates(model, macs_target=0.5, latency_target=0.5,
+                      latency_table=table)
+    with pytest.raises(ValueError, match="`latency_table` goes with"):
+        AdaptiveGates(model, latency_target=0.5)
+    with pytest.raises(ValueError, match="`latency_table` goes with"):
+        AdaptiveGates(model, macs_target=0.5, latency_table=table)
+    with pytest.raises(ValueError, match="`latency_target` must be"):
+        AdaptiveGates(model, latency_target=1.5, latency_table=table)
+    with pytest.raises(TypeError, match="`latency_table` must have"):
+        AdaptiveGates(model, latency_target=0.5, latency_table=object())

@@ -1,0 +1,112 @@
+"""`MacsTargetCallback`: steers the adaptive gates' penalty to a budget."""
+
+from __future__ import annotations
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class MacsTargetCallback(keras.callbacks.Callback):
+    """Adjusts the gate penalty weight towards the gates' budget.
+
+    Every `steps` training batches, or at the end of each epoch when
+    `steps=None`, the cost of the model pruned at the current gates
+    (`AdaptiveGates.estimated_cost`: MACs, or milliseconds for a latency
+    target) is compared with the target (`AdaptiveGates.target`). Above
+    it, the penalty weight is multiplied by `factor`. At or below it:
+
+    - `lock=True` (the default): `AdaptiveGates.lock` holds the gates that
+      `finalize` would close at exactly 0 and sets the penalty weight to 0,
+      once and for all. The rest of training fine-tunes the pruned network
+      inside the gated model, and the removal by `finalize()` is exact.
+    - `lock=False`: the weight is divided by `factor` (the gates keep
+      moving; `finalize` closes the smallest ones, not all of them at 0).
+
+    Writes `macs`, `penalty_weight` and, for a latency target,
+    `latency_ms` into the epoch logs.
+
+    `get_config` holds every argument, `gates` as the controller object
+    itself: the config copies a callback in memory (callbacks are not saved
+    with models, and a controller does not serialize).
+
+    Args:
+        gates: the `kc.methods.adaptive.AdaptiveGates` whose gates are
+            trained.
+        factor: multiplicative step of the weight, `> 1`. Defaults to `1.5`.
+        steps: adjust every `steps` batches instead of every epoch: several
+            times per epoch lets the penalty grow within a short schedule.
+            Defaults to `None`.
+        lock: lock the gates when the target is first reached. Defaults to
+            `True`.
+
+    Attributes:
+        locked_at_step: the training batch (counted from 1 over all epochs)
+            after which this callback locked the gates, or `None`.
+
+    Raises:
+        ValueError: `factor <= 1`, or `steps` not a positive int or `None`.
+
+    Example:
+
+    ```python
+    callback = kc.callbacks.MacsTargetCallback(gates, factor=1.1, steps=25)
+    gates.model.fit(x, y, epochs=20, callbacks=[callback])
+    ```
+    """
+
+    def __init__(self, gates, factor=1.5, steps=None, lock=True):
+        super().__init__()
+        if not factor > 1:
+            raise ValueError(
+                f"`factor` must be > 1. Received: factor={factor!r}"
+            )
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(
+                "`steps` must be a positive int or None. "
+                f"Received: steps={steps!r}"
+            )
+        self.gates = gates
+        self.factor = float(factor)
+        self.steps = steps
+        self.lock = bool(lock)
+        self.locked_at_step = None
+        self._batches = 0
+
+    def _adjust(self) -> None:
+        if self.gates.locked:
+            return
+        if self.gates.estimated_cost() > self.gates.target:
+            self.gates.penalty_weight *= self.factor
+        elif self.lock:
+            self.gates.lock()
+            self.locked_at_step = self._batches
+        else:
+            self.gates.penalty_weight /= self.factor
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self.steps is not None and self._batches % self.steps == 0:
+            self._adjust()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.steps is None:
+            self._adjust()
+        if logs is not None:
+            logs["macs"] = self.gates.estimated_macs()
+            logs["penalty_weight"] = self.gates.penalty_weight
+            if self.gates.latency_target is not None:
+                logs["latency_ms"] = self.gates.estimated_cost()
+
+    def get_config(self):
+        return {
+            "gates": self.gates,
+            "factor": self.factor,
+            "steps": self.steps,
+            "lock": self.lock,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
