@@ -174,8 +174,9 @@ class AdaptiveGates:
         full = self._budget.full
         where = {}
         self.channel_gates: dict[str, ChannelGate] = {}
-        for site in self._sites:
-            saved = full - self.cost({site.group: site.size - 1}, set())
+        for site in self._sites:  # a group's last channel always stays
+            saved = (full - self.cost({site.group: site.size - 1}, set())
+                     if site.size > 1 else 0.0)
             gate = ChannelGate(cost=saved / full / len(site.layers),
                                name=f"{site.group}_gate")
             self.channel_gates[site.group] = gate
