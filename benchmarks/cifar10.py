@@ -608,8 +608,8 @@ def run_adaptive(base, ctx: Context):
     fit(gates.model, sgd(p.lr, p.epochs, ctx.data, no_decay=["gate"]),
         p.epochs, ctx.data, p, [callback])
     trained = accuracy(gates.model, ctx.data)
-    plan, blocks = gates.finalize()
-    small = kc.slim(base, plan, remove_blocks=blocks)
+    folded, plan = gates.finalize()
+    small = kc.slim(folded, plan)
     slim_acc = accuracy(small, ctx.data)
     out = {
         "final": small,
@@ -623,7 +623,7 @@ def run_adaptive(base, ctx: Context):
             "locked": gates.locked,
             "locked_at_epoch": None if callback.locked_at_step is None
             else round(callback.locked_at_step / ctx.data.steps_per_epoch, 2),
-            "removed_blocks": list(blocks),
+            "removed_blocks": list(plan.remove_blocks),
             "widths": plan.widths(),
         },
     }
