@@ -435,7 +435,7 @@ def run_ensembles(base, ctx: Context):
     start = time.perf_counter()
     scores = kc.methods.ensemble_importance(
         base, ctx.data.calibration(p.ensemble_images),
-        samples=p.ensemble_samples, keep_prob=0.9, metric="loss",
+        samples=p.ensemble_samples, mask_keep=0.9, metric="loss",
         seed=ctx.args.seed, verbose=0,
     )
     seconds = time.perf_counter() - start
@@ -448,7 +448,8 @@ def run_ensembles(base, ctx: Context):
 
 
 def run_similarity(base, ctx: Context):
-    plan = kc.methods.similarity_plan(base, ctx.keep, metric="wasserstein")
+    plan = kc.methods.similarity_plan(base, keep=ctx.keep,
+                                      distance="wasserstein")
     return _plan_then_finetune(
         base, plan, ctx, {"metric": "wasserstein", "linkage": "average"}
     )
@@ -456,7 +457,7 @@ def run_similarity(base, ctx: Context):
 
 def run_functionality(base, ctx: Context):
     plan = kc.methods.functionality_plan(
-        base, ctx.data.calibration(ctx.profile.calib_size), ctx.keep
+        base, ctx.data.calibration(ctx.profile.calib_size), keep=ctx.keep
     )
     return _plan_then_finetune(base, plan, ctx, {
         "profile_images": min(ctx.profile.calib_size, len(ctx.data.x_train))

@@ -9,6 +9,7 @@ output) ends with one line `keras-csgd: error: ...` on stderr and exit code
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -18,10 +19,11 @@ import keras
 import numpy as np
 
 import keras_csgd as kc
+from keras_csgd import batches, checks, models
 from keras_csgd import data as kdata
 from keras_csgd import export as kexport
-from keras_csgd import models
-from keras_csgd.plan import check_keep
+from keras_csgd.methods import compensation
+from keras_csgd.methods.adaptive import AdaptiveGates
 
 PROG = "keras-csgd"
 
@@ -35,6 +37,27 @@ CSGD_SETTINGS = {
     "vector_strength_scale": 1.0,
     "weight_decay": 1e-4,
 }
+# GSM as in its paper's CIFAR runs (`prune --method gsm`).
+GSM_SETTINGS = {"learning_rate": 5e-3, "momentum": 0.98, "weight_decay": 1e-4}
+
+
+def quiet_tensorflow() -> None:
+    """Silences TensorFlow's and absl's informational logging.
+
+    Sets `TF_CPP_MIN_LOG_LEVEL=3` (unless set already; read by TensorFlow's
+    C++ runtime, and by the converter subprocesses) and the absl and
+    `tensorflow` Python loggers to errors only. The lines TensorFlow prints
+    while it is imported only go away when this runs before the import.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 class CommandError(Exception):
@@ -50,25 +73,20 @@ class _Parser(argparse.ArgumentParser):
 
 def _fraction(text):
     try:
-        value = float(text)
-        check_keep(value)
+        return checks.fraction("keep", float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a fraction in (0, 1], got {text!r}"
         ) from None
-    return value
 
 
 def _positive_int(text):
     try:
-        value = int(text)
+        return checks.positive_int("value", int(text))
     except ValueError:
-        value = 0
-    if value < 1:
         raise argparse.ArgumentTypeError(
             f"must be a positive integer, got {text!r}"
-        )
-    return value
+        ) from None
 
 
 def _batch_sizes(text):
@@ -112,31 +130,13 @@ def _load_model(path):
 
 
 def _load_data(path, model):
-    """`(x, y)` from an `.npz` (arrays `x`, `y`) or an image folder.
+    """`(x, y)` of `--data` (an `.npz` or an image folder), or `None`.
 
-    Image folders are resized to the model's input size and scaled to
-    `[0, 1]`; `.npz` arrays are used as they are.
+    Read by `keras_csgd.batches.read`: image folders are resized to the
+    model's input size and scaled to `[0, 1]`; `.npz` arrays are used as
+    they are.
     """
-    shape = tuple(model.inputs[0].shape[1:])
-    if os.path.isfile(path) and path.endswith(".npz"):
-        try:
-            with np.load(path) as arrays:
-                x, y = arrays["x"], arrays["y"]
-        except (OSError, ValueError, KeyError) as error:
-            raise CommandError(
-                f"--data {path!r} must be an .npz with arrays x and y "
-                f"({error})"
-            ) from None
-        x = x.astype(np.float32)
-    else:
-        x, y = kdata.load_image_folder(path, image_size=shape[:2])
-        x = x.astype(np.float32) / 255.0
-    if tuple(x.shape[1:]) != shape:
-        raise CommandError(
-            f"--data {path!r} holds inputs of shape {x.shape[1:]}, the "
-            f"model expects {shape}"
-        )
-    return x, y
+    return None if path is None else batches.read(path, model)
 
 
 def _classifier_loss(model):
@@ -165,49 +165,95 @@ def _sgd(learning_rate):
     return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
 
 
-def _train_csgd(model, keep, data, epochs, round_to, seed):
-    plan = kc.make_plan(
-        model, keep=keep, method="kmeans", seed=seed, round_to=round_to
-    )
-    _fit(model, data, epochs, kc.CSGD(plan, **CSGD_SETTINGS))
-    return plan
+def _needs_data(data, args):
+    if data is None:
+        raise CommandError(f"--method {args.method} needs --data")
 
 
-def _train_asfp(model, keep, data, epochs, round_to, seed):
-    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - keep, verbose=0)
-    _fit(model, data, epochs, _sgd(0.01), [asfp])
-    return asfp.plan
+# Methods: `(model, data, args) -> (plan, slim model)`, `args` holding
+# `keep`, `round_to`, `epochs` and `seed`. The ones in TRAINED train the
+# full model for `--epochs`; the ones in PLANNED plan from the trained
+# model, and `--epochs` fine-tunes their slim model.
+def _csgd(model, data, args):
+    plan = kc.make_plan(model, keep=args.keep, method="kmeans",
+                        seed=args.seed, round_to=args.round_to)
+    _fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS))
+    return plan, kc.slim(model, plan)
 
 
-def _plan_magnitude(model, keep, data, epochs, round_to, seed):
-    return kc.methods.magnitude_plan(model, keep=keep, round_to=round_to)
+def _asfp(model, data, args):
+    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
+                                                    verbose=0)
+    _fit(model, data, args.epochs, _sgd(0.01), [asfp])
+    return asfp.plan, kc.slim(model, asfp.plan)
 
 
-def _plan_similarity(model, keep, data, epochs, round_to, seed):
-    x = None if data is None else data[0]
-    return kc.methods.similarity_plan(model, keep, data=x, round_to=round_to)
+def _gsm(model, data, args):
+    """Unstructured: `--keep` is the kept fraction of the kernel weights."""
+    _fit(model, data, args.epochs, kc.GSM(density=args.keep, **GSM_SETTINGS))
+    kc.sparsify(model, density=args.keep)
+    plan = kc.PruningPlan({}, groups=kc.channel_groups(model))
+    return plan, kc.slim(model, plan)
 
 
-def _plan_functionality(model, keep, data, epochs, round_to, seed):
-    return kc.methods.functionality_plan(model, data, keep, round_to=round_to)
+def _adaptive(model, data, args):
+    """Learnt gates with the MACs of `--keep` per group as the target."""
+    target = kc.macs_under(
+        model, kc.make_plan(model, keep=args.keep, round_to=args.round_to)
+    ) / kc.count_macs(model)
+    gates = AdaptiveGates(model, macs_target=target)
+    _fit(gates.model, data, args.epochs, _sgd(0.01), [gates.callback])
+    folded, plan = gates.finalize()
+    return plan, kc.slim(folded, plan)
 
 
-def _plan_ensembles(model, keep, data, epochs, round_to, seed):
+def _magnitude(model, data, args):
+    plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                     round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _similarity(model, data, args):
+    plan = kc.methods.similarity_plan(model, data, keep=args.keep,
+                                      round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _functionality(model, data, args):
+    _needs_data(data, args)
+    plan = kc.methods.functionality_plan(model, data, keep=args.keep,
+                                         round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _ensembles(model, data, args):
+    _needs_data(data, args)
     _compile(model, "sgd")
-    scores = kc.methods.ensemble_importance(model, data, seed=seed, verbose=0)
-    return kc.plan_from_scores(model, scores, keep=keep, round_to=round_to)
+    scores = kc.methods.ensemble_importance(model, data, seed=args.seed,
+                                            verbose=0)
+    plan = kc.plan_from_scores(model, scores, keep=args.keep,
+                               round_to=args.round_to)
+    return plan, kc.slim(model, plan)
 
 
-# name -> (plan maker, needs --data, trains the full model with --epochs).
-# Methods that do not train use --epochs to fine-tune the slim model.
-METHODS = {
-    "csgd": (_train_csgd, True, True),
-    "asfp": (_train_asfp, True, True),
-    "magnitude": (_plan_magnitude, False, False),
-    "similarity": (_plan_similarity, False, False),
-    "functionality": (_plan_functionality, True, False),
-    "ensembles": (_plan_ensembles, True, False),
+def _cap(model, data, args):
+    """Magnitude plan, consumers refitted by least squares (CaP)."""
+    _needs_data(data, args)
+    plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                     round_to=args.round_to)
+    stats = compensation.collect_statistics(model, data, verbose=0)
+    return plan, compensation.compensate(model, plan, stats)
+
+
+TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm, "adaptive": _adaptive}
+PLANNED = {
+    "magnitude": _magnitude,
+    "similarity": _similarity,
+    "functionality": _functionality,
+    "ensembles": _ensembles,
+    "cap": _cap,
 }
+METHODS = {**TRAINED, **PLANNED}
 
 
 def _write_atomically(writers):
@@ -250,29 +296,30 @@ def cmd_prune(args):
     _output_path(args.out, ".keras", source=args.model)
     if args.data is not None and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data!r} does not exist")
-    make, needs_data, trains = METHODS[args.method]
-    if needs_data and args.data is None:
+    trains = args.method in TRAINED
+    if trains and args.data is None:
         raise CommandError(f"--method {args.method} needs --data")
     model = _load_model(args.model)
-    data = None if args.data is None else _load_data(args.data, model)
-    epochs = args.epochs if args.epochs is not None else (10 if trains else 0)
-    if epochs and data is None:
+    data = _load_data(args.data, model)
+    if args.epochs is None:
+        args.epochs = 10 if trains else 0
+    if args.epochs and data is None:
         raise CommandError("--epochs needs --data")
+    before, params = kc.count_macs(model), model.count_params()
     keras.utils.set_random_seed(args.seed)
-    plan = make(model, args.keep, data, epochs, args.round_to, args.seed)
-    slim = kc.slim(model, plan)
-    if epochs and not trains:
-        _fit(slim, data, epochs, _sgd(0.01))
+    plan, slim = METHODS[args.method](model, data, args)
+    if args.epochs and not trains:
+        _fit(slim, data, args.epochs, _sgd(0.01))
     _write_atomically(
         [
             (args.out, slim.save),
             (_plan_path(args.out), _write_text(plan.to_json())),
         ]
     )
-    before, after = kc.count_macs(model), kc.count_macs(slim)
+    after = kc.count_macs(slim)
     print(
         f"{args.method}: MACs {before:,} -> {after:,} "
-        f"({after / before:.1%}), params {model.count_params():,} -> "
+        f"({after / before:.1%}), params {params:,} -> "
         f"{slim.count_params():,}; wrote {args.out} and "
         f"{_plan_path(args.out)}"
     )
@@ -286,7 +333,7 @@ def cmd_export(args):
     if args.data is not None and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data!r} does not exist")
     model = _load_model(args.model)
-    data = None if args.data is None else _load_data(args.data, model)[0]
+    data = _load_data(args.data, model)
     result = kc.export_tflite(
         model, args.out, quantize=quantize, representative_data=data
     )
@@ -387,9 +434,10 @@ def cmd_demo(args):
     epochs = args.epochs or (20 if args.dataset == "digits" else 10)
     _fit(model, train, epochs, _sgd(0.05))
     print(f"trained {model.name} for {epochs} epochs")
-    plan = _train_csgd(model, args.keep, train, epochs, None, args.seed)
+    options = argparse.Namespace(keep=args.keep, round_to=None,
+                                 epochs=epochs, seed=args.seed)
+    plan, slim = _csgd(model, train, options)
     print(f"C-SGD for {epochs} epochs, clusters: {plan.widths()}")
-    slim = kc.slim(model, plan)
     acc_full, logits_full = _accuracy(model, x_test, y_test)
     acc_slim, logits_slim = _accuracy(slim, x_test, y_test)
     paths = {}
@@ -468,7 +516,12 @@ def build_parser():
         "slimming and LiteRT export.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
 
+
+def _add_demo(sub):
     demo = sub.add_parser(
         "demo",
         help="train, C-SGD to about half the MACs, slim, export, compare",
@@ -495,7 +548,10 @@ def build_parser():
                       help="timed runs per latency (default 30)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    return demo
 
+
+def _add_prune(sub):
     prune = sub.add_parser(
         "prune",
         help="prune a .keras model, write the slim model and plan JSON",
@@ -506,18 +562,23 @@ def build_parser():
     prune.add_argument("model", help="input .keras model")
     prune.add_argument("--method", choices=sorted(METHODS), required=True)
     prune.add_argument("--keep", type=_fraction, default=0.625,
-                       help="kept fraction per group (default 0.625)")
+                       help="kept fraction per group (default 0.625; gsm: "
+                       "of the kernel weights; adaptive: the MACs of that "
+                       "width are the target)")
     prune.add_argument("--data", help="image folder or .npz (x, y)")
     prune.add_argument("--epochs", type=int,
-                       help="training epochs (csgd, asfp; default 10) or "
-                       "fine-tuning epochs of the slim model (others; "
-                       "default 0)")
+                       help="training epochs (" + ", ".join(TRAINED)
+                       + "; default 10) or fine-tuning epochs of the slim "
+                       "model (others; default 0)")
     prune.add_argument("--round-to", type=_positive_int,
                        help="round widths to a multiple of this")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, help="output .keras file")
     prune.set_defaults(func=cmd_prune)
+    return prune
 
+
+def _add_export(sub):
     export = sub.add_parser(
         "export",
         help="export a .keras model to LiteRT (.tflite)",
@@ -531,7 +592,10 @@ def build_parser():
     export.add_argument("--data", help="calibration inputs for int8: "
                         "image folder or .npz (x, y)")
     export.set_defaults(func=cmd_export)
+    return export
 
+
+def _add_bench(sub):
     bench = sub.add_parser(
         "bench",
         help="time a .keras or .tflite model",
@@ -547,11 +611,16 @@ def build_parser():
     bench.add_argument("--jit", action="store_true",
                        help="XLA-compile the Keras function")
     bench.set_defaults(func=cmd_bench)
-    return parser
+    return bench
+
+
+# One function per subcommand: `add(subparsers) -> its parser`.
+SUBCOMMANDS = [_add_demo, _add_prune, _add_export, _add_bench]
 
 
 def main(argv=None):
     """Runs `keras-csgd`; returns the exit code (0, or 2 on bad input)."""
+    quiet_tensorflow()
     args = build_parser().parse_args(argv)
     threads = getattr(args, "threads", None)
     if threads:

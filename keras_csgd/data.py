@@ -378,35 +378,3 @@ def make_dataset(
         )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
-
-def labelled_batches(data, batch_size: int = 64):
-    """Yields `(x, y)` NumPy batches of `data` (`y` is `None` if unlabelled).
-
-    Args:
-        data: a NumPy array `x`, a tuple `(x, y)` of arrays (cut into
-            batches of `batch_size`), or an iterable (e.g. a
-            `tf.data.Dataset`) of `x` or `(x, y)` batches.
-        batch_size: batch size for arrays. Defaults to `64`.
-    """
-    if isinstance(data, np.ndarray):
-        data = (data,)
-    if isinstance(data, tuple) and all(
-        isinstance(a, np.ndarray) for a in data
-    ):
-        y = data[1] if len(data) > 1 else None
-        for start in range(0, len(data[0]), batch_size):
-            stop = start + batch_size
-            yield data[0][start:stop], None if y is None else y[start:stop]
-        return
-    for element in data:
-        if isinstance(element, (tuple, list)):
-            y = element[1] if len(element) > 1 else None
-            yield np.asarray(element[0]), y if y is None else np.asarray(y)
-        else:
-            yield np.asarray(element), None
-
-
-def input_batches(data, batch_size: int = 64):
-    """Yields the input batches `x` of `data` (see `labelled_batches`)."""
-    for x, _ in labelled_batches(data, batch_size):
-        yield x

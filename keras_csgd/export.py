@@ -20,6 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_csgd import batches
+
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 
 # Largest allowed |TFLite - Keras| / max(1, max |Keras|) per quantize mode.
@@ -103,27 +105,6 @@ def _input_spec(model):
     return tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype)
 
 
-def _calibration_array(representative_data):
-    """The first samples of an array or a dataset of `x` / `(x, y)` batches."""
-    if isinstance(representative_data, np.ndarray):
-        batches = [representative_data]
-    else:
-        batches, count = [], 0
-        for batch in representative_data:
-            if isinstance(batch, (tuple, list)):
-                batch = batch[0]
-            batches.append(np.asarray(batch))
-            count += len(batches[-1])
-            if count >= _CALIBRATION_SAMPLES:
-                break
-    if not sum(len(batch) for batch in batches):
-        raise ValueError(
-            "`representative_data` must hold at least one sample. "
-            f"Received: representative_data={representative_data!r}"
-        )
-    return np.concatenate(batches)[:_CALIBRATION_SAMPLES]
-
-
 def _convert(model, spec, quantize, calibration, sparse):
     with tempfile.TemporaryDirectory() as saved_model_dir:
         archive = keras.export.ExportArchive()
@@ -178,11 +159,12 @@ def export_tflite(
             activations), `"float16"` (float16 weights) or `"int8"` (full
             integer kernels with a float32 interface; needs
             `representative_data`). Defaults to `None`.
-        representative_data: NumPy array of inputs `(N, ...)` or an iterable
-            of batches `x` or `(x, y)` (e.g. a `tf.data.Dataset`); its first
-            100 samples calibrate int8 ranges and its first 8 samples are the
-            check inputs. Defaults to `None` (check on uniform `[0, 1)`
-            inputs).
+        representative_data: NumPy array of inputs `(N, ...)`, an iterable
+            of batches `x` or `(x, y)` (e.g. a `tf.data.Dataset`), or any
+            other form `keras_csgd.batches` reads (an `.npz`, an image
+            folder); its first 100 samples calibrate int8 ranges and its
+            first 8 samples are the check inputs. Defaults to `None`
+            (check on uniform `[0, 1)` inputs).
         check: compare the file's outputs with the model's and raise when
             `max |TFLite - Keras| / max(1, max |Keras|)` exceeds
             `TOLERANCES[quantize]` (1e-4 float32, 5e-3 float16, 0.05 dynamic,
@@ -228,7 +210,9 @@ def export_tflite(
     spec = _input_spec(model)
     samples = None
     if representative_data is not None:
-        samples = _calibration_array(representative_data)
+        samples = batches.fixed_arrays(
+            representative_data, _CALIBRATION_SAMPLES, "representative_data"
+        )
     flatbuffer = _convert(model, spec, quantize, samples, sparse)
     fd, tmp = tempfile.mkstemp(suffix=".tflite.tmp", dir=folder)
     try:

@@ -1,50 +1,53 @@
-"""`plan_from_scores`: a pruning plan that keeps the best-scored channels."""
+"""Plan makers: keep the best-scored channels, or cut clusterings to width.
+
+The one place where a method's result meets `keep`, `round_to` and a MACs
+budget: `plan_from_scores` (channel scores: magnitude, ensembles, ...) and
+`plan_from_clusters` (channel clusterings: similarity, functionality).
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from keras_csgd import graph
-from keras_csgd.flops import count_macs
-from keras_csgd.plan import PruningPlan, check_keep, target_width
-from keras_csgd.surgery import slim
+from keras_csgd import checks, graph
+from keras_csgd.flops import macs_at
+from keras_csgd.groups import ChannelGroup
+from keras_csgd.plan import PruningPlan, target_width
 
 
 def plan_from_scores(
     model,
     scores: Mapping[str, np.ndarray],
-    keep: float = 0.5,
-    global_: bool = False,
+    keep: float | None = None,
+    *,
     macs_budget: float | None = None,
     round_to: int | None = None,
 ) -> PruningPlan:
     """Keeps the channels with the highest scores (larger = more important).
 
-    Per group (default): each scored group keeps its
+    Per group (`keep`, the default): each scored group keeps its
     `target_width(size, keep, round_to)` best channels.
 
-    Global (`global_=True`): scores are made comparable across groups by
-    dividing each group's scores by the group's largest absolute score (so
-    scale differences between layers, as with filter norms, do not decide);
-    then channels are removed from the lowest normalized score upwards, never
-    the last channel of a group, until the slim model's MACs
-    (`kc.count_macs(kc.slim(model, plan))`) are at most
-    `macs_budget * kc.count_macs(model)`. The number of removed channels is
-    found by bisection (about `log2(channels)` slims).
+    Global (`macs_budget` given): scores are made comparable across groups
+    by dividing each group's scores by the group's largest absolute score
+    (so scale differences between layers, as with filter norms, do not
+    decide); then channels are removed from the lowest normalized score
+    upwards, never the last channel of a group, until the slim model's MACs
+    are at most `macs_budget * kc.count_macs(model)`. The MACs come from the
+    analytic cost model (`kc.macs_under`, no slim model is built); the
+    number of removed channels is found by bisection.
 
     Args:
         model: the functional or Sequential `keras.Model` that was scored.
         scores: `{group_name: array of one score per channel}`. Groups not
             named are left unplanned.
-        keep: kept fraction of each group, in (0, 1]; in global mode, the
-            MACs budget when `macs_budget` is `None`. Defaults to `0.5`.
-        global_: rank channels across groups under a MACs budget. Defaults
-            to `False`.
-        macs_budget: kept fraction of the model's MACs in global mode, in
-            (0, 1]. Defaults to `None` (use `keep`).
+        keep: kept fraction of each group, in (0, 1]. Defaults to `None`
+            (`0.5`, or the global mode when `macs_budget` is given).
+        macs_budget: kept fraction of the model's MACs, in (0, 1]: ranks
+            channels across groups. Defaults to `None` (per group).
         round_to: per-group mode only: round widths to a multiple of
             `round_to` (see `kc.make_plan`). Defaults to `None`.
 
@@ -54,38 +57,103 @@ def plan_from_scores(
 
     Raises:
         ValueError: unknown or frozen group, scores of the wrong length, bad
-            `keep` or `macs_budget`, `round_to` with `global_=True`.
+            `keep` or `macs_budget`, `keep` or `round_to` together with
+            `macs_budget`.
 
     Example:
 
     ```python
     scores = kc.methods.ensemble_importance(model, (x_val, y_val))
-    plan = kc.plan_from_scores(model, scores, keep=0.5, global_=True)
+    plan = kc.plan_from_scores(model, scores, macs_budget=0.5)
     slim = kc.slim(model, plan)
     ```
     """
-    check_keep(keep)
-    groups = graph.channel_groups(model)
-    by_name = {g.name: g for g in groups}
-    scores = _checked_scores(scores, by_name)
-    if not global_:
+    an = graph.analyze(model)
+    by_name = {g.name: g for g in an.groups}
+    if macs_budget is None:
+        keep = 0.5 if keep is None else keep
+        checks.fraction("keep", keep)
+        checks.positive_int("round_to", round_to, allow_none=True)
+        scores = _checked_scores(scores, by_name)
         clusters = {
             name: _top(s, target_width(len(s), keep, round_to))
             for name, s in scores.items()
         }
-        return PruningPlan(clusters, groups=groups)
-    if round_to is not None:
-        raise ValueError(
-            "`round_to` is only supported with `global_=False`. "
-            f"Received: round_to={round_to!r}"
-        )
-    budget = keep if macs_budget is None else macs_budget
-    if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(
-            "`macs_budget` must be a fraction in (0, 1]. "
-            f"Received: macs_budget={macs_budget!r}"
-        )
-    return _global_plan(model, scores, groups, budget)
+        return _bound(PruningPlan(clusters, groups=an.groups), model, an)
+    for name, value in (("keep", keep), ("round_to", round_to)):
+        if value is not None:
+            raise ValueError(
+                f"`{name}` is per group; it cannot be combined with "
+                f"`macs_budget`. Received: {name}={value!r}"
+            )
+    checks.fraction("macs_budget", macs_budget)
+    scores = _checked_scores(scores, by_name)
+    return _bound(_global_plan(an, scores, macs_budget), model, an)
+
+
+def plan_from_clusters(
+    model,
+    cluster: Callable[[list[tuple[ChannelGroup, int]]],
+                      Mapping[str, list[list[int]]]],
+    keep: float = 0.5,
+    *,
+    round_to: int | None = None,
+    analysis: graph.Analysis | None = None,
+) -> PruningPlan:
+    """A plan from a method that clusters channels to a given width.
+
+    Every prunable group whose width `target_width(size, keep, round_to)`
+    is smaller than its size is handed to `cluster`, all at once (a method
+    that reads data does one pass for all of them).
+
+    Args:
+        model: a functional or Sequential `keras.Model`.
+        cluster: `cluster([(group, width), ...]) -> {group_name: clusters}`
+            with exactly `width` clusters of channel indices per group.
+        keep: kept fraction of every prunable group, in (0, 1]. Defaults to
+            `0.5`.
+        round_to: round widths to a multiple of `round_to` (see
+            `kc.make_plan`). Defaults to `None`.
+        analysis: `graph.analyze(model)` when at hand. Defaults to `None`.
+
+    Returns:
+        A bound `PruningPlan` naming every group that shrinks.
+
+    Raises:
+        ValueError: bad `keep` or `round_to`; `cluster` returned another
+            number of clusters than asked for.
+
+    Example:
+
+    ```python
+    def cluster(todo):
+        return {g.name: kc.plan.even_clusters(g.size, w) for g, w in todo}
+
+    plan = kc.scoring.plan_from_clusters(model, cluster, keep=0.5)
+    ```
+    """
+    checks.fraction("keep", keep)
+    checks.positive_int("round_to", round_to, allow_none=True)
+    an = analysis or graph.analyze(model)
+    todo = [
+        (g, target_width(g.size, keep, round_to))
+        for g in an.groups
+        if g.prunable and target_width(g.size, keep, round_to) < g.size
+    ]
+    clusters = dict(cluster(todo)) if todo else {}
+    for g, width in todo:
+        if len(clusters.get(g.name, ())) != width:
+            raise ValueError(
+                f"`cluster` must return {width} clusters for group "
+                f"{g.name!r}. Received: {len(clusters.get(g.name, ()))}"
+            )
+    return _bound(PruningPlan(clusters, groups=an.groups), model, an)
+
+
+def _bound(plan: PruningPlan, model, an: graph.Analysis) -> PruningPlan:
+    """`plan` with the analysis it was made from (so `slim` reuses it)."""
+    plan.analysis = (model, an)
+    return plan
 
 
 def _checked_scores(scores, by_name) -> dict[str, np.ndarray]:
@@ -124,7 +192,7 @@ def _top(s: np.ndarray, width: int) -> list[list[int]]:
     return [[int(i)] for i in kept]
 
 
-def _global_plan(model, scores, groups, budget) -> PruningPlan:
+def _global_plan(an, scores, budget) -> PruningPlan:
     normalized = {}
     for name, s in scores.items():
         top = np.max(np.abs(s))
@@ -141,29 +209,32 @@ def _global_plan(model, scores, groups, budget) -> PruningPlan:
             left[name] -= 1
             order.append((name, i))
 
-    def plan_for(k):
-        removed: dict[str, set[int]] = {name: set() for name in scores}
-        for name, i in order[:k]:
-            removed[name].add(i)
-        clusters = {
-            name: [[i] for i in range(len(s)) if i not in removed[name]]
-            for name, s in scores.items()
-        }
-        return PruningPlan(clusters, groups=groups)
+    def macs_after(k):
+        widths = {an.gid_of[name]: len(s) for name, s in scores.items()}
+        for name, _ in order[:k]:
+            widths[an.gid_of[name]] -= 1
+        return macs_at(an, widths)
 
-    target = budget * count_macs(model)
+    target = budget * macs_at(an, {})
     lo, hi = 0, len(order)
-    if count_macs(slim(model, plan_for(hi))) > target:
+    if macs_after(hi) > target:
         warnings.warn(
             f"`plan_from_scores`: the MACs budget {budget} cannot be met "
             "with one channel left per group; returning the smallest plan.",
-            stacklevel=2,
+            stacklevel=3,
         )
-        return plan_for(hi)
+        lo = hi
     while lo < hi:
         mid = (lo + hi) // 2
-        if count_macs(slim(model, plan_for(mid))) <= target:
+        if macs_after(mid) <= target:
             hi = mid
         else:
             lo = mid + 1
-    return plan_for(lo)
+    removed: dict[str, set[int]] = {name: set() for name in scores}
+    for name, i in order[:lo]:
+        removed[name].add(i)
+    clusters = {
+        name: [[i] for i in range(len(s)) if i not in removed[name]]
+        for name, s in scores.items()
+    }
+    return PruningPlan(clusters, groups=an.groups)

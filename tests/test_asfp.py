@@ -241,7 +241,7 @@ def test_reuse_across_fits_skip_and_l1():
     model = one_by_one_model(1)
     x, y = data()
     skip = ["c3"]
-    cb = ASFP(0.5, criterion="l1", skip=skip, verbose=0)
+    cb = ASFP(0.5, norm="l1", skip=skip, verbose=0)
     model.fit(x, y, epochs=2, batch_size=32, callbacks=[cb], verbose=0)
     first = cb.plan
     hist = model.fit(x, y, epochs=4, batch_size=32, callbacks=[cb], verbose=0)
@@ -319,7 +319,7 @@ def test_mirrored_strategy():
 
 
 def test_config_round_trip():
-    cb = ASFP(0.4, epochs=12, decay=0.2, criterion="l1",
+    cb = ASFP(0.4, epochs=12, decay=0.2, norm="l1",
               schedule="constant", skip=("a", "b"), batchnorm="scale",
               verbose=0)
     config = cb.get_config()
@@ -337,7 +337,7 @@ def test_config_round_trip():
     [
         ({"rate": 1.0}, "`rate` must be"),
         ({"rate": 0.3, "decay": 0.8}, "`decay` must be"),
-        ({"rate": 0.3, "criterion": "l3"}, "`criterion` must be"),
+        ({"rate": 0.3, "norm": "l3"}, "`norm` must be"),
         ({"rate": 0.3, "schedule": "linear"}, "`schedule` must be"),
         ({"rate": 0.3, "epochs": 0}, "`epochs` must be"),
         ({"rate": 0.3, "batchnorm": "gamma"}, "`batchnorm` must be"),

@@ -157,7 +157,7 @@ def test_prune_magnitude_then_export_and_bench(files, tmp_path, capsys):
     model = keras.saving.load_model(files["model"])
     slim = keras.saving.load_model(out)
     plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
-    assert plan.clusters == kc.methods.magnitude_plan(model, 0.5).clusters
+    assert plan.clusters == kc.methods.magnitude_plan(model, keep=0.5).clusters
     reference = kc.slim(model, plan)
     np.testing.assert_allclose(
         slim.predict(files["x"], verbose=0),
@@ -232,3 +232,91 @@ def test_demo_quick(tmp_path, capsys):
     for row in ("params", "Keras latency, batch 64 (ms)",
                 "TFLite latency, batch 1 (ms)", ".tflite file (KiB)"):
         assert len(table[row]) == 3
+
+
+def _prune(files, tmp_path, capsys, method, *extra):
+    """Runs `prune --method method` on the module's model; `(model, slim,
+    plan)` with the input model loaded back from its file."""
+    out = str(tmp_path / "slim.keras")
+    code, stdout, err = run(
+        ["prune", files["model"], "--method", method, "--keep", "0.5",
+         "--data", files["data"], "--epochs", "1", "--out", out, *extra],
+        capsys,
+    )
+    assert code == 0, err
+    assert f"{method}: MACs" in stdout
+    plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
+    return (keras.saving.load_model(files["model"]),
+            keras.saving.load_model(out), plan)
+
+
+def test_prune_gsm_keeps_the_density_of_kernel_weights(files, tmp_path,
+                                                       capsys):
+    model, slim, plan = _prune(files, tmp_path, capsys, "gsm")
+    assert plan.clusters == {}
+    assert kc.count_macs(slim) == kc.count_macs(model)
+    kernels = [w for w in slim.weights if w.path.endswith("kernel")]
+    nonzero = sum(int(np.count_nonzero(w.numpy())) for w in kernels)
+    total = sum(int(np.prod(w.shape)) for w in kernels)
+    assert 0 < nonzero <= 0.5 * total + 1
+
+
+def test_prune_cap_compensates_the_magnitude_plan(files, tmp_path, capsys):
+    model, slim, plan = _prune(files, tmp_path, capsys, "cap", "--epochs",
+                               "0")
+    assert plan.clusters == kc.methods.magnitude_plan(
+        model, keep=0.5).clusters
+    with np.load(files["data"]) as arrays:
+        x = arrays["x"].astype("float32")
+    stats = kc.methods.compensation.collect_statistics(model, x, verbose=0)
+    reference = kc.methods.compensation.compensate(model, plan, stats)
+    np.testing.assert_allclose(
+        slim.predict(files["x"], verbose=0),
+        reference.predict(files["x"], verbose=0),
+        atol=1e-4,
+    )
+
+
+def test_prune_adaptive_writes_a_plan_that_slims_to_the_model(
+    files, tmp_path, capsys
+):
+    model, slim, plan = _prune(files, tmp_path, capsys, "adaptive")
+    # Without a lock, finalize closes gates until the MACs of --keep 0.5
+    # per group are reached; the slim model is the plan applied.
+    target = kc.macs_under(model, kc.make_plan(model, keep=0.5))
+    assert kc.count_macs(slim) == kc.macs_under(model, plan)
+    assert target <= kc.count_macs(slim) < kc.count_macs(model)
+
+
+@pytest.mark.parametrize("method", sorted(cli.PLANNED))
+def test_prune_plan_makers_run(files, tmp_path, capsys, method):
+    model, slim, plan = _prune(files, tmp_path, capsys, method, "--epochs",
+                               "0")
+    assert plan.clusters
+    assert kc.count_macs(slim) == kc.macs_under(model, plan)
+
+
+def test_methods_map_names_to_functions():
+    assert set(cli.METHODS) == {
+        "csgd", "asfp", "gsm", "adaptive", "magnitude", "similarity",
+        "functionality", "ensembles", "cap",
+    }
+    assert all(callable(f) for f in cli.METHODS.values())
+
+
+# keras_csgd/__init__ imports TensorFlow before `cli.main` runs, so the
+# lines TensorFlow prints at import stay until the console script enters
+# through a module that sets the log level first.
+@pytest.mark.xfail(strict=True, reason="TensorFlow import logs: see above")
+def test_console_script_prints_no_tensorflow_noise(files, tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "keras-csgd")
+    result = subprocess.run(
+        [script, "export", files["model"], "--out",
+         str(tmp_path / "m.tflite")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in result.stderr.splitlines()
+             if re.search(r"oneDNN|cuda|absl|tensorflow|I0000|W0000",
+                          line, re.IGNORECASE)]
+    assert noise == []

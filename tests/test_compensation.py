@@ -337,7 +337,7 @@ def test_structural_search_meets_floor_and_is_valid():
 
 def test_structural_search_rejects_bad_arguments():
     model = _tiny_cnn()
-    with pytest.raises(ValueError, match="`max_sparsity`"):
+    with pytest.raises(ValueError, match="`min_keep`"):
         compensation.structural_search(
-            model, np.zeros((1, 8, 8, 1)), len, 1, 1, max_sparsity=1.0
+            model, np.zeros((1, 8, 8, 1)), len, 1, 1, min_keep=0.0
         )

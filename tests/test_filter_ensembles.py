@@ -10,7 +10,7 @@ from sklearn.linear_model import Ridge
 
 import keras_csgd as kc
 from conftest import two_cpu_strategy
-from keras_csgd import graph
+from keras_csgd import batches, graph
 from keras_csgd.methods import ensembles
 from keras_csgd.models import small_resnet
 from zoo import ZOO, randomize
@@ -74,7 +74,7 @@ def test_mask_equals_slim_removal(name):
     offsets = np.cumsum([0] + [g.size for g in groups])
     masked = ensembles._masked_consumers(model, an, groups, offsets)
     evaluate = ensembles._compiled_evaluation(
-        model, ensembles.fixed_batches((x, y), 8), masked,
+        model, batches.fixed_batches((x, y), 8), masked,
         ensembles._metric_fn(model, "loss"),
     )
     bits = (rng.random(offsets[-1]) < 0.6).astype(np.float32)
@@ -164,7 +164,7 @@ def test_callback_in_fit_and_plan():
 
 def test_errors_and_config_round_trip():
     data = (np.zeros((4, 8, 8, 1)), np.zeros(4))
-    fe = FE(data, when=3, samples=8, keep_prob=0.8, metric="accuracy",
+    fe = FE(data, when=3, samples=8, mask_keep=0.8, metric="accuracy",
             ridge=0.1, seed=5, verbose=0)
     config = fe.get_config()
     assert FE.from_config({**config, "data": data}).get_config() == config
@@ -175,8 +175,8 @@ def test_errors_and_config_round_trip():
     model = small_resnet(width=4)
     with pytest.raises(ValueError, match="compiled loss"):
         kc.methods.ensemble_importance(model, data, samples=4, verbose=0)
-    with pytest.raises(ValueError, match="`keep_prob` must be"):
-        kc.methods.ensemble_importance(model, data, keep_prob=1.0)
+    with pytest.raises(ValueError, match="`mask_keep` must be"):
+        kc.methods.ensemble_importance(model, data, mask_keep=1.0)
     with pytest.raises(ValueError, match="`samples` must be"):
         kc.methods.ensemble_importance(model, data, samples=1)
     with pytest.raises(TypeError, match="`data` must be"):

@@ -97,4 +97,4 @@ def test_bad_arguments(model):
     with pytest.raises(ValueError, match="`keep` must be"):
         kc.methods.functionality_plan(model, (x, y), keep=0)
     with pytest.raises(ValueError, match="`linkage` must be one of"):
-        kc.methods.functionality_plan(model, (x, y), 0.5, linkage="ward")
+        kc.methods.functionality_plan(model, (x, y), keep=0.5, linkage="ward")

@@ -40,8 +40,7 @@ def test_per_group_keeps_top(model, scores):
 def test_global_meets_macs_budget_minimally(model, scores):
     budget = 0.6
     full = kc.count_macs(model)
-    plan = kc.plan_from_scores(model, scores, keep=0.9, global_=True,
-                               macs_budget=budget)
+    plan = kc.plan_from_scores(model, scores, macs_budget=budget)
     assert kc.count_macs(kc.slim(model, plan)) <= budget * full
     normalized = {n: s / np.abs(s).max() for n, s in scores.items()}
     removed = [
@@ -64,8 +63,8 @@ def test_global_meets_macs_budget_minimally(model, scores):
 def test_global_is_invariant_to_group_scale(model, scores):
     scaled = {n: s * (100.0 if k % 2 else 0.01)
               for k, (n, s) in enumerate(scores.items())}
-    a = kc.plan_from_scores(model, scores, keep=0.7, global_=True)
-    b = kc.plan_from_scores(model, scaled, keep=0.7, global_=True)
+    a = kc.plan_from_scores(model, scores, macs_budget=0.7)
+    b = kc.plan_from_scores(model, scaled, macs_budget=0.7)
     assert a == b
 
 
@@ -79,8 +78,8 @@ def test_errors(model, scores):
     with pytest.raises(ValueError, match="cannot be pruned"):
         kc.plan_from_scores(model, {frozen.name: np.ones(frozen.size)}, 0.5)
     with pytest.raises(ValueError, match="`round_to`"):
-        kc.plan_from_scores(model, scores, 0.5, global_=True, round_to=8)
+        kc.plan_from_scores(model, scores, macs_budget=0.5, round_to=8)
     with pytest.raises(ValueError, match="`macs_budget`"):
-        kc.plan_from_scores(model, scores, 0.5, global_=True, macs_budget=2)
+        kc.plan_from_scores(model, scores, macs_budget=2)
     with pytest.raises(TypeError, match="`scores`"):
         kc.plan_from_scores(model, [1, 2], 0.5)

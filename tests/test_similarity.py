@@ -50,7 +50,7 @@ def only(plan, name):
 def test_planted_duplicates_merge_without_change(batchnorm, metric):
     model = planted_model(batchnorm)
     data = X if metric == "correlation" else None
-    plan = kc.methods.similarity_plan(model, 0.75, data=data, metric=metric)
+    plan = kc.methods.similarity_plan(model, data, keep=0.75, distance=metric)
     assert plan.bound
     clusters = plan.clusters["c1"]
     assert len(clusters) == 6
@@ -116,7 +116,7 @@ def test_agglomerate_equals_fcluster_without_ties():
 
 def test_resnet_plan_widths_and_round_to():
     model = resnet_cifar(8, input_shape=(8, 8, 3))
-    plan = kc.methods.similarity_plan(model, 0.5, round_to=4)
+    plan = kc.methods.similarity_plan(model, keep=0.5, round_to=4)
     groups = [g for g in kc.channel_groups(model) if g.prunable]
     assert set(plan.clusters) == {g.name for g in groups}
     for g in groups:
@@ -128,13 +128,13 @@ def test_resnet_plan_widths_and_round_to():
 
 def test_errors():
     model = planted_model()
-    with pytest.raises(ValueError, match="`metric` must be one of"):
-        kc.methods.similarity_plan(model, 0.5, metric="kl")
+    with pytest.raises(ValueError, match="`distance` must be one of"):
+        kc.methods.similarity_plan(model, keep=0.5, distance="kl")
     with pytest.raises(ValueError, match="`linkage` must be one of"):
-        kc.methods.similarity_plan(model, 0.5, linkage="ward")
+        kc.methods.similarity_plan(model, keep=0.5, linkage="ward")
     with pytest.raises(ValueError, match="needs `data`"):
-        kc.methods.similarity_plan(model, 0.5, metric="correlation")
+        kc.methods.similarity_plan(model, keep=0.5, distance="correlation")
     with pytest.raises(ValueError, match="`keep` must be"):
-        kc.methods.similarity_plan(model, 1.5)
+        kc.methods.similarity_plan(model, keep=1.5)
     with pytest.raises(ValueError, match="`round_to` must be"):
-        kc.methods.similarity_plan(model, 0.5, round_to=0)
+        kc.methods.similarity_plan(model, keep=0.5, round_to=0)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from scipy.optimize import brentq
 
-from keras_csgd import graph
+from keras_csgd import checks, graph
 from keras_csgd.methods.magnitude import NORMS, row_norms
 from keras_csgd.plan import PruningPlan
 
@@ -113,7 +113,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             `None`: the `epochs` of the `fit` call.
         decay: `D`, the fraction of `T` at which 3/4 of `rate` is reached,
             in (0, 0.75). Defaults to `0.125`.
-        criterion: filter norm, `"l2"` (ASFP's) or `"l1"`. Defaults to
+        norm: filter norm, `"l2"` (ASFP's) or `"l1"` (called `criterion`
+            before; `norm` as in `kc.methods.magnitude_plan`). Defaults to
             `"l2"`.
         schedule: `"asymptotic"` (ASFP) or `"constant"` (SFP). Defaults to
             `"asymptotic"`.
@@ -149,44 +150,20 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         rate,
         epochs=None,
         decay=0.125,
-        criterion="l2",
+        norm="l2",
         schedule="asymptotic",
         skip=(),
         batchnorm="kernel",
         verbose=1,
     ):
         super().__init__()
-        if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ValueError(
-                f"`rate` must be in [0, 1). Received: rate={rate!r}"
-            )
-        if epochs is not None and (
-            not isinstance(epochs, int) or epochs < 1
-        ):
-            raise ValueError(
-                "`epochs` must be a positive int or None. "
-                f"Received: epochs={epochs!r}"
-            )
-        if not isinstance(decay, (int, float)) or not 0 < decay < 0.75:
-            raise ValueError(
-                "`decay` must be in (0, 0.75): P(decay T) = 3/4 rate needs "
-                f"it. Received: decay={decay!r}"
-            )
-        if criterion not in NORMS:
-            raise ValueError(
-                '`criterion` must be "l2" or "l1". '
-                f"Received: criterion={criterion!r}"
-            )
-        if schedule not in SCHEDULES:
-            raise ValueError(
-                '`schedule` must be "asymptotic" or "constant". '
-                f"Received: schedule={schedule!r}"
-            )
-        if batchnorm not in BATCHNORM_MODES:
-            raise ValueError(
-                '`batchnorm` must be "kernel" or "scale". '
-                f"Received: batchnorm={batchnorm!r}"
-            )
+        checks.fraction("rate", rate, low_open=False, high_closed=False)
+        checks.positive_int("epochs", epochs, allow_none=True)
+        # P(decay T) = 3/4 rate needs 0 < decay < 3/4.
+        checks.number("decay", decay, 0, 0.75, low_open=True, high_open=True)
+        checks.choice("norm", norm, NORMS)
+        checks.choice("schedule", schedule, SCHEDULES)
+        checks.choice("batchnorm", batchnorm, BATCHNORM_MODES)
         if isinstance(skip, str):
             raise TypeError(
                 "`skip` must be a list of group names, not a string. "
@@ -195,7 +172,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self.rate = float(rate)
         self.epochs = epochs
         self.decay = float(decay)
-        self.criterion = criterion
+        self.norm = norm
         self.schedule = schedule
         self.skip = tuple(skip)
         self.batchnorm = batchnorm
@@ -250,7 +227,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             g.name: [
                 _Producer(
                     graph.get_variable(self.model, path), axis,
-                    _own_batchnorm(an.layers[lname]),
+                    graph.following_batchnorm(an.layers[lname],
+                                              scaled=True),
                     getattr(an.layers[lname], "bias", None),
                 )
                 for lname, path, axis in g.producers
@@ -296,7 +274,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             rows = np.concatenate(
                 [p.filters(scaled) for p in producers], axis=1
             )
-            norms = row_norms(rows, self.criterion)
+            norms = row_norms(rows, self.norm)
             zeroed = np.sort(np.argsort(norms, kind="stable")[:n])
             if n:
                 for producer in producers:
@@ -310,7 +288,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             "rate": self.rate,
             "epochs": self.epochs,
             "decay": self.decay,
-            "criterion": self.criterion,
+            "norm": self.norm,
             "schedule": self.schedule,
             "skip": list(self.skip),
             "batchnorm": self.batchnorm,
@@ -320,17 +298,6 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-
-def _own_batchnorm(layer):
-    """The `BatchNormalization` (with `gamma`) that alone reads `layer`."""
-    nodes = layer._outbound_nodes
-    if len(layer._inbound_nodes) != 1 or len(nodes) != 1:
-        return None
-    bn = nodes[0].operation
-    if isinstance(bn, keras.layers.BatchNormalization) and bn.scale:
-        return bn
-    return None
 
 
 class _Producer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_csgd import checks
 from keras_csgd.methods.ensembles import METRICS, ensemble_importance
 from keras_csgd.scoring import plan_from_scores
 
@@ -25,14 +26,15 @@ class FilterEnsembles(keras.callbacks.Callback):
     "data": data})`.
 
     Args:
-        data: a `tf.data.Dataset` of `(x, y)` batches or a tuple `(x, y)`
-            of arrays: a fixed validation set, read once per run.
+        data: a fixed validation set, read once per run: a
+            `tf.data.Dataset` of `(x, y)` batches, a tuple `(x, y)` of
+            arrays, an `.npz` or an image folder.
         when: `"train_end"`, or an int `e`: at the end of epoch `e`
             (0-based, as the `epoch` of `on_epoch_end`). Defaults to
             `"train_end"`.
         samples: number of random masks. Defaults to `512`.
-        keep_prob: probability that a channel is kept in a mask. Defaults
-            to `0.9`.
+        mask_keep: the kept fraction of each random mask (the probability
+            that a channel is kept). Defaults to `0.9`.
         metric: `"loss"` (the compiled loss) or `"accuracy"`. Defaults to
             `"loss"`.
         ridge: ridge penalty of the fit. Defaults to `1e-3`.
@@ -60,7 +62,7 @@ class FilterEnsembles(keras.callbacks.Callback):
         data,
         when="train_end",
         samples=512,
-        keep_prob=0.9,
+        mask_keep=0.9,
         metric="loss",
         ridge=1e-3,
         seed=0,
@@ -74,15 +76,11 @@ class FilterEnsembles(keras.callbacks.Callback):
                 '`when` must be "train_end" or an epoch index >= 0. '
                 f"Received: when={when!r}"
             )
-        if metric not in METRICS:
-            raise ValueError(
-                '`metric` must be "loss" or "accuracy". '
-                f"Received: metric={metric!r}"
-            )
+        checks.choice("metric", metric, METRICS)
         self.data = data
         self.when = when
         self.samples = samples
-        self.keep_prob = keep_prob
+        self.mask_keep = mask_keep
         self.metric = metric
         self.ridge = ridge
         self.seed = seed
@@ -107,23 +105,21 @@ class FilterEnsembles(keras.callbacks.Callback):
             self.model,
             self.data,
             samples=self.samples,
-            keep_prob=self.keep_prob,
+            mask_keep=self.mask_keep,
             metric=self.metric,
             ridge=self.ridge,
             seed=self.seed,
             verbose=self.verbose,
         )
 
-    def plan(self, keep, global_=False, macs_budget=None):
+    def plan(self, keep=None, *, macs_budget=None):
         """The plan that keeps the most important channels.
 
         Args:
-            keep: kept fraction per group (or the MACs budget in global
-                mode), see `kc.plan_from_scores`.
-            global_: rank channels across groups under a MACs budget.
-                Defaults to `False`.
-            macs_budget: kept fraction of MACs in global mode. Defaults to
-                `None` (use `keep`).
+            keep: kept fraction per group, see `kc.plan_from_scores`.
+                Defaults to `None` (`0.5` without `macs_budget`).
+            macs_budget: kept fraction of the MACs: ranks channels across
+                groups. Defaults to `None` (per group).
 
         Returns:
             A bound `PruningPlan`.
@@ -141,7 +137,6 @@ class FilterEnsembles(keras.callbacks.Callback):
             self.model,
             self.scores,
             keep,
-            global_=global_,
             macs_budget=macs_budget,
         )
 
@@ -149,7 +144,7 @@ class FilterEnsembles(keras.callbacks.Callback):
         return {
             "when": self.when,
             "samples": self.samples,
-            "keep_prob": self.keep_prob,
+            "mask_keep": self.mask_keep,
             "metric": self.metric,
             "ridge": self.ridge,
             "seed": self.seed,

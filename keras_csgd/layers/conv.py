@@ -34,8 +34,9 @@ def _refuse(ctx, call):
 class ConvHandler(LayerHandler):
     """Conv1D/2D/3D and Conv*Transpose: consume input, produce `filters`."""
 
-    def __init__(self, transpose: bool = False):
+    def __init__(self, transpose: bool = False, patches: str | None = None):
         self.transpose = transpose
+        self.patches = patches
 
     def channels(self, ctx, call):
         why = _refuse(ctx, call)
@@ -112,8 +113,9 @@ class DepthwiseHandler(LayerHandler):
         return "kernel"
 
 
-for _cls in (L.Conv1D, L.Conv2D, L.Conv3D):
-    register_layer(_cls, ConvHandler())
+for _cls in (L.Conv1D, L.Conv2D):
+    register_layer(_cls, ConvHandler(patches="conv"))
+register_layer(L.Conv3D, ConvHandler())
 for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
     register_layer(_cls, ConvHandler(transpose=True))
 for _cls in (L.SeparableConv1D, L.SeparableConv2D):

@@ -12,6 +12,8 @@ from keras_csgd.layers.registry import LayerHandler, register_layer
 class DenseHandler(LayerHandler):
     """`keras.layers.Dense` (on any rank: the last axis is contracted)."""
 
+    patches = "dense"
+
     def channels(self, ctx, call):
         layer, (lay,) = call.layer, call.layouts
         ctx.consumer(call, layer.kernel, 0, lay)

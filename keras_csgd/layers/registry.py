@@ -48,9 +48,15 @@ class LayerHandler:
         normalizes: the layer is a per-channel normalization whose inference
             map is `y = scale * (x - mean) + beta` (BatchNormalization):
             what `fold_batchnorm`, ASFP and CaP look for after a producer.
+        patches: how compensation (`kc.methods.compensation`) reads the
+            layer's input patch vectors, the entries its kernel's rows
+            multiply: `"conv"` (every window of a convolution), `"dense"`
+            (every vector along the last axis), or `None`: the layer cannot
+            be compensated.
     """
 
     normalizes = False
+    patches = None
 
     def channels(self, ctx, call):
         """Declares the call's channel structure; returns output layouts."""

@@ -42,12 +42,11 @@ import keras
 import numpy as np
 import scipy.linalg
 
-from keras_csgd import graph
-from keras_csgd.data import input_batches
+from keras_csgd import checks, graph, layers
+from keras_csgd.batches import input_batches, num_batches
 from keras_csgd.plan import PruningPlan
+from keras_csgd.rebuild import rebuild
 from keras_csgd.surgery import slim
-
-_SUPPORTED = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,19 +90,6 @@ class _Moments:
         return Stats(self.mean.copy(), self.scatter / self.n, self.n)
 
 
-# ------------------------------------------------------------------ data
-def _num_batches(data, batch_size: int, max_batches: int | None):
-    if isinstance(data, np.ndarray):
-        n = math.ceil(len(data) / batch_size)
-    else:
-        cardinality = getattr(data, "cardinality", None)
-        n = int(cardinality()) if cardinality is not None else -1
-        n = n if n >= 0 else None
-    if max_batches is None:
-        return n
-    return max_batches if n is None else min(n, max_batches)
-
-
 # ------------------------------------------------------------------ patches
 def _patches(x, layer) -> np.ndarray:
     """The layer's input patch vectors as a float64 `(N, d)` array.
@@ -112,7 +98,7 @@ def _patches(x, layer) -> np.ndarray:
     kernel, which follows the layer's strides, padding and dilation and
     flattens each patch exactly like `kernel.reshape(-1, filters)`.
     """
-    if isinstance(layer, keras.layers.Dense):
+    if layers.handler_for(layer).patches == "dense":
         x = keras.ops.convert_to_numpy(x)
         return x.reshape(-1, x.shape[-1]).astype(np.float64)
     size = tuple(layer.kernel_size)
@@ -138,7 +124,7 @@ def _patches(x, layer) -> np.ndarray:
 def _supported(layer) -> bool:
     """Whether statistics of `layer`'s input can be collected and used."""
     return (
-        type(layer) in _SUPPORTED
+        layers.attribute(layer, "patches")
         and getattr(layer, "data_format", "channels_last") == "channels_last"
         and getattr(layer, "groups", 1) == 1
     )
@@ -189,8 +175,9 @@ def collect_statistics(
 
     Args:
         model: a functional or Sequential `keras.Model`.
-        data: a `tf.data.Dataset` of `x` or `(x, y, ...)` batches, or a NumPy
-            array of inputs.
+        data: inputs in any form `keras_csgd.batches` reads: a NumPy array,
+            an `(x, y)` tuple, a `tf.data.Dataset` of `x` or `(x, y, ...)`
+            batches, an `.npz` or an image folder.
         layers: names of the consumer layers to measure. Defaults to `None`:
             every Conv1D, Conv2D and Dense consumer of every prunable
             channel group of `model`.
@@ -222,7 +209,7 @@ def collect_statistics(
     features = keras.Model(inputs, [layer.input for layer in chosen])
     moments = [None] * len(chosen)
     bar = keras.utils.Progbar(
-        _num_batches(data, batch_size, max_batches),
+        num_batches(data, batch_size, max_batches),
         verbose=verbose,
         unit_name="batch",
     )
@@ -403,12 +390,7 @@ def _removed_inputs(analysis, kept_plan) -> dict[str, np.ndarray]:
         for name in kept_plan.clusters
     }
     out = {}
-    for e in analysis.entries:
-        if e.role != "consumer":
-            continue
-        gids, chans = graph.flat_channels(
-            analysis.root(e.layout), analysis.sizes
-        )
+    for e, gids, chans in analysis.consumer_maps():
         mask = np.zeros(len(gids), dtype=bool)
         for root, rem in removed.items():
             sel = gids == root
@@ -416,41 +398,6 @@ def _removed_inputs(analysis, kept_plan) -> dict[str, np.ndarray]:
         if mask.any():
             out[e.lname] = mask
     return out
-
-
-def _following_batchnorm(layer):
-    """The BatchNormalization that alone reads `layer`'s output, or None."""
-    nodes = layer._outbound_nodes
-    if len(nodes) != 1:
-        return None
-    bn = nodes[0].operation
-    if isinstance(bn, keras.layers.BatchNormalization) and bn.axis in (
-        -1,
-        len(layer.output.shape) - 1,
-    ):
-        return bn
-    return None
-
-
-def _copy_with_bias(model, names):
-    """A copy of `model` whose layers `names` get a (zero) bias."""
-
-    def clone_function(layer):
-        config = layer.get_config()
-        if layer.name in names:
-            config["use_bias"] = True
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone_function)
-    for old in model.layers:
-        if not old.weights:
-            continue
-        new = copy.get_layer(old.name)
-        values = old.get_weights()
-        if old.name in names:
-            values.append(np.zeros(new.bias.shape, new.bias.dtype))
-        new.set_weights(values)
-    return copy
 
 
 def compensate(model, plan, stats, ridge=1e-8):
@@ -544,26 +491,40 @@ def compensate(model, plan, stats, ridge=1e-8):
         full = np.zeros_like(k2d)
         full[kept] = k_new
         updates[name] = (full.reshape(kernel.shape), delta)
-    # Consumers without a bias: fold into a following BN, else add one.
-    fold_bn = {
-        name: _following_batchnorm(model.get_layer(name))
-        for name in updates
-        if not model.get_layer(name).use_bias
-    }
-    copy = _copy_with_bias(
-        model, {name for name, bn in fold_bn.items() if bn is None}
-    )
+    return slim(_with_updates(model, updates), kept_plan)
+
+
+def _with_updates(model, updates):
+    """A copy of `model` with compensated kernels and bias changes.
+
+    `updates` is `{layer_name: (kernel, bias change)}`. A layer without a
+    bias gets its change folded into the moving mean of a
+    BatchNormalization that alone follows it, else a new bias.
+    """
+    values, new_bias = {}, set()
     for name, (kernel, delta) in updates.items():
-        layer = copy.get_layer(name)
-        layer.kernel.assign(kernel.astype(layer.kernel.dtype))
-        if fold_bn.get(name) is None:
+        layer = model.get_layer(name)
+        values[name] = {"kernel": kernel.astype(layer.kernel.dtype)}
+        if layer.use_bias:
             bias = layer.bias.numpy() + delta
-            layer.bias.assign(bias.astype(layer.bias.dtype))
+            values[name]["bias"] = bias.astype(layer.bias.dtype)
+            continue
+        bn = graph.following_batchnorm(layer)
+        if bn is None:
+            new_bias.add(name)
+            values[name]["bias"] = delta.astype(layer.kernel.dtype)
         else:
-            bn = copy.get_layer(fold_bn[name].name)
             mean = bn.moving_mean.numpy() - delta
-            bn.moving_mean.assign(mean.astype(bn.moving_mean.dtype))
-    return slim(copy, kept_plan)
+            values.setdefault(bn.name, {})["moving_mean"] = mean.astype(
+                bn.moving_mean.dtype
+            )
+
+    def configure(name, layer, config):
+        if name in new_bias:
+            config["use_bias"] = True
+        return config
+
+    return rebuild(model, configure=configure, values=values)
 
 
 # ------------------------------------------------------------------ search
@@ -583,13 +544,8 @@ def _group_ranking(model, analysis, group, stats) -> np.ndarray:
     """`cap_rank` of a group over all its consumers (other groups fixed)."""
     root = analysis.gid_of[group.name]
     names, kernels, channels = [], [], []
-    for e in analysis.entries:
-        if e.role != "consumer" or e.lname not in stats:
-            continue
-        gids, chans = graph.flat_channels(
-            analysis.root(e.layout), analysis.sizes
-        )
-        if not (gids == root).any():
+    for e, gids, chans in analysis.consumer_maps():
+        if e.lname not in stats or not (gids == root).any():
             continue
         names.append(e.lname)
         kernels.append(model.get_layer(e.lname).kernel.numpy())
@@ -603,8 +559,9 @@ def structural_search(
     evaluate,
     acc_start,
     acc_end,
+    *,
     steps=6,
-    max_sparsity=0.9,
+    min_keep=0.1,
     verbose=1,
     seed=0,
     max_batches=None,
@@ -620,21 +577,23 @@ def structural_search(
     its consumers on the current model (which already carries the earlier
     groups' pruning and compensation), rank its channels with `cap_rank`,
     and binary-search over `steps` iterations the largest sparsity in
-    `[0, max_sparsity]` (removed channels `floor(sparsity * size)`, at least
+    `[0, 1 - min_keep]` (removed channels `floor(sparsity * size)`, at least
     one channel kept) whose compensated model scores `evaluate(model) >=
     floor`; the best candidate becomes the current model.
 
     Args:
         model: the trained functional or Sequential `keras.Model`.
-        data: statistics data: a `tf.data.Dataset` of `x` or `(x, y, ...)`
-            batches, or a NumPy array of inputs.
+        data: statistics data, in any form `keras_csgd.batches` reads (a
+            NumPy array of inputs, a `tf.data.Dataset` of `x` or
+            `(x, y, ...)` batches, ...).
         evaluate: callable `evaluate(model) -> float`, the score the floor
             applies to (e.g. validation accuracy); larger is better.
         acc_start: floor after the first group.
         acc_end: floor after the last group.
         steps: binary-search iterations per group. Defaults to `6`.
-        max_sparsity: largest removed fraction of a group, in `[0, 1)`.
-            Defaults to `0.9`.
+        min_keep: smallest kept fraction of a group, in (0, 1] (the
+            largest sparsity searched is `1 - min_keep`; called
+            `max_sparsity=0.9` before). Defaults to `0.1`.
         verbose: `0` silent, `1` progress bar over groups. Defaults to `1`.
         seed: seeds Python, NumPy and the backend
             (`keras.utils.set_random_seed`) before the search, so that a
@@ -650,7 +609,7 @@ def structural_search(
         compensated slim model.
 
     Raises:
-        ValueError: for `steps < 1` or `max_sparsity` outside `[0, 1)`.
+        ValueError: for `steps < 1` or `min_keep` outside `(0, 1]`.
 
     Example:
 
@@ -668,15 +627,8 @@ def structural_search(
         Xie et al., arXiv 2108.13728, section 3.3 (binary structural search
         with a step constraint).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(
-            f"`steps` must be an int >= 1. Received: steps={steps!r}"
-        )
-    if not 0 <= max_sparsity < 1:
-        raise ValueError(
-            "`max_sparsity` must be in [0, 1). "
-            f"Received: max_sparsity={max_sparsity!r}"
-        )
+    checks.positive_int("steps", steps)
+    checks.fraction("min_keep", min_keep)
     keras.utils.set_random_seed(seed)
     groups = _searchable(model, graph.analyze(model))
     bar = keras.utils.Progbar(
@@ -696,7 +648,7 @@ def structural_search(
         )
         order = _group_ranking(current, analysis, group, stats)
         size = group.size
-        lo, hi, best, tried = 0.0, max_sparsity, 0, {}
+        lo, hi, best, tried = 0.0, 1 - min_keep, 0, {}
         for _ in range(steps):
             mid = (lo + hi) / 2
             n_remove = min(size - 1, math.floor(mid * size))

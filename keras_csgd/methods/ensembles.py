@@ -7,7 +7,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_csgd import graph
+from keras_csgd import checks, graph
+from keras_csgd.batches import fixed_batches
 
 METRICS = ("loss", "accuracy")
 
@@ -15,8 +16,9 @@ METRICS = ("loss", "accuracy")
 def ensemble_importance(
     model,
     data,
+    *,
     samples: int = 512,
-    keep_prob: float = 0.9,
+    mask_keep: float = 0.9,
     metric: str = "loss",
     ridge: float = 1e-3,
     seed: int = 0,
@@ -25,7 +27,7 @@ def ensemble_importance(
     """Importance of every channel of every prunable group, from masks.
 
     Each of `samples` random masks drops every channel of every prunable
-    group independently (kept with probability `keep_prob`), and `metric`
+    group independently (kept with probability `mask_keep`), and `metric`
     is measured on `data` with the mask applied. The importances are the
     coefficients of ONE linear least-squares fit with a ridge penalty over
     all samples:
@@ -52,17 +54,19 @@ def ensemble_importance(
     Args:
         model: a functional or Sequential `keras.Model` (compiled, for
             `metric="loss"`).
-        data: a fixed set of batches: a `tf.data.Dataset` of `(x, y)`
+        data: a fixed labelled set: a `tf.data.Dataset` of `(x, y)`
             batches (read once and kept in memory, so a shuffled dataset is
-            frozen) or a tuple `(x, y)` of arrays (batches of 128).
+            frozen), a tuple `(x, y)` of arrays (batches of 128), an `.npz`
+            or an image folder (see `keras_csgd.batches.fixed_batches`).
         samples: number of random masks. Defaults to `512`.
-        keep_prob: probability that a channel is kept in a mask, in (0, 1).
-            Defaults to `0.9`.
+        mask_keep: the kept fraction of each random mask: the probability
+            that a channel is kept, in (0, 1) (called `keep_prob` before;
+            a kept fraction, like `keep`). Defaults to `0.9`.
         metric: `"loss"` (the model's compiled loss, averaged over the
             examples) or `"accuracy"` (top-1; integer or one-hot labels).
             Defaults to `"loss"`.
         ridge: ridge penalty (see above), `>= 0`. The variance of one mask
-            bit is `keep_prob * (1 - keep_prob)`, 0.09 by default, so the
+            bit is `mask_keep * (1 - mask_keep)`, 0.09 by default, so the
             default shrinks coefficients by about 1%. Defaults to `1e-3`.
         seed: seed of the masks. Defaults to `0`.
         verbose: `1` shows a progress bar. Defaults to `1`.
@@ -87,17 +91,12 @@ def ensemble_importance(
         Sandor, Szulc, Grigoras, Bodea. Linear Filter Ensembles for Network
         Pruning. arXiv 2001.08142.
     """
-    if not isinstance(samples, int) or samples < 2:
+    if checks.positive_int("samples", samples) < 2:
         raise ValueError(
             f"`samples` must be an int >= 2. Received: samples={samples!r}"
         )
-    if not 0 < keep_prob < 1:
-        raise ValueError(
-            "`keep_prob` must be in (0, 1). "
-            f"Received: keep_prob={keep_prob!r}"
-        )
-    if not ridge >= 0:
-        raise ValueError(f"`ridge` must be >= 0. Received: ridge={ridge!r}")
+    checks.fraction("mask_keep", mask_keep, high_closed=False)
+    checks.number("ridge", ridge, low=0)
     metric_fn = _metric_fn(model, metric)
     data = fixed_batches(data)
     an = graph.analyze(model)
@@ -108,7 +107,7 @@ def ensemble_importance(
     masked = _masked_consumers(model, an, groups, offsets)
     evaluate = _compiled_evaluation(model, data, masked, metric_fn)
     bits = np.random.default_rng(seed).random((samples, offsets[-1]))
-    bits = (bits < keep_prob).astype(np.float32)
+    bits = (bits < mask_keep).astype(np.float32)
     values = np.empty(samples)
     progbar = keras.utils.Progbar(samples) if verbose else None
     try:
@@ -147,43 +146,8 @@ def ridge_coefficients(
     return np.linalg.lstsq(x, y, rcond=None)[0]
 
 
-def fixed_batches(data, batch_size: int = 128):
-    """`data` read once into memory: `(x, y, batch_size)`.
-
-    A dataset keeps its own batch size (that of its first batch).
-    """
-    if isinstance(data, tf.data.Dataset):
-        batches = list(data.as_numpy_iterator())
-        if not batches or any(
-            not isinstance(b, tuple) or len(b) != 2 for b in batches
-        ):
-            raise ValueError(
-                "`data` must yield `(x, y)` batches (and at least one). "
-                f"Received: element_spec={data.element_spec}"
-            )
-        x = np.concatenate([b[0] for b in batches])
-        y = np.concatenate([b[1] for b in batches])
-        return x, y, len(batches[0][0])
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
-        if len(x) != len(y) or not len(x):
-            raise ValueError(
-                "`data` arrays `x` and `y` must have the same, non-zero "
-                f"length. Received: len(x)={len(x)}, len(y)={len(y)}"
-            )
-        return x, y, batch_size
-    raise TypeError(
-        "`data` must be a tf.data.Dataset of (x, y) batches or a tuple "
-        f"(x, y) of arrays. Received: data={type(data).__name__}"
-    )
-
-
 def _metric_fn(model, metric):
-    if metric not in METRICS:
-        raise ValueError(
-            '`metric` must be "loss" or "accuracy". '
-            f"Received: metric={metric!r}"
-        )
+    checks.choice("metric", metric, METRICS)
     if metric == "accuracy":
         return _accuracy
     loss = getattr(model, "loss", None)
@@ -216,10 +180,7 @@ def _masked_consumers(model, an, groups, offsets):
     """
     start = {an.gid_of[g.name]: int(offsets[k]) for k, g in enumerate(groups)}
     out = []
-    for e in an.entries:
-        if e.role != "consumer":
-            continue
-        gids, chans = graph.flat_channels(an.root(e.layout), an.sizes)
+    for e, gids, chans in an.consumer_maps():
         index = np.full(len(gids), offsets[-1], dtype=np.int64)
         for gid, first in start.items():
             index[gids == gid] = first + chans[gids == gid]

@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_csgd import graph
-from keras_csgd.data import labelled_batches
+from keras_csgd import checks, graph
+from keras_csgd.batches import labelled_batches
 from keras_csgd.methods.similarity import (
     LINKAGES,
     agglomerate,
     channel_entries,
-    check_choice,
     euclidean_distances,
     probe_outputs,
     response_layers,
     response_probe,
 )
-from keras_csgd.plan import (
-    PruningPlan,
-    check_keep,
-    check_round_to,
-    target_width,
-)
+from keras_csgd.plan import PruningPlan
+from keras_csgd.scoring import plan_from_clusters
 
 
 def _class_ids(y: np.ndarray) -> np.ndarray:
@@ -149,7 +144,8 @@ def functionality_profiles(
 def functionality_plan(
     model,
     data,
-    keep: float,
+    *,
+    keep: float = 0.5,
     per_class: bool = True,
     round_to: int | None = None,
     linkage: str = "average",
@@ -168,9 +164,12 @@ def functionality_plan(
 
     Args:
         model: a trained functional or Sequential `keras.Model`.
-        data: labelled examples, `(x, y)` NumPy arrays or a `tf.data.Dataset`
-            of `(x, y)` batches; a few hundred examples are enough.
-        keep: kept fraction of every prunable group, in (0, 1].
+        data: labelled examples in any form `keras_csgd.batches` reads:
+            `(x, y)` NumPy arrays, a `tf.data.Dataset` of `(x, y)` batches,
+            an `.npz` or an image folder; a few hundred examples are
+            enough.
+        keep: kept fraction of every prunable group, in (0, 1]. Defaults to
+            `0.5`.
         per_class: profile per class (`True`) or per example (`False`, no
             labels needed). Defaults to `True`.
         round_to: round widths to multiples of `round_to` (see
@@ -199,20 +198,19 @@ def functionality_plan(
     References:
         Qin, Yu, Liu, Chen, arXiv 1810.07322.
     """
-    check_keep(keep)
-    check_choice("linkage", linkage, LINKAGES)
-    check_round_to(round_to)
-    groups = graph.channel_groups(model)
-    profiles = functionality_profiles(model, data, per_class, batch_size)
-    clusters = {}
-    for g in groups:
-        width = target_width(g.size, keep, round_to) if g.prunable else g.size
-        if width >= g.size:
-            continue
-        prof, activity = profiles[g.name]
-        kept = [
-            max(c, key=lambda i: activity[i])
-            for c in agglomerate(euclidean_distances(prof), width, linkage)
-        ]
-        clusters[g.name] = [[i] for i in sorted(kept)]
-    return PruningPlan(clusters, groups=groups)
+    checks.choice("linkage", linkage, LINKAGES)
+
+    def cluster(todo):
+        profiles = functionality_profiles(model, data, per_class, batch_size)
+        clusters = {}
+        for g, width in todo:
+            prof, activity = profiles[g.name]
+            kept = [
+                max(c, key=lambda i: activity[i])
+                for c in agglomerate(euclidean_distances(prof), width,
+                                     linkage)
+            ]
+            clusters[g.name] = [[i] for i in sorted(kept)]
+        return clusters
+
+    return plan_from_clusters(model, cluster, keep, round_to=round_to)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_csgd import graph
+from keras_csgd import checks, graph
 from keras_csgd.groups import ChannelGroup
 from keras_csgd.plan import PruningPlan
 from keras_csgd.scoring import plan_from_scores
@@ -32,10 +32,7 @@ def filter_norms(
     Raises:
         ValueError: unknown `norm`.
     """
-    if norm not in NORMS:
-        raise ValueError(
-            f'`norm` must be "l1" or "l2". Received: norm={norm!r}'
-        )
+    checks.choice("norm", norm, NORMS)
     return row_norms(graph.producer_filters(model, group), norm)
 
 
@@ -48,7 +45,11 @@ def row_norms(rows: np.ndarray, norm: str) -> np.ndarray:
 
 
 def magnitude_plan(
-    model, keep: float = 0.5, norm: str = "l1", round_to: int | None = None
+    model,
+    *,
+    keep: float = 0.5,
+    norm: str = "l1",
+    round_to: int | None = None,
 ) -> PruningPlan:
     """Keeps the channels whose producer filters have the largest norms.
 
@@ -57,7 +58,8 @@ def magnitude_plan(
     producers of the group, so coupled residual layers are pruned
     consistently, see `filter_norms`) and keep the
     `target_width(size, keep, round_to)` largest. Fine-tune the slim model
-    afterwards, as in the paper.
+    afterwards, as in the paper. It reads no data, so it has no `data`
+    argument; `keep` and the rest are keyword-only, as in every method.
 
     Args:
         model: a functional or Sequential `keras.Model`.

@@ -26,17 +26,13 @@ import numpy as np
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-from keras_csgd import graph
-from keras_csgd.data import input_batches
+from keras_csgd import checks, graph, layers
+from keras_csgd.batches import input_batches
 from keras_csgd.groups import ChannelGroup
-from keras_csgd.plan import (
-    PruningPlan,
-    check_keep,
-    check_round_to,
-    target_width,
-)
+from keras_csgd.plan import PruningPlan
+from keras_csgd.scoring import plan_from_clusters
 
-_METRICS = ("wasserstein", "correlation")
+DISTANCES = ("wasserstein", "correlation")
 # Linkages that are valid on arbitrary (non-Euclidean) distance matrices.
 LINKAGES = ("average", "complete", "single", "weighted")
 
@@ -61,9 +57,7 @@ def response_layers(
     out, seen = [], set()
     for lname, path, _ in group.members:
         layer = analysis.layers[lname]
-        if lname in seen or not isinstance(
-            layer, keras.layers.BatchNormalization
-        ):
+        if lname in seen or not layers.attribute(layer, "normalizes"):
             continue
         seen.add(lname)
         out.append((layer, lname, group.channel_map(path)))
@@ -113,13 +107,14 @@ def wasserstein_distances(
     Returns:
         A `(size, size)` float64 distance matrix.
     """
-    layers = response_layers(analysis, group)
-    if not isinstance(layers[0][0], keras.layers.BatchNormalization):
+    responses = response_layers(analysis, group)
+    if not layers.attribute(responses[0][0], "normalizes"):
         return euclidean_distances(
             graph.producer_filters(model, group).astype(np.float64)
         )
     feats = np.concatenate(
-        [_bn_features(layer, cmap, group.size) for layer, _, cmap in layers],
+        [_bn_features(layer, cmap, group.size)
+         for layer, _, cmap in responses],
         axis=1,
     )
     return euclidean_distances(feats)
@@ -196,7 +191,7 @@ def correlation_distances(
 
     Raises:
         ValueError: when a response layer lives inside a nested model (use
-            `metric="wasserstein"`).
+            `distance="wasserstein"`).
     """
     probe, names = response_probe(model, analysis, groups)
     stats = {
@@ -249,20 +244,12 @@ def agglomerate(
     return sorted((sorted(c) for c in members.values()), key=min)
 
 
-def check_choice(name: str, value, choices) -> None:
-    """Raises `ValueError` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {list(choices)}. "
-            f"Received: {name}={value!r}"
-        )
-
-
 def similarity_plan(
     model,
-    keep: float,
     data=None,
-    metric: str = "wasserstein",
+    *,
+    keep: float = 0.5,
+    distance: str = "wasserstein",
     linkage: str = "average",
     round_to: int | None = None,
     batch_size: int = 128,
@@ -278,14 +265,14 @@ def similarity_plan(
 
     Distances (the paper's probabilistic similarity is not public; ours):
 
-    - `metric="wasserstein"` (no data needed): each channel's post-BN
+    - `distance="wasserstein"` (no data needed): each channel's post-BN
       response is the Gaussian `N(beta, gamma^2)` of its BatchNormalization
       entries; the distance is the 2-Wasserstein distance
       `sqrt((beta - beta')^2 + (|gamma| - |gamma'|)^2)`, summed in squares
       over the BNs of a coupled group (the distance between the products of
       the Gaussians). Groups without BN use the Euclidean distance between
       their producer filters.
-    - `metric="correlation"` (needs `data`): `1 - corr` of the channels'
+    - `distance="correlation"` (needs `data`): `1 - corr` of the channels'
       feature maps (the outputs of the group's BNs, or of its producers
       without BN), pooled over examples and positions. The correlation is
       signed on purpose: merging sums the consumer slices, which is right
@@ -293,11 +280,14 @@ def similarity_plan(
 
     Args:
         model: a trained functional or Sequential `keras.Model`.
-        keep: kept fraction of every prunable group, in (0, 1].
-        data: a `tf.data.Dataset` of `x` or `(x, y, ...)` batches, or a NumPy
-            array of inputs. Required by `metric="correlation"`, unused by
-            `"wasserstein"`. Defaults to `None`.
-        metric: `"wasserstein"` or `"correlation"`. Defaults to
+        data: inputs, in any form `keras_csgd.batches` reads (an array, an
+            `(x, y)` tuple, a `tf.data.Dataset` of `x` or `(x, y, ...)`
+            batches, an `.npz` or an image folder). Required by
+            `distance="correlation"`, unused by `"wasserstein"`. Defaults
+            to `None`.
+        keep: kept fraction of every prunable group, in (0, 1]. Defaults to
+            `0.5`.
+        distance: `"wasserstein"` or `"correlation"`. Defaults to
             `"wasserstein"`.
         linkage: agglomerative linkage: `"average"`, `"complete"`,
             `"single"` or `"weighted"`. Defaults to `"average"`.
@@ -311,8 +301,8 @@ def similarity_plan(
         shrinks; pass it to `kc.slim`, then fine-tune briefly.
 
     Raises:
-        ValueError: bad `keep`, `metric`, `linkage` or `round_to`;
-            `metric="correlation"` without `data`.
+        ValueError: bad `keep`, `distance`, `linkage` or `round_to`;
+            `distance="correlation"` without `data`.
 
     Example:
 
@@ -325,31 +315,31 @@ def similarity_plan(
     References:
         Zhang, Zhao, Ni et al., arXiv 1908.02620.
     """
-    check_keep(keep)
-    check_choice("metric", metric, _METRICS)
-    check_choice("linkage", linkage, LINKAGES)
-    check_round_to(round_to)
-    if metric == "correlation" and data is None:
+    checks.choice("distance", distance, DISTANCES)
+    checks.choice("linkage", linkage, LINKAGES)
+    if distance == "correlation" and data is None:
         raise ValueError(
-            '`metric="correlation"` needs `data` (inputs to compute feature '
-            "maps from). Received: data=None"
+            '`distance="correlation"` needs `data` (inputs to compute '
+            "feature maps from). Received: data=None"
         )
     analysis = graph.analyze(model)
-    todo = [
-        g
-        for g in analysis.groups
-        if g.prunable and target_width(g.size, keep, round_to) < g.size
-    ]
-    if metric == "correlation":
-        dists = correlation_distances(model, analysis, todo, data, batch_size)
-    else:
-        dists = {
-            g.name: wasserstein_distances(model, analysis, g) for g in todo
+
+    def cluster(todo):
+        groups = [g for g, _ in todo]
+        if distance == "correlation":
+            dists = correlation_distances(
+                model, analysis, groups, data, batch_size
+            )
+        else:
+            dists = {
+                g.name: wasserstein_distances(model, analysis, g)
+                for g in groups
+            }
+        return {
+            g.name: agglomerate(dists[g.name], width, linkage)
+            for g, width in todo
         }
-    clusters = {
-        g.name: agglomerate(
-            dists[g.name], target_width(g.size, keep, round_to), linkage
-        )
-        for g in todo
-    }
-    return PruningPlan(clusters, groups=analysis.groups)
+
+    return plan_from_clusters(
+        model, cluster, keep, round_to=round_to, analysis=analysis
+    )
