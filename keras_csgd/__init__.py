@@ -12,6 +12,7 @@ from keras_csgd.flops import count_macs, macs_under
 from keras_csgd.fold import fold_batchnorm
 from keras_csgd.graph import channel_groups
 from keras_csgd.groups import ChannelGroup
+from keras_csgd.latency import plan_for_latency
 from keras_csgd.layers import register_layer
 from keras_csgd.optimizers.centripetal_sgd import CSGD
 from keras_csgd.optimizers.global_sparse_momentum import GSM

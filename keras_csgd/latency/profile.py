@@ -1,0 +1,305 @@
+"""`profile`: measure how a model's latency depends on its group widths.
+
+Method: whole slim variants of the model are timed, interleaved with the
+full model, on the runtime itself (not per-layer micro-benchmarks summed:
+XNNPACK and XLA fuse layers and pay per-op costs that a sum of isolated
+layers misses). To keep this to minutes, structurally identical groups (the
+same layers, configs, shapes and size, such as the inner groups of one
+ResNet stage) form one *class* that is narrowed at once, and the latency
+change is shared equally among its groups; likewise for identical residual
+blocks, removed at once. A class narrowed together also changes the latency
+several times more than one group would, well above timing noise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import keras
+
+from keras_csgd import blocks, graph
+from keras_csgd.latency import table as tables
+from keras_csgd.latency import timing
+from keras_csgd.plan import PruningPlan, target_width
+from keras_csgd.surgery import slim
+
+GRID = (0.75, 0.5, 0.25)
+PROFILE_BLOCK_MS = 20.0
+
+
+def prunable_groups(model, an: graph.Analysis) -> list[str]:
+    """Names of the prunable groups; `ValueError` when there is none."""
+    names = [g.name for g in an.groups if g.prunable]
+    if not names:
+        raise ValueError(
+            "`model` has no prunable channel group ("
+            + "; ".join(f"{g.name}: {g.reason}" for g in an.groups[:5])
+            + f"). Received: model={model.name!r}"
+        )
+    return names
+
+
+def grid_widths(size: int, grid=GRID) -> list[int]:
+    """Widths measured for a group of `size`: `grid` fractions rounded to
+    multiples of 8 (of 4 below 32 channels), narrower than `size`."""
+    step = 8 if size >= 32 else 4 if size >= 8 else 1
+    widths = {target_width(size, f, step) for f in grid}
+    return sorted((w for w in widths if w < size), reverse=True)
+
+
+def _layer_signature(layer) -> str:
+    config = {k: v for k, v in layer.get_config().items() if k != "name"}
+    shapes = []
+    for attr in ("input", "output"):
+        try:
+            shapes.append(str(keras.tree.map_structure(
+                lambda t: tuple(t.shape), getattr(layer, attr))))
+        except (AttributeError, ValueError):
+            shapes.append(None)
+    return json.dumps([type(layer).__name__, config, shapes], default=str)
+
+
+def group_classes(an: graph.Analysis, names) -> list[list[str]]:
+    """Groups of `names` with the same size and the same layers."""
+    classes: dict[tuple, list[str]] = {}
+    groups = {g.name: g for g in an.groups}
+    for name in names:
+        g = groups[name]
+        sig = tuple(sorted(
+            (role, _layer_signature(an.layers[lname]),
+             path.rsplit("/", 1)[-1], axis)
+            for role, entries in (("m", g.members), ("c", g.consumers))
+            for lname, path, axis in entries
+        ))
+        classes.setdefault((g.size, sig), []).append(name)
+    return list(classes.values())
+
+
+def removable_blocks(model, an: graph.Analysis) -> dict[str, list[str]]:
+    """`{add_name: inner prunable groups}` of the blocks a plan may remove.
+
+    A block qualifies when its branch holds at least one prunable group
+    wholly (those groups go with the branch), no other block's Add, and no
+    group of another qualifying block.
+    """
+    names = blocks.residual_blocks(model)
+    shortcuts = blocks.block_shortcuts(model, names)
+    out, seen = {}, set()
+    for name in names:
+        ops = blocks.branch(model, name, shortcuts[name])[1]
+        if ops & set(names):
+            continue
+        inner = [
+            g.name for g in an.groups if g.prunable and all(
+                lname.split("/")[0] in ops for lname, _, _ in g.members
+            )
+        ]
+        if inner and not seen & set(inner):
+            out[name] = inner
+            seen |= set(inner)
+    return out
+
+
+def block_classes(model, names) -> list[list[str]]:
+    """Blocks of `names` whose branches and Adds are identical."""
+    shortcuts = blocks.block_shortcuts(model, names)
+    classes: dict[tuple, list[str]] = {}
+    for name in names:
+        ops = blocks.branch(model, name, shortcuts[name])[1]
+        sig = tuple(sorted(_layer_signature(model.get_layer(op))
+                           for op in ops | {name}))
+        classes.setdefault((shortcuts[name], sig), []).append(name)
+    return list(classes.values())
+
+
+def cost_calls(an: graph.Analysis, names) -> list[dict]:
+    """The analysis' MACs records (`graph.Cost`) that scale with `names`,
+    as `LatencyTable` calls."""
+    name_of = {an.gid_of[n]: n for n in names}
+    out = []
+    for cost in an.costs:
+        if not cost.macs:
+            continue
+        layouts = []
+        for lay in cost.layouts:
+            gids, _ = graph.flat_channels(an.root(lay), an.sizes)
+            counts = Counter(gids.tolist())
+            groups = {name_of[g]: n for g, n in counts.items() if g in name_of}
+            if groups:
+                layouts.append({"groups": groups, "fixed": int(
+                    sum(n for g, n in counts.items() if g not in name_of))})
+        if layouts:
+            out.append({"op": cost.lname.split("/")[0], "macs": cost.macs,
+                        "layouts": layouts})
+    return out
+
+
+def width_plan(model, an: graph.Analysis, widths,
+               remove_blocks=()) -> PruningPlan:
+    """A plan of the first `widths[g]` channels of each group (the slim
+    architecture only: latency does not depend on which channels)."""
+    plan = PruningPlan(
+        {g: [[i] for i in range(w)] for g, w in widths.items()},
+        groups=an.groups, remove_blocks=remove_blocks,
+    )
+    plan.analysis = (model, an)
+    return plan
+
+
+def key_fields(model, runtime, batch_size, threads, jit_compile,
+               grid) -> dict:
+    """Everything a latency table depends on (the cache key's input)."""
+    import tensorflow as tf
+
+    fields = {
+        "model": tables.cache_key({"config": model.to_json()}),
+        "runtime": runtime, "batch_size": batch_size, "grid": list(grid),
+        "machine": timing.machine(), "versions": timing.versions(),
+        "format_version": tables.FORMAT_VERSION,
+    }
+    if runtime == "litert":
+        fields["threads"] = threads
+    else:
+        threading = tf.config.threading
+        fields["threads"] = threading.get_intra_op_parallelism_threads()
+        fields["jit_compile"] = jit_compile
+    return fields
+
+
+class _Timer:
+    """Latency changes of variants against the full model."""
+
+    def __init__(self, model, runtime, batch_size, threads, jit_compile,
+                 rounds, measure):
+        self.rounds, self.measure = rounds, measure
+        self.args = (runtime, batch_size, threads, jit_compile)
+        self.fulls = []
+        if measure is None:
+            self.full = timing.runner(model, *self.args)
+            self.calls = timing.calls_per_block(self.full, PROFILE_BLOCK_MS)
+        else:
+            self.fulls.append(float(measure(model)))
+
+    def delta(self, variant) -> float:
+        if self.measure is not None:
+            return float(self.measure(variant)) - self.fulls[0]
+        full_ms, ms = timing.interleaved(
+            self.full, timing.runner(variant, *self.args), self.rounds,
+            self.calls,
+        )
+        self.fulls.append(full_ms)
+        return ms - full_ms
+
+
+def profile(model, runtime: str = "litert", batch_size: int = 1, *,
+            threads: int | None = None, grid=GRID, rounds: int = 5,
+            jit_compile: bool = True, cache_dir=None, measure=None,
+            verbose: int = 1) -> tables.LatencyTable:
+    """Measures `model`'s latency per group width and per removed block.
+
+    For every class of identical prunable groups and every width of the
+    grid (`grid_widths`), the slim variant with the class at that width is
+    built (`kc.slim`) and timed interleaved with the full model (`rounds`
+    rounds of blocks of about 20 ms); each group of the class gets an equal
+    share of the change. Likewise every class of identical removable
+    blocks. A Keras progress bar shows the variants. The table is cached on
+    disk under a key of the model's structure (its config JSON), the
+    runtime, batch size, threads, the CPU model and SIMD flags, GPUs and the
+    library versions: a second call is instant, another machine measures
+    again. A cache file that is corrupt or was written under another key is
+    measured again, not trusted.
+
+    Args:
+        model: a functional or Sequential single-input `keras.Model`.
+        runtime: `"litert"` (float32 LiteRT interpreter, XNNPACK) or
+            `"tensorflow"` (compiled Keras call, BatchNormalization folded,
+            on TensorFlow's device). Defaults to `"litert"`.
+        batch_size: batch size of a call. Defaults to `1`.
+        threads: LiteRT interpreter threads (TensorFlow keeps its own
+            setting, see `kc.export.set_tf_threads`). Defaults to `None`:
+            the usable cores.
+        grid: fractions of each group's width to measure. Defaults to
+            `(0.75, 0.5, 0.25)`.
+        rounds: interleaved rounds per variant. Defaults to `5`.
+        jit_compile: compile the TensorFlow call with XLA. Defaults to
+            `True`.
+        cache_dir: folder of the cache. Defaults to `None`:
+            `$KERAS_CSGD_CACHE/latency`, else `~/.cache/keras_csgd/latency`.
+        measure: a function `model -> ms` used instead of timing (tests,
+            simulated devices); nothing is cached then. Defaults to `None`.
+        verbose: `1` shows a progress bar. Defaults to `1`.
+
+    Returns:
+        A `LatencyTable`; `table.cached` says whether it came from the cache.
+
+    Raises:
+        ValueError: an unknown `runtime`, `batch_size < 1`, bad `threads`,
+            `grid` or `rounds`, a model without a prunable group.
+
+    Example:
+
+    ```python
+    table = kc.latency.profile(model, runtime="litert", batch_size=1)
+    table.shares()  # each group's and block's share of the latency
+    ```
+    """
+    runtime = timing.check_runtime(runtime)
+    timing.check_count("batch_size", batch_size)
+    threads = timing.cores() if threads is None else threads
+    timing.check_count("threads", threads)
+    timing.check_count("rounds", rounds)
+    if not grid or not all(
+        isinstance(f, (int, float)) and 0 < f < 1 for f in grid
+    ):
+        raise ValueError(
+            "`grid` must be fractions in (0, 1). Received: grid={grid!r}"
+        )
+    an = graph.analyze(model)
+    prunable = prunable_groups(model, an)
+    folder = tables.cache_dir(cache_dir)
+    fields = key_fields(model, runtime, batch_size, threads, jit_compile,
+                        grid)
+    key = tables.cache_key(fields)
+    if measure is None:
+        cached = tables.load(folder, key, prunable)
+        if cached is not None:
+            return cached
+    start = time.perf_counter()
+    sizes = {g.name: g.size for g in an.groups}
+    inner = removable_blocks(model, an)
+    work = [
+        (names, {n: w for n in names}, ())
+        for names in group_classes(an, prunable)
+        for w in grid_widths(sizes[names[0]], grid)
+    ] + [(names, {}, names) for names in block_classes(model, list(inner))]
+    bar = keras.utils.Progbar(len(work), verbose=verbose,
+                              unit_name="variant")
+    timer = _Timer(model, runtime, batch_size, threads, jit_compile, rounds,
+                   measure)
+    deltas = []
+    for k, (names, widths, removed) in enumerate(work):
+        variant = slim(model, width_plan(model, an, widths, removed))
+        deltas.append(timer.delta(variant) / len(names))
+        bar.update(k + 1)
+    full = float(sorted(timer.fulls)[len(timer.fulls) // 2])
+    groups = {n: {"size": sizes[n], "widths": [], "ms": []} for n in prunable}
+    block_rows = {}
+    for (names, widths, removed), delta in zip(work, deltas):
+        for n in names:
+            if removed:
+                block_rows[n] = {
+                    "saving_ms": -delta, "groups": inner[n],
+                    "ops": sorted(blocks.dropped_operations(model, [n])),
+                }
+            else:
+                groups[n]["widths"].append(widths[n])
+                groups[n]["ms"].append(full + delta)
+    fields["profile_seconds"] = round(time.perf_counter() - start, 1)
+    table = tables.LatencyTable(full, groups, block_rows,
+                                cost_calls(an, prunable), key=key,
+                                fields=fields)
+    if measure is None:
+        tables.save(folder, table)
+    return table

@@ -1,0 +1,389 @@
+"""`plan_for_latency`: a plan whose slim model runs at a latency target.
+
+Profile (or take) the latency table, choose widths and removed blocks that
+keep the most importance within `target` times the full latency
+(`planner.choose`), then verify: slim, export (LiteRT) or fold and compile
+(TensorFlow), and time slim against full, interleaved. A miss of more than
+`tolerance` re-plans with the budget scaled by the measured miss (the
+table's error at the chosen point), a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from keras_csgd import export, flops, graph
+from keras_csgd.latency import planner, timing
+from keras_csgd.latency.profile import (
+    GRID,
+    profile,
+    prunable_groups,
+    removable_blocks,
+    width_plan,
+)
+from keras_csgd.methods.magnitude import filter_norms
+from keras_csgd.plan import PruningPlan, make_plan
+from keras_csgd.scoring import _checked_scores, _top
+from keras_csgd.surgery import slim
+
+CLUSTERS = ("prune", "kmeans")
+VERIFY_ROUNDS = 9
+VERIFY_BLOCK_MS = 50.0
+
+
+@dataclasses.dataclass
+class LatencyReport:
+    """What `plan_for_latency` chose and measured.
+
+    Attributes:
+        target: the target, a fraction of the full model's latency.
+        runtime: `"litert"` or `"tensorflow"`.
+        batch_size: the batch size timed.
+        full_ms: the full model's measured latency (the table's when not
+            verified).
+        slim_ms: the slim model's measured latency, or `None`.
+        measured_ratio: `slim_ms / full_ms` (timed interleaved), or `None`.
+        predicted_ms: the table's prediction for the plan.
+        predicted_ratio: `predicted_ms / table.full`.
+        met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
+            when not verified).
+        macs: `(full, slim)` multiply-accumulates.
+        params: `(full, slim)` parameter counts.
+        widths: `{group: (width, size)}` of every planned group.
+        remove_blocks: the removed blocks' Add layer names.
+        kept_importance: kept share of the total importance (see
+            `kept_importance`).
+        iterations: one dict per verified plan: budget, predicted and
+            measured ratios.
+        reason: why the target was not met, or `None`.
+    """
+
+    target: float
+    runtime: str
+    batch_size: int
+    full_ms: float
+    slim_ms: float | None
+    measured_ratio: float | None
+    predicted_ms: float
+    predicted_ratio: float
+    met: bool | None
+    macs: tuple[int, int]
+    params: tuple[int, int]
+    widths: dict
+    remove_blocks: list
+    kept_importance: float
+    iterations: list
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        """The report as JSON-ready builtins."""
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        measured = (
+            f"measured {self.slim_ms:.3f} ms of {self.full_ms:.3f} ms "
+            f"({self.measured_ratio:.3f})"
+            if self.measured_ratio is not None else "not measured"
+        )
+        return (
+            f"{self.runtime} batch {self.batch_size}, target "
+            f"{self.target:g}: predicted {self.predicted_ratio:.3f}, "
+            f"{measured}; MACs {self.macs[1] / self.macs[0]:.3f}, params "
+            f"{self.params[1] / self.params[0]:.3f} of the full model; "
+            f"{len(self.remove_blocks)} blocks removed"
+        )
+
+
+def default_scores(model, an: graph.Analysis) -> dict[str, np.ndarray]:
+    """L1 filter norms of every prunable group (`filter_norms`)."""
+    return {g.name: filter_norms(model, g, "l1")
+            for g in an.groups if g.prunable}
+
+
+def kept_importance(model, plan: PruningPlan, scores=None) -> float:
+    """Share of the total importance a plan keeps.
+
+    Each group's scores are divided by their largest; a group keeps the sum
+    of its `width` best scores (all of them when unplanned, none when it
+    lies inside a removed block); the result is the kept sum over the sum of
+    all scores.
+
+    Args:
+        model: the model the plan is for.
+        plan: a `PruningPlan` (its removed blocks count).
+        scores: `{group: per-channel scores}`. Defaults to `None` (L1
+            filter norms of every prunable group).
+
+    Returns:
+        A fraction in [0, 1].
+    """
+    an = graph.analyze(model)
+    scores = default_scores(model, an) if scores is None else scores
+    values = planner.kept_values(scores)
+    inner = removable_blocks(model, an)
+    gone = {g for b in plan.remove_blocks for g in inner.get(b, ())}
+    kept = planner.value_of(values, plan.widths(), gone)
+    return kept / planner.value_of(values, {})
+
+
+def _check(target, clusters, tolerance, max_iterations):
+    if (
+        isinstance(target, bool) or not isinstance(target, (int, float))
+        or not 0 < target < 1
+    ):
+        raise ValueError(
+            "`target` must be a fraction of the full latency in (0, 1). "
+            f"Received: target={target!r}"
+        )
+    if clusters not in CLUSTERS:
+        raise ValueError(
+            f"`clusters` must be one of {CLUSTERS}. "
+            f"Received: clusters={clusters!r}"
+        )
+    if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+        raise ValueError(
+            f"`tolerance` must be in [0, 1). Received: tolerance={tolerance!r}"
+        )
+    timing.check_count("max_iterations", max_iterations)
+
+
+class _Verifier:
+    """Times slim variants against the full model, interleaved."""
+
+    def __init__(self, model, runtime, batch_size, threads, jit_compile,
+                 measure, folder):
+        self.model, self.measure, self.folder = model, measure, folder
+        self.args = (runtime, batch_size, threads, jit_compile)
+        self.full = None
+
+    def _runner(self, model, name):
+        tflite = None
+        if self.args[0] == "litert":
+            tflite = export.export_tflite(
+                model, os.path.join(self.folder, f"{name}.tflite")
+            ).path
+        return timing.runner(model, *self.args, tflite=tflite)
+
+    def __call__(self, variant, name) -> tuple[float, float]:
+        """`(full_ms, slim_ms)`."""
+        if self.measure is not None:
+            return float(self.measure(self.model)), float(self.measure(variant))
+        if self.full is None:
+            self.full = self._runner(self.model, "full")
+            self.calls = timing.calls_per_block(self.full, VERIFY_BLOCK_MS)
+        return timing.interleaved(
+            self.full, self._runner(variant, name), VERIFY_ROUNDS, self.calls
+        )
+
+
+def plan_for_latency(model, target, runtime="litert", batch_size=1,
+                     scores=None, *, table=None, clusters="prune",
+                     threads=None, grid=GRID, tolerance=0.05,
+                     max_iterations=3, jit_compile=True, cache_dir=None,
+                     measure=None, verify=True, return_report=False, seed=0,
+                     verbose=1):
+    """A plan whose slim model runs at `target` times the full latency.
+
+    1. *Profile*: the latency table of the model on `runtime` at
+       `batch_size` on this machine (`kc.latency.profile`, cached), unless
+       `table` is given.
+    2. *Plan*: a width per scored group, chosen among its measured widths
+       (never one that measures slower than a wider one), and the residual
+       blocks to remove, keeping the most importance (each group's scores
+       divided by their largest, summed over kept channels; a removed block
+       loses its inner groups) within the predicted budget
+       `target * table.full`: an exact multiple-choice knapsack.
+    3. *Verify*: the slim model is exported (`kc.export_tflite`, LiteRT)
+       or folded and compiled (TensorFlow) and timed against the full model,
+       interleaved. Where `slim / full > target * (1 + tolerance)`, the
+       budget is scaled by `target / measured` and the plan made again, at
+       most `max_iterations` plans in all; if none meets the target, a
+       warning says why and the fastest measured plan is returned.
+
+    Args:
+        model: a functional or Sequential single-input `keras.Model`. It is
+            not changed.
+        target: the slim latency as a fraction of the full model's, in
+            (0, 1).
+        runtime: `"litert"` or `"tensorflow"` (see `kc.latency.profile`).
+            Defaults to `"litert"`.
+        batch_size: batch size of the timed calls. Defaults to `1`.
+        scores: `{group_name: per-channel scores}` from any method
+            (`kc.methods.ensemble_importance`, CaP, ...); only scored groups
+            are planned. Defaults to `None`: L1 filter norms of every
+            prunable group.
+        table: a `LatencyTable` of this model to plan from. Defaults to
+            `None` (profiled).
+        clusters: `"prune"` (singleton clusters of the best-scored channels:
+            plain pruning, `kc.slim` at once or after fine-tuning) or
+            `"kmeans"` (k-means clusters of the producer filters at the
+            chosen widths, for `kc.CSGD`). Defaults to `"prune"`.
+        threads: LiteRT threads. Defaults to `None` (the usable cores).
+        grid: width fractions profiled. Defaults to `(0.75, 0.5, 0.25)`.
+        tolerance: allowed relative miss of the measured ratio. Defaults to
+            `0.05`.
+        max_iterations: most plans verified. Defaults to `3`.
+        jit_compile: XLA for the TensorFlow runtime. Defaults to `True`.
+        cache_dir: latency cache folder. Defaults to `None` (see `profile`).
+        measure: a function `model -> ms` used instead of timing, for
+            profiling and verifying. Defaults to `None`.
+        verify: time the result. Defaults to `True`.
+        return_report: also return a `LatencyReport`. Defaults to `False`.
+        seed: k-means seed. Defaults to `0`.
+        verbose: `1` shows the profiling progress bar. Defaults to `1`.
+
+    Returns:
+        A bound `PruningPlan` (its `remove_blocks` set; `kc.slim(model,
+        plan)` applies them), or `(plan, report)` with `return_report=True`.
+
+    Raises:
+        ValueError: `target` not in (0, 1), an unknown `runtime`,
+            `batch_size < 1`, a model without a prunable group, bad `scores`
+            or `table`, or a target below the fastest reachable ratio (the
+            message names it).
+
+    Example:
+
+    ```python
+    plan, report = kc.plan_for_latency(model, 0.5, runtime="litert",
+                                       return_report=True)
+    print(report)
+    small = kc.slim(model, plan)
+    ```
+    """
+    _check(target, clusters, tolerance, max_iterations)
+    timing.check_runtime(runtime)
+    timing.check_count("batch_size", batch_size)
+    an = graph.analyze(model)
+    prunable_groups(model, an)
+    by_name = {g.name: g for g in an.groups}
+    scores = _checked_scores(
+        default_scores(model, an) if scores is None else scores, by_name
+    )
+    if table is None:
+        table = profile(
+            model, runtime, batch_size, threads=threads, grid=grid,
+            jit_compile=jit_compile, cache_dir=cache_dir, measure=measure,
+            verbose=verbose,
+        )
+    missing = sorted(set(scores) - set(table.groups))
+    if missing or any(table.groups[n]["size"] != by_name[n].size
+                      for n in scores):
+        raise ValueError(
+            "`table` must be a latency table of this model (it lacks or "
+            f"resizes groups {missing[:5]}). Received: table={table!r}"
+        )
+    values = planner.kept_values(scores)
+    fastest = planner.fastest(table, values) / table.full
+    if target < fastest:
+        raise ValueError(
+            f"`target` is below the fastest reachable latency, {fastest:.3f} "
+            "of the full model's (every scored group at its narrowest "
+            "measured width and every removable block removed; frozen "
+            "groups and fixed per-op costs hold the rest). "
+            f"Received: target={target!r}"
+        )
+    chosen, reason = _search(model, an, table, values, target, tolerance,
+                             max_iterations, measure, verify,
+                             (runtime, batch_size, threads, jit_compile))
+    plan = _plan(model, an, scores, chosen["widths"], chosen["remove"],
+                 clusters, seed)
+    if reason:
+        warnings.warn(f"`plan_for_latency`: {reason}", stacklevel=2)
+    if not return_report:
+        return plan
+    report = LatencyReport(
+        target=float(target), runtime=runtime, batch_size=batch_size,
+        full_ms=chosen.get("full_ms", table.full),
+        slim_ms=chosen.get("slim_ms"), measured_ratio=chosen.get("measured"),
+        predicted_ms=chosen["predicted_ms"],
+        predicted_ratio=chosen["predicted_ms"] / table.full,
+        met=None if not verify else reason is None,
+        macs=(flops.count_macs(model, an), flops.macs_under(model, plan, an)),
+        params=(model.count_params(), chosen["params"]),
+        widths={n: (w, by_name[n].size) for n, w in plan.widths().items()},
+        remove_blocks=list(plan.remove_blocks),
+        kept_importance=kept_importance(model, plan, scores),
+        iterations=chosen["history"], reason=reason,
+    )
+    return plan, report
+
+
+def _search(model, an, table, values, target, tolerance, max_iterations,
+            measure, verify, args):
+    """Plans and verifies until the target is met or the tries run out.
+
+    Returns:
+        `(chosen, reason)`: the decision (`widths`, `remove`,
+        `predicted_ms`, `params`, the measured fields and `history`) and
+        why the target was not met (or `None`).
+    """
+    sizes = {g.name: g.size for g in an.groups}
+    budget, history, best, reason = target * table.full, [], None, None
+    with tempfile.TemporaryDirectory() as folder:
+        verifier = _Verifier(model, *args, measure, folder)
+        for k in range(max_iterations):
+            choice = planner.choose(table, values, budget)
+            if choice is None:
+                reason = (
+                    f"after {k} plans the corrected budget "
+                    f"{budget / table.full:.3f} is below the fastest "
+                    "predicted plan; the runtime is slower at the narrow "
+                    "widths than the additive table predicts"
+                )
+                break
+            widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
+            variant = slim(model, width_plan(model, an, widths, choice[1]))
+            chosen = {"widths": widths, "remove": choice[1],
+                      "predicted_ms": choice[2],
+                      "params": variant.count_params()}
+            if not verify:
+                best = chosen
+                break
+            full_ms, slim_ms = verifier(variant, f"slim{k}")
+            chosen.update(full_ms=full_ms, slim_ms=slim_ms,
+                          measured=slim_ms / full_ms)
+            history.append({
+                "budget_ratio": budget / table.full,
+                "predicted_ratio": choice[2] / table.full,
+                "measured_ratio": chosen["measured"],
+            })
+            if best is None or chosen["measured"] < best["measured"]:
+                best = chosen
+            if chosen["measured"] <= target * (1 + tolerance):
+                best, reason = chosen, None
+                break
+            reason = (
+                f"the fastest of {len(history)} verified plans measures "
+                f"{best['measured']:.3f} of the full latency, above the "
+                f"target {target:g} (+{tolerance:g}); the machine may be "
+                "busy, or latency at these widths is not additive"
+            )
+            budget *= target / chosen["measured"]
+    if best is None:
+        raise ValueError(
+            f"`target` cannot be met: {reason}. Received: target={target!r}"
+        )
+    best["history"] = history
+    return best, reason
+
+
+def _plan(model, an, scores, widths, remove, clusters, seed) -> PruningPlan:
+    """The bound plan of the chosen widths: best-scored channels or
+    k-means clusters."""
+    sizes = {g.name: g.size for g in an.groups}
+    if clusters == "kmeans" and widths:
+        chosen = make_plan(
+            model, keep={n: w / sizes[n] for n, w in widths.items()},
+            method="kmeans", seed=seed,
+        ).clusters
+    else:
+        chosen = {n: _top(scores[n], w) for n, w in widths.items()}
+    plan = PruningPlan(chosen, groups=an.groups, remove_blocks=remove)
+    plan.analysis = (model, an)
+    return plan

@@ -1,0 +1,195 @@
+"""Runtimes and interleaved timing: what a latency is measured on.
+
+A *runtime* turns a Keras model into a zero-argument call that runs one
+batch: `"litert"` (the float32 flatbuffer in a LiteRT interpreter, with
+XNNPACK) or `"tensorflow"` (a compiled `tf.function` of the model with its
+BatchNormalization folded, on the device TensorFlow places it on). Two calls
+are timed *interleaved*: rounds alternate between them, each round times a
+block of calls per model, and each model's latency is the median over rounds
+of its blocks' medians, so slow phases of a shared machine hit both alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+import platform
+
+import numpy as np
+import tensorflow as tf
+
+import keras_csgd
+from keras_csgd import export
+from keras_csgd.fold import fold_batchnorm
+
+RUNTIMES = ("litert", "tensorflow")
+# /proc/cpuinfo flags that change which kernels a runtime picks.
+SIMD_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
+    "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "sve", "sve2",
+    "i8mm", "bf16",
+)
+
+
+def check_runtime(runtime) -> str:
+    """Raises `ValueError` unless `runtime` is one of `RUNTIMES`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"`runtime` must be one of {RUNTIMES}. "
+            f"Received: runtime={runtime!r}"
+        )
+    return runtime
+
+
+def check_count(name: str, value) -> int:
+    """Raises `ValueError` unless `value` (argument `name`) is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"`{name}` must be an int >= 1. Received: {name}={value!r}"
+        )
+    return value
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine() -> dict:
+    """The CPU (model name, SIMD flags, cores) and accelerators.
+
+    Returns:
+        `{"cpu", "simd", "cores", "gpus"}`: the CPU model name from
+        `/proc/cpuinfo` (else `platform.processor()`), the `SIMD_FLAGS` it
+        lists, the usable cores and the names of TensorFlow's GPUs.
+    """
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "cpu model") and value:
+                    cpu = value.strip()
+                elif key in ("flags", "Features"):
+                    flags |= set(value.split())
+    except OSError:
+        pass
+    gpus = [
+        tf.config.experimental.get_device_details(d).get("device_name", d.name)
+        for d in tf.config.list_physical_devices("GPU")
+    ]
+    return {
+        "cpu": cpu,
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "cores": cores(),
+        "gpus": gpus,
+    }
+
+
+def versions() -> dict:
+    """Versions of the libraries a latency depends on."""
+    import keras
+
+    try:
+        litert = importlib.metadata.version("ai-edge-litert")
+    except importlib.metadata.PackageNotFoundError:
+        litert = None
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "ai_edge_litert": litert,
+        "keras_csgd": keras_csgd.__version__,
+    }
+
+
+def tflite_bytes(model) -> bytes:
+    """The float32 LiteRT flatbuffer of `model`, converted fast.
+
+    The model's concrete function is frozen and converted directly, which
+    is what `kc.export_tflite` converts too, without its SavedModel round
+    trip (about 2 s instead of 9 s for a ResNet-56): profiling converts
+    dozens of variants. `plan_for_latency` verifies with `kc.export_tflite`.
+    """
+    spec = export._input_spec(model)
+    function = tf.function(
+        functools.partial(model.__call__, training=False)
+    ).get_concrete_function(spec)
+    absl = logging.getLogger("absl")  # the direct path's deprecation note
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [function]
+        )
+        converter.experimental_lower_to_saved_model = False
+        return converter.convert()
+    finally:
+        absl.setLevel(level)
+
+
+def inputs(model, batch_size: int) -> np.ndarray:
+    """A fixed uniform random batch for `model`'s input."""
+    shape = export._input_spec(model).shape[1:]
+    rng = np.random.default_rng(0)
+    return rng.uniform(size=(batch_size, *shape)).astype(np.float32)
+
+
+def runner(model, runtime: str, batch_size: int, threads: int,
+           jit_compile: bool = True, tflite=None):
+    """A zero-argument call that runs `model` on one batch in `runtime`.
+
+    Args:
+        model: a single-input Keras model.
+        runtime: `"litert"` or `"tensorflow"`.
+        batch_size: the batch size.
+        threads: LiteRT interpreter threads.
+        jit_compile: compile the TensorFlow call with XLA.
+        tflite: for `"litert"`, the flatbuffer bytes or a `.tflite` path.
+            Defaults to `None` (`tflite_bytes(model)`).
+    """
+    x = inputs(model, batch_size)
+    if runtime == "litert":
+        interpreter = export._interpreter(
+            tflite if tflite is not None else tflite_bytes(model), threads
+        )
+        export._set_input(interpreter, x)
+        return interpreter.invoke
+    call = tf.function(
+        functools.partial(fold_batchnorm(model), training=False),
+        jit_compile=jit_compile,
+    )
+    x = tf.constant(x)
+    return lambda: call(x).numpy()
+
+
+def calls_per_block(call, block_ms: float) -> int:
+    """Calls of `call` that take about `block_ms` (1 to 200)."""
+    times = export._timings(call, runs=3, warmup=2)
+    return int(np.clip(round(block_ms / times["median_ms"]), 1, 200))
+
+
+def interleaved(first, second, rounds: int, calls: int) -> tuple:
+    """Median latencies (ms) of two calls, timed in alternating rounds.
+
+    Each round times a block of `calls` calls of each (after one untimed
+    call), `first` first in even rounds, `second` first in odd ones.
+
+    Returns:
+        `(first_ms, second_ms)`: medians over rounds of the block medians.
+    """
+    first()
+    second()
+    blocks = ([], [])
+    for r in range(rounds):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            call = (first, second)[k]
+            blocks[k].append(
+                export._timings(call, runs=calls, warmup=1)["median_ms"]
+            )
+    return float(np.median(blocks[0])), float(np.median(blocks[1]))

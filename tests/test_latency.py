@@ -1,0 +1,264 @@
+"""Latency-targeted pruning: table, planner, cache, plan_for_latency.
+
+Planner tests use hand-made tables or an injected cost (`measure`), never
+wall-clock speed-ups; one real profiling run per runtime checks the cache.
+"""
+
+import itertools
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_csgd as kc
+from keras_csgd import graph, latency
+from keras_csgd.latency import planner
+from keras_csgd.latency.profile import width_plan
+
+
+def tiny(width=8, name="tiny"):
+    """stem -> one residual block (inner group `b_conv1`) -> head."""
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(width, 3, padding="same", name="stem")(x)
+    h = keras.layers.BatchNormalization(name="stem_bn")(h)
+    h = keras.layers.ReLU(name="stem_relu")(h)
+    b = keras.layers.Conv2D(width, 3, padding="same", name="b_conv1")(h)
+    b = keras.layers.BatchNormalization(name="b_bn1")(b)
+    b = keras.layers.ReLU(name="b_relu")(b)
+    b = keras.layers.Conv2D(width, 3, padding="same", name="b_conv2")(b)
+    b = keras.layers.BatchNormalization(name="b_bn2")(b)
+    h = keras.layers.Add(name="b_add")([h, b])
+    h = keras.layers.ReLU(name="out_relu")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h), name=name)
+
+
+def macs_ms(model):
+    """A deterministic 'runtime': 1 ms plus 1 ms per 100k MACs."""
+    return 1.0 + kc.count_macs(model) / 1e5
+
+
+def hand_table():
+    """Three groups (one slower at a narrower width) and one block."""
+    return latency.LatencyTable(
+        10.0,
+        {
+            "a": {"size": 8, "widths": [6, 4, 2], "ms": [9.0, 9.5, 7.0]},
+            "b": {"size": 16, "widths": [12, 8, 4], "ms": [9.2, 8.1, 7.7]},
+            "c": {"size": 4, "widths": [3, 2, 1], "ms": [9.9, 9.4, 9.3]},
+        },
+        {"blk": {"saving_ms": 1.1, "groups": ["c"]}},
+    )
+
+
+def brute_force(table, values, budget):
+    """Best kept value over every measured width and block choice."""
+    names = list(table.groups)
+    grids = [table.points(n)[0] for n in names]
+    best = -np.inf
+    for combo in itertools.product(*grids):
+        widths = dict(zip(names, (int(w) for w in combo)))
+        for removed in ([], ["blk"]):
+            if table.predict(widths, removed) <= budget + 1e-9:
+                gone = set(table.blocks["blk"]["groups"]) if removed else set()
+                best = max(best, planner.value_of(values, widths, gone))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planner_matches_brute_force(seed):
+    table = hand_table()
+    rng = np.random.default_rng(seed)
+    values = planner.kept_values(
+        {n: rng.uniform(size=g["size"]) for n, g in table.groups.items()}
+    )
+    for budget in np.linspace(planner.fastest(table, values), 10.0, 25):
+        widths, removed, ms, value = planner.choose(table, values, budget)
+        assert ms <= budget + 1e-9
+        np.testing.assert_allclose(ms, table.predict(widths, removed))
+        np.testing.assert_allclose(
+            value, brute_force(table, values, budget), rtol=1e-12
+        )
+
+
+def test_planner_never_picks_a_width_slower_than_a_wider_one():
+    table = hand_table()
+    assert table.choices("a") == [(8, 10.0), (6, 9.0), (2, 7.0)]
+    values = planner.kept_values({"a": np.ones(8), "b": np.ones(16)})
+    for budget in np.linspace(planner.fastest(table, values), 10.0, 40):
+        widths, _, _, _ = planner.choose(table, values, budget)
+        assert widths["a"] != 4
+    assert planner.choose(table, values, 4.0) is None  # fastest: 4.7 ms
+
+
+def test_table_predicts_by_interpolation_and_round_trips_json():
+    table = hand_table()
+    widths, ms = table.points("b")
+    for w in (16, 14, 12, 9.5, 4):
+        np.testing.assert_allclose(
+            table.predict({"b": w}), np.interp(w, widths[::-1], ms[::-1])
+        )
+    # Below the narrowest width, the narrowest segment is extended.
+    np.testing.assert_allclose(table.predict({"b": 2}), 7.7 - 0.1 * 2)
+    np.testing.assert_allclose(
+        table.predict({"b": 8, "c": 2}, ["blk"]), 8.1 - 1.1
+    )
+    again = latency.LatencyTable.from_json(table.to_json())
+    assert again.groups == table.groups and again.blocks == table.blocks
+    assert again.full == table.full
+    with pytest.raises(ValueError, match="widths"):
+        table.predict({"b": 17})
+    with pytest.raises(ValueError, match="remove_blocks"):
+        table.predict({}, ["nope"])
+
+
+def test_interactions_are_exact_for_a_product_cost():
+    """With MACs as the 'runtime', predictions equal the slim models'."""
+    model = tiny(16)
+    table = latency.profile(model, measure=macs_ms, verbose=0)
+    an = graph.analyze(model)
+    for widths, removed in [
+        ({"stem": 8, "b_conv1": 4}, ()),
+        ({"stem": 4, "b_conv1": 12}, ()),
+        ({"stem": 12}, ("b_add",)),
+    ]:
+        variant = kc.slim(model, width_plan(model, an, widths, removed))
+        np.testing.assert_allclose(
+            table.predict(widths, removed), macs_ms(variant), rtol=1e-9
+        )
+
+
+def test_plan_for_latency_with_an_injected_cost():
+    model = tiny(16)
+    before = [w.numpy().copy() for w in model.weights]
+    plan, report = kc.plan_for_latency(
+        model, 0.5, measure=macs_ms, return_report=True, verbose=0
+    )
+    full = macs_ms(model)
+    slim = kc.slim(model, plan)
+    np.testing.assert_allclose(report.slim_ms, macs_ms(slim))
+    assert report.measured_ratio <= 0.5 * 1.05 and report.met
+    np.testing.assert_allclose(report.measured_ratio, macs_ms(slim) / full)
+    assert report.macs == (kc.count_macs(model), kc.count_macs(slim))
+    assert report.params == (model.count_params(), slim.count_params())
+    assert report.widths == {n: (w, 16) for n, w in plan.widths().items()}
+    assert 0 < report.kept_importance < 1
+    json.dumps(report.to_dict())
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+
+
+def test_removed_blocks_round_trip_through_json_and_slim():
+    model = tiny(8)
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.normal(size=w.shape).astype("float32") * 0.3
+                 + (1.0 if "variance" in w.path else 0.0) * (w.shape != ()))
+    table = latency.LatencyTable(
+        1.0, {"b_conv1": {"size": 8, "widths": [4], "ms": [1.0]},
+              "stem": {"size": 8, "widths": [4], "ms": [1.0]}},
+        {"b_add": {"saving_ms": 0.5, "groups": ["b_conv1"]}},
+    )
+    plan = kc.plan_for_latency(
+        model, 0.6, table=table,
+        measure=lambda m: 0.5 if "b_add" not in
+        [layer.name for layer in m.layers] else 1.0,
+    )
+    assert plan.remove_blocks == ("b_add",) and plan.widths() == {}
+    again = kc.PruningPlan.from_json(plan.to_json())
+    assert again.remove_blocks == ("b_add",)
+    small = kc.slim(model, again)
+    assert "b_conv1" not in [layer.name for layer in small.layers]
+    # Reference: the unpruned model with the branch's last BN zeroed.
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    bn = reference.get_layer("b_bn2")
+    bn.gamma.assign(np.zeros(8, "float32"))
+    bn.beta.assign(np.zeros(8, "float32"))
+    x = rng.uniform(size=(4, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(small(x), reference(x), atol=1e-5)
+
+
+def test_kmeans_plans_train_with_csgd():
+    model = tiny(16)
+    plan = kc.plan_for_latency(model, 0.5, measure=macs_ms,
+                               clusters="kmeans", verbose=0)
+    pruned = kc.plan_for_latency(model, 0.5, measure=macs_ms, verbose=0)
+    assert plan.widths() == pruned.widths()
+    assert plan.remove_blocks == pruned.remove_blocks
+    model.compile(optimizer=kc.CSGD(plan, learning_rate=0.01), loss="mse",
+                  jit_compile=False)
+    x = np.random.default_rng(0).uniform(size=(8, 8, 8, 3))
+    model.fit(x, np.zeros((8, 3)), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"target": 0}, "target"), ({"target": 1}, "target"),
+    ({"target": -0.5}, "target"), ({"target": True}, "target"),
+    ({"target": 0.5, "runtime": "onnx"}, "runtime"),
+    ({"target": 0.5, "batch_size": 0}, "batch_size"),
+    ({"target": 0.5, "clusters": "even"}, "clusters"),
+    ({"target": 0.5, "scores": {"nope": [1.0]}}, "scores"),
+])
+def test_bad_arguments_raise_and_leave_the_model(kwargs, name):
+    model = tiny(8)
+    before = [w.numpy().copy() for w in model.weights]
+    with pytest.raises(ValueError, match=f"`{name}`|{name}"):
+        kc.plan_for_latency(model, measure=macs_ms, verbose=0, **kwargs)
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+
+
+def test_no_prunable_group_and_unreachable_target():
+    x = keras.Input((4,))
+    dense = keras.Model(x, keras.layers.Dense(2)(x))
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        kc.plan_for_latency(dense, 0.5, measure=macs_ms)
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        latency.profile(dense, measure=macs_ms)
+    model = tiny(8)
+    table = latency.LatencyTable(
+        1.0, {"b_conv1": {"size": 8, "widths": [4], "ms": [0.9]},
+              "stem": {"size": 8, "widths": [4], "ms": [0.95]}},
+    )
+    with pytest.raises(ValueError, match=r"`target`.*0\.850"):
+        kc.plan_for_latency(model, 0.5, table=table, measure=macs_ms)
+
+
+def test_profile_caches_per_structure_batch_and_runtime(tmp_path):
+    """One real LiteRT profile; then hits and misses of the cache."""
+    model = tiny(8)
+    args = dict(grid=(0.5,), rounds=1, threads=1, cache_dir=tmp_path,
+                verbose=0)
+    first = latency.profile(model, "litert", 1, **args)
+    assert not first.cached and first.full > 0
+    assert set(first.groups) == {"stem", "b_conv1"}
+    assert first.blocks["b_add"]["groups"] == ["b_conv1"]
+    second = latency.profile(model, "litert", 1, **args)
+    assert second.cached and second.to_json() == first.to_json()
+    assert not latency.profile(tiny(16), "litert", 1, **args).cached
+    assert not latency.profile(model, "litert", 2, **args).cached
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_corrupt_or_foreign_cache_files_are_measured_again(tmp_path):
+    model = tiny(8)
+    args = dict(grid=(0.5,), rounds=1, cache_dir=tmp_path, verbose=0,
+                jit_compile=False)
+    table = latency.profile(model, "tensorflow", 2, **args)
+    assert not table.cached
+    assert latency.profile(model, "tensorflow", 2, **args).cached
+    assert not latency.profile(model, "tensorflow", 4, **args).cached
+    path = tmp_path / f"{table.key}.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="measuring again"):
+        again = latency.profile(model, "tensorflow", 2, **args)
+    assert not again.cached
+    assert latency.LatencyTable.from_json(path.read_text()).key == table.key
+    foreign = json.loads(path.read_text())
+    foreign["key"] = "0" * 64
+    path.write_text(json.dumps(foreign))
+    with pytest.warns(UserWarning, match="another key|written under key"):
+        assert not latency.profile(model, "tensorflow", 2, **args).cached
