@@ -28,7 +28,8 @@ from keras_csgd.layers.registry import LayerHandler, register_layer
 
 def _prod(dims) -> int | None:
     """Product of `dims`, or `None` when one is unknown."""
-    return None if any(d is None for d in dims) else math.prod(dims)
+    dims = tuple(dims)
+    return None if None in dims else math.prod(dims)
 
 
 def _times(n, *factors) -> int | None:
@@ -191,7 +192,8 @@ class EinsumDenseHandler(LayerHandler):
                           key="output_shape")
         if layer.bias is not None:
             ctx.member(call, layer.bias, 0, out)
-        rows = _prod(call.outputs[0].shape[1:-1])
+        # The other axes pass through (the output's may read `None`).
+        rows = _prod(call.inputs[0].shape[1:-1])
         ctx.cost(call, _times(rows, *layer.kernel.shape), lay, out)
         return [out]
 

@@ -19,7 +19,9 @@ derives it as `hidden_dim // num_heads`, which fewer heads would change.
 So the narrower layer is a subclass (`PrunedTransformerEncoder`,
 `PrunedViTEncoderBlock`, `PrunedViTEncoder`: serializable, same weights
 names, same computation) with `key_dim` in its config, and per-block head
-and MLP widths for the ViT encoder.
+and MLP widths for the ViT encoder. ViT's patch embedding is rebuilt as
+`PrunedViTPatchingAndEmbedding`, whose config loads back (keras_hub's
+does not).
 
 This module imports keras_hub; the registry imports it the first time it
 looks up a keras_hub layer, so keras_hub stays an optional dependency.
@@ -171,12 +173,38 @@ class PatchingHandler(LayerHandler):
         return [out]
 
     def rebuild(self, config, widths):
-        # keras_hub's get_config writes two derived sizes that its
-        # __init__ rejects.
-        config.pop("num_patches", None)
-        config.pop("num_positions", None)
         config.update(widths)
-        return config
+        return PrunedViTPatchingAndEmbedding.from_config(config)
+
+
+@keras.saving.register_keras_serializable(package="keras_csgd")
+class PrunedViTPatchingAndEmbedding(ViTPatchingAndEmbedding):
+    """ViT's patch embedding, loadable from its own config.
+
+    keras_hub's `get_config` writes `num_patches` and `num_positions`,
+    derived sizes that its `__init__` rejects; this subclass accepts and
+    ignores them, and writes `use_patch_bias` and `data_format` too.
+
+    Args:
+        *args: the `ViTPatchingAndEmbedding` arguments.
+        num_patches: ignored (derived). Defaults to `None`.
+        num_positions: ignored (derived). Defaults to `None`.
+        **kwargs: the other `ViTPatchingAndEmbedding` arguments.
+
+    Example:
+
+    ```python
+    layer = PrunedViTPatchingAndEmbedding((16, 16), (4, 4), hidden_dim=24)
+    ```
+    """
+
+    def __init__(self, *args, num_patches=None, num_positions=None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "use_patch_bias": self.use_patch_bias,
+                "data_format": self.data_format}
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
