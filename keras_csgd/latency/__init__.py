@@ -11,10 +11,11 @@ from keras_csgd.latency.target import (
     LatencyReport,
     kept_importance,
     plan_for_latency,
+    time_against_full,
 )
 from keras_csgd.latency.timing import RUNTIMES, machine
 
 __all__ = [
     "RUNTIMES", "LatencyReport", "LatencyTable", "kept_importance",
-    "machine", "plan_for_latency", "profile",
+    "machine", "plan_for_latency", "profile", "time_against_full",
 ]

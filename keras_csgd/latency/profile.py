@@ -19,7 +19,7 @@ from collections import Counter
 
 import keras
 
-from keras_csgd import blocks, graph
+from keras_csgd import blocks, checks, graph
 from keras_csgd.latency import table as tables
 from keras_csgd.latency import timing
 from keras_csgd.plan import PruningPlan, target_width
@@ -245,17 +245,17 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     table.shares()  # each group's and block's share of the latency
     ```
     """
-    runtime = timing.check_runtime(runtime)
-    timing.check_count("batch_size", batch_size)
+    checks.choice("runtime", runtime, timing.RUNTIMES)
+    checks.positive_int("batch_size", batch_size)
+    threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
-    timing.check_count("threads", threads)
-    timing.check_count("rounds", rounds)
-    if not grid or not all(
-        isinstance(f, (int, float)) and 0 < f < 1 for f in grid
-    ):
+    checks.positive_int("rounds", rounds)
+    if isinstance(grid, str) or not grid:
         raise ValueError(
-            "`grid` must be fractions in (0, 1). Received: grid={grid!r}"
+            f"`grid` must be fractions in (0, 1). Received: grid={grid!r}"
         )
+    for f in grid:
+        checks.fraction("grid", f, high_closed=False)
     an = graph.analyze(model)
     prunable = prunable_groups(model, an)
     folder = tables.cache_dir(cache_dir)

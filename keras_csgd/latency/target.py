@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from keras_csgd import export, flops, graph
+from keras_csgd import checks, export, flops, graph
 from keras_csgd.latency import planner, timing
 from keras_csgd.latency.profile import (
     GRID,
@@ -131,27 +131,6 @@ def kept_importance(model, plan: PruningPlan, scores=None) -> float:
     return kept / planner.value_of(values, {})
 
 
-def _check(target, clusters, tolerance, max_iterations):
-    if (
-        isinstance(target, bool) or not isinstance(target, (int, float))
-        or not 0 < target < 1
-    ):
-        raise ValueError(
-            "`target` must be a fraction of the full latency in (0, 1). "
-            f"Received: target={target!r}"
-        )
-    if clusters not in CLUSTERS:
-        raise ValueError(
-            f"`clusters` must be one of {CLUSTERS}. "
-            f"Received: clusters={clusters!r}"
-        )
-    if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ValueError(
-            f"`tolerance` must be in [0, 1). Received: tolerance={tolerance!r}"
-        )
-    timing.check_count("max_iterations", max_iterations)
-
-
 class _Verifier:
     """Times slim variants against the full model, interleaved."""
 
@@ -179,6 +158,41 @@ class _Verifier:
         return timing.interleaved(
             self.full, self._runner(variant, name), VERIFY_ROUNDS, self.calls
         )
+
+
+def time_against_full(model, variant, runtime="litert", batch_size=1, *,
+                      threads=None, jit_compile=True):
+    """Times `variant` against `model`, interleaved, on `runtime`.
+
+    LiteRT runs the files `kc.export_tflite` writes; TensorFlow a compiled
+    call of each model with BatchNormalization folded. `VERIFY_ROUNDS`
+    rounds of blocks of about 50 ms each.
+
+    Args:
+        model: the full model.
+        variant: its slim model (or any model of the same input).
+        runtime: `"litert"` or `"tensorflow"`. Defaults to `"litert"`.
+        batch_size: batch size of the calls. Defaults to `1`.
+        threads: LiteRT threads. Defaults to `None` (the usable cores).
+        jit_compile: XLA for TensorFlow. Defaults to `True`.
+
+    Returns:
+        `(full_ms, variant_ms)`: medians over rounds of block medians.
+
+    Example:
+
+    ```python
+    full_ms, slim_ms = kc.latency.time_against_full(model, kc.slim(model, p))
+    ```
+    """
+    checks.choice("runtime", runtime, timing.RUNTIMES)
+    checks.positive_int("batch_size", batch_size)
+    threads = checks.positive_int("threads", threads, allow_none=True)
+    threads = timing.cores() if threads is None else threads
+    with tempfile.TemporaryDirectory() as folder:
+        verifier = _Verifier(model, runtime, batch_size, threads,
+                             jit_compile, None, folder)
+        return verifier(variant, "variant")
 
 
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
@@ -256,15 +270,20 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     small = kc.slim(model, plan)
     ```
     """
-    _check(target, clusters, tolerance, max_iterations)
-    timing.check_runtime(runtime)
-    timing.check_count("batch_size", batch_size)
+    checks.fraction("target", target, high_closed=False)
+    checks.choice("clusters", clusters, CLUSTERS)
+    checks.fraction("tolerance", tolerance, low_open=False, high_closed=False)
+    checks.positive_int("max_iterations", max_iterations)
+    checks.choice("runtime", runtime, timing.RUNTIMES)
+    checks.positive_int("batch_size", batch_size)
     an = graph.analyze(model)
     prunable_groups(model, an)
     by_name = {g.name: g for g in an.groups}
     scores = _checked_scores(
         default_scores(model, an) if scores is None else scores, by_name
     )
+    threads = checks.positive_int("threads", threads, allow_none=True)
+    threads = timing.cores() if threads is None else threads
     if table is None:
         table = profile(
             model, runtime, batch_size, threads=threads, grid=grid,

@@ -34,25 +34,6 @@ SIMD_FLAGS = (
 )
 
 
-def check_runtime(runtime) -> str:
-    """Raises `ValueError` unless `runtime` is one of `RUNTIMES`."""
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"`runtime` must be one of {RUNTIMES}. "
-            f"Received: runtime={runtime!r}"
-        )
-    return runtime
-
-
-def check_count(name: str, value) -> int:
-    """Raises `ValueError` unless `value` (argument `name`) is an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}` must be an int >= 1. Received: {name}={value!r}"
-        )
-    return value
-
-
 def cores() -> int:
     """CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):

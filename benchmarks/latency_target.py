@@ -1,0 +1,183 @@
+"""Latency-targeted pruning: measured latency against the target.
+
+    .venv/bin/python benchmarks/latency_target.py [--quick]
+
+For a CIFAR ResNet-56 and keras.applications MobileNetV2 (128x128, random
+weights: latency does not depend on them), in LiteRT at batch 1 and in
+TensorFlow (BN folded, XLA) at batch 64, with `--threads` threads: the
+latency table is profiled with a cold cache (`kc.latency.profile`, its time
+recorded), then for each target 0.7, 0.5 and 0.35 of the full latency
+`kc.plan_for_latency` plans and verifies (slim vs full, interleaved). Next to
+each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) whose
+predicted latency equals the latency plan's measured one is timed the same
+way (one interleaved run), with the importance (L1 filter norms, see
+`kc.latency.kept_importance`) each keeps. Writes
+`benchmarks/results/latency_target[_quick].json` with the machine (CPU
+model, SIMD flags, cores) and the load average, after every model and
+runtime. `--quick` profiles with 3 rounds and verifies at most 2 plans.
+The accuracy row of issue #13 (ResNet-20, CIFAR quick) is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from cifar10 import dump_json, machine, write_atomically  # noqa: E402
+
+import keras_csgd as kc  # noqa: E402
+from keras_csgd import export as kexport  # noqa: E402
+from keras_csgd import latency  # noqa: E402
+from keras_csgd.plan import target_width  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGETS = (0.7, 0.5, 0.35)
+SETUPS = {"litert_b1": ("litert", 1), "tensorflow_b64": ("tensorflow", 64)}
+MODELS = {
+    "resnet56": lambda: kc.models.resnet_cifar(56),
+    "mobilenetv2_128": lambda: keras.applications.MobileNetV2(
+        input_shape=(128, 128, 3), weights=None
+    ),
+}
+
+
+def uniform_widths(table, keep) -> dict:
+    return {n: target_width(g["size"], keep, 8)
+            for n, g in table.groups.items()}
+
+
+def uniform_keep(table, ms) -> float:
+    """The `keep` whose uniform round_to=8 plan is predicted nearest `ms`."""
+    keeps = np.round(np.arange(0.05, 1.0001, 0.005), 3)
+    predicted = [table.predict(uniform_widths(table, k)) for k in keeps]
+    return float(keeps[int(np.argmin(np.abs(np.array(predicted) - ms)))])
+
+
+def uniform_row(model, table, measured_ratio, setup, threads):
+    """The uniform plan predicted at `measured_ratio`, timed."""
+    runtime, batch = setup
+    keep = uniform_keep(table, measured_ratio * table.full)
+    plan = kc.methods.magnitude_plan(model, keep=keep, round_to=8)
+    full_ms, slim_ms = latency.time_against_full(
+        model, kc.slim(model, plan), runtime, batch, threads=threads
+    )
+    return {
+        "keep": keep,
+        "predicted_ratio": table.predict(plan.widths()) / table.full,
+        "measured_ratio": slim_ms / full_ms,
+        "full_ms": full_ms, "slim_ms": slim_ms,
+        "macs_ratio": kc.macs_under(model, plan) / kc.count_macs(model),
+        "kept_importance": latency.kept_importance(model, plan),
+    }
+
+
+def run_setup(name, setup, args):
+    model = MODELS[name]()
+    runtime, batch = setup
+    with tempfile.TemporaryDirectory() as cold:
+        start = time.perf_counter()
+        table = latency.profile(
+            model, runtime, batch, threads=args.threads, cache_dir=cold,
+            rounds=3 if args.quick else 5, verbose=1,
+        )
+        seconds = time.perf_counter() - start
+    rows = []
+    for target in TARGETS:
+        row = {"target": target}
+        try:
+            _, report = kc.plan_for_latency(
+                model, target, runtime, batch, table=table,
+                threads=args.threads, max_iterations=2 if args.quick else 3,
+                return_report=True, verbose=0,
+            )
+        except ValueError as e:
+            row["error"] = str(e)
+            rows.append(row)
+            continue
+        row.update(
+            predicted_ratio=report.predicted_ratio,
+            measured_ratio=report.measured_ratio,
+            measured_over_target=report.measured_ratio / target,
+            met=report.met, full_ms=report.full_ms, slim_ms=report.slim_ms,
+            macs_ratio=report.macs[1] / report.macs[0],
+            params_ratio=report.params[1] / report.params[0],
+            kept_importance=report.kept_importance,
+            remove_blocks=report.remove_blocks,
+            widths=report.widths, iterations=report.iterations,
+            reason=report.reason,
+        )
+        row["uniform_round_to_8"] = uniform_row(
+            model, table, report.measured_ratio, setup, args.threads
+        )
+        print(f"{name} {runtime} b{batch} target {target}: {report}; "
+              f"uniform keep {row['uniform_round_to_8']['keep']} measures "
+              f"{row['uniform_round_to_8']['measured_ratio']:.3f}, "
+              f"importance {report.kept_importance:.3f} vs "
+              f"{row['uniform_round_to_8']['kept_importance']:.3f}",
+              flush=True)
+        rows.append(row)
+    return {
+        "model": name, "runtime": runtime, "batch_size": batch,
+        "full_ms_table": table.full,
+        "profile_seconds_cold_cache": round(seconds, 1),
+        "groups": len(table.groups), "blocks": len(table.blocks),
+        "rows": rows,
+    }
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+",
+                        default=list(MODELS))
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS),
+                        default=list(SETUPS))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join(
+        HERE, "results",
+        "latency_target_quick.json" if args.quick else "latency_target.json",
+    )
+    kexport.set_tf_threads(args.threads)
+    result = {
+        "command": "python benchmarks/latency_target.py"
+        + (" --quick" if args.quick else ""),
+        "threads": args.threads, "targets": list(TARGETS),
+        "machine": {**machine(), **latency.machine()},
+        "uptime_at_start": uptime(),
+        "statistic": "measured_ratio: slim / full latency, each the median "
+        "over interleaved rounds of block medians (one run); "
+        "predicted_ratio: the latency table's prediction",
+        "accuracy_row": "not run (ResNet-20 CIFAR quick accuracy row of "
+        "issue #13 is out of scope of this script)",
+        "setups": [],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    for name in args.models:
+        for setup in args.setups:
+            result["setups"].append(run_setup(name, SETUPS[setup], args))
+            result["uptime_at_end"] = uptime()
+            write_atomically(out, lambda tmp: dump_json(result, tmp))
+    return result
+
+
+if __name__ == "__main__":
+    main()
