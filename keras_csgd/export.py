@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_csgd import batches
+from keras_csgd_cli import silenced_stderr
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 
@@ -57,9 +58,16 @@ def _interpreter(path_or_bytes, threads=None):
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         Interpreter = tf.lite.Interpreter
-    if isinstance(path_or_bytes, bytes):
-        return Interpreter(model_content=path_or_bytes, num_threads=threads)
-    return Interpreter(model_path=str(path_or_bytes), num_threads=threads)
+    source = (
+        {"model_content": path_or_bytes} if isinstance(path_or_bytes, bytes)
+        else {"model_path": str(path_or_bytes)}
+    )
+    # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" on
+    # the C++ stderr whenever an interpreter is made.
+    with silenced_stderr():
+        interpreter = Interpreter(**source, num_threads=threads)
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 def run_tflite(path_or_bytes, x, threads=None):
