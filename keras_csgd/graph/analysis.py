@@ -21,9 +21,21 @@ import dataclasses
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
 from keras_csgd import layers
+from keras_csgd.graph.layout import (
+    flat_channels,
+    layout_size,
+    leaves,
+    map_leaves,
+)
+from keras_csgd.graph.nodes import (
+    channels,
+    check_functional,
+    is_graph_model,
+    producer_name,
+    topological_nodes,
+)
 from keras_csgd.groups import ChannelGroup
 
 
@@ -56,7 +68,7 @@ class Analysis:
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
-        return _map_leaves(layout, lambda g: ("leaf", self.roots[g]))
+        return map_leaves(layout, lambda g: ("leaf", self.roots[g]))
 
     def consumer_maps(self):
         """Every consumer entry with the channels its input axis reads.
@@ -73,107 +85,6 @@ class Analysis:
     def entries_of(self, lname: str) -> list[Entry]:
         """The entries of one (qualified) layer."""
         return [e for e in self.entries if e.lname == lname]
-
-
-def _map_leaves(layout, fn):
-    kind = layout[0]
-    if kind == "leaf":
-        return fn(layout[1])
-    if kind == "cat":
-        return ("cat", tuple(_map_leaves(p, fn) for p in layout[1]))
-    return (kind, _map_leaves(layout[1], fn), layout[2])
-
-
-def leaves(layout) -> list[int]:
-    """The gids a layout reads."""
-    if layout[0] == "leaf":
-        return [layout[1]]
-    if layout[0] == "cat":
-        return [g for p in layout[1] for g in leaves(p)]
-    return leaves(layout[1])
-
-
-def layout_size(layout, sizes) -> int:
-    """Number of entries of a layout, with `sizes[gid]` channels per leaf."""
-    kind = layout[0]
-    if kind == "leaf":
-        return sizes[layout[1]]
-    if kind == "cat":
-        return sum(layout_size(p, sizes) for p in layout[1])
-    return layout_size(layout[1], sizes) * layout[2]
-
-
-def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
-    """(gid, channel) of every entry of a layout, in order."""
-    kind = layout[0]
-    if kind == "leaf":
-        n = sizes[layout[1]]
-        return np.full(n, layout[1]), np.arange(n)
-    if kind == "cat":
-        parts = [flat_channels(p, sizes) for p in layout[1]]
-        return (
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]),
-        )
-    g, c = flat_channels(layout[1], sizes)
-    if kind == "tile":
-        return np.tile(g, layout[2]), np.tile(c, layout[2])
-    return np.repeat(g, layout[2]), np.repeat(c, layout[2])
-
-
-class Reindex:
-    """Old <-> new entry indices of channel layouts under a plan."""
-
-    def __init__(self, an: Analysis, plan):
-        self.old = dict(an.sizes)
-        self.new = dict(an.sizes)
-        self.ids, self.first = {}, {}
-        for name, clusters in plan.clusters.items():
-            root = an.gid_of[name]
-            self.new[root] = len(clusters)
-            self.ids[root] = plan.cluster_ids(name, an.sizes[root])
-            self.first[root] = np.array([c[0] for c in clusters])
-
-    def select(self, lay) -> np.ndarray:
-        """For every new entry, the old entry it copies."""
-        kind = lay[0]
-        if kind == "leaf":
-            r = lay[1]
-            return self.first.get(r, np.arange(self.old[r]))
-        if kind == "cat":
-            out, off = [], 0
-            for part in lay[1]:
-                out.append(self.select(part) + off)
-                off += layout_size(part, self.old)
-            return np.concatenate(out)
-        inner, t = self.select(lay[1]), lay[2]
-        n = layout_size(lay[1], self.old)
-        if kind == "tile":
-            return np.concatenate([inner + p * n for p in range(t)])
-        return (inner[:, None] * t + np.arange(t)).ravel()
-
-    def assign(self, lay) -> np.ndarray:
-        """For every old entry, the new entry it adds into (-1: removed)."""
-        kind = lay[0]
-        if kind == "leaf":
-            r = lay[1]
-            return self.ids.get(r, np.arange(self.old[r]))
-        if kind == "cat":
-            out, off = [], 0
-            for part in lay[1]:
-                a = self.assign(part)
-                out.append(np.where(a >= 0, a + off, -1))
-                off += layout_size(part, self.new)
-            return np.concatenate(out)
-        inner, t = self.assign(lay[1]), lay[2]
-        n = layout_size(lay[1], self.new)
-        if kind == "tile":
-            return np.concatenate(
-                [np.where(inner >= 0, inner + p * n, -1) for p in range(t)]
-            )
-        rep = np.repeat(inner, t)
-        sub = np.tile(np.arange(t), len(inner))
-        return np.where(rep >= 0, rep * t + sub, -1)
 
 
 @dataclasses.dataclass
@@ -447,168 +358,6 @@ def _unique(name: str, used: set) -> str:
     return out
 
 
-def channels(t) -> int:
-    """Size of a tensor's last (channel) axis (1 for a scalar)."""
-    dim = t.shape[-1] if len(t.shape) else 1
-    return int(dim) if dim is not None else 1
-
-
-def topological_nodes(model):
-    """The model's nodes from inputs to outputs, each once."""
-    nodes, seen = [], set()
-    stack = [(t._keras_history.operation, t._keras_history.node_index)
-             for t in model.outputs]
-    order = []
-    # Iterative post-order DFS over the node graph.
-    visit = [(op, idx, False) for op, idx in reversed(stack)]
-    while visit:
-        op, idx, done = visit.pop()
-        key = (id(op), idx)
-        if done:
-            if key not in seen:
-                seen.add(key)
-                order.append(op._inbound_nodes[idx])
-            continue
-        if key in seen:
-            continue
-        visit.append((op, idx, True))
-        for t in op._inbound_nodes[idx].input_tensors:
-            h = t._keras_history
-            if (id(h.operation), h.node_index) not in seen:
-                visit.append((h.operation, h.node_index, False))
-    for node in order:
-        if not isinstance(node.operation, keras.layers.InputLayer):
-            nodes.append(node)
-    return nodes
-
-
-# ---------------------------------------------------------------- queries
-# The only code of the package that reads Keras's private node structure
-# (`_keras_history`, `_inbound_nodes`, `_outbound_nodes`).
-def producer_of(tensor):
-    """The operation that computed a Keras tensor."""
-    return tensor._keras_history.operation
-
-
-def producer_name(tensor) -> str:
-    """The name of the operation (or input layer) of a Keras tensor."""
-    return tensor._keras_history.operation.name
-
-
-def call_inputs(layer) -> list | None:
-    """The input tensors of `layer`'s only call, or `None` (0 or 2+ calls)."""
-    nodes = layer._inbound_nodes
-    return list(nodes[0].input_tensors) if len(nodes) == 1 else None
-
-
-def call_arguments(call: Call) -> tuple[tuple, dict]:
-    """The positional and keyword arguments `call` was made with.
-
-    Keras tensors among them are the ones of `call.inputs`; a handler maps
-    them to layouts by identity (`MultiHeadAttention(query=..., value=...)`).
-    """
-    h = call.outputs[0]._keras_history
-    args = h.operation._inbound_nodes[h.node_index].arguments
-    return args.args, args.kwargs
-
-
-def sole_reader(layer):
-    """The one operation that reads `layer`'s output, or `None`.
-
-    `None` too when `layer` is called more than once.
-    """
-    if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
-        return None
-    return layer._outbound_nodes[0].operation
-
-
-def following_batchnorm(layer, scaled: bool = False):
-    """The BatchNormalization over the last axis that alone reads `layer`.
-
-    Args:
-        layer: a layer called once.
-        scaled: require the BatchNormalization to have a `gamma`.
-
-    Returns:
-        The BatchNormalization layer, or `None`.
-    """
-    bn = sole_reader(layer)
-    if bn is None or not layers.attribute(bn, "normalizes"):
-        return None
-    rank = len(layer.output.shape)
-    if bn.axis not in (-1, rank - 1) or (scaled and not bn.scale):
-        return None
-    return bn
-
-
-def ancestors(tensor) -> set[int]:
-    """Ids of `tensor` and of every Keras tensor it was computed from."""
-    seen, stack = set(), [tensor]
-    while stack:
-        t = stack.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        h = t._keras_history
-        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
-    return seen
-
-
-def operations_between(start, stop: set[int]) -> set[str]:
-    """Names of the operations computing `start` from tensors in `stop`."""
-    names, seen, stack = set(), set(), [start]
-    while stack:
-        t = stack.pop()
-        if id(t) in stop or id(t) in seen:
-            continue
-        seen.add(id(t))
-        h = t._keras_history
-        names.add(h.operation.name)
-        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
-    return names
-
-
-def successors(model) -> dict[str, list[str | None]]:
-    """Names of the top-level operations that read each operation's output.
-
-    A model output counts as a reader named `None`.
-    """
-    out: dict[str, list] = {}
-    for node in topological_nodes(model):
-        for t in node.input_tensors:
-            out.setdefault(producer_name(t), []).append(node.operation.name)
-    for t in model.outputs:
-        out.setdefault(producer_name(t), []).append(None)
-    return out
-
-
-def input_like(tensor, width: int | None = None):
-    """A new `keras.Input` like a model input (same name), `width` channels."""
-    shape = tensor.shape[1:] if width is None else (*tensor.shape[1:-1], width)
-    return keras.Input(shape, dtype=tensor.dtype, name=producer_name(tensor))
-
-
-# ---------------------------------------------------------------- public
-def is_graph_model(model) -> bool:
-    """Whether `model` is functional or Sequential (its graph can be read)."""
-    return isinstance(model, (Functional, keras.Sequential))
-
-
-def check_functional(model) -> None:
-    """Raises `ValueError` unless `model` is a built functional/Sequential."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"`model` must be a keras.Model. Received: model={model!r}"
-        )
-    if not is_graph_model(model):
-        raise ValueError(
-            "`model` must be a functional or Sequential Keras model; "
-            f"{type(model).__name__} is a subclassed model, whose graph "
-            "cannot be read. Rebuild it with the functional API "
-            "(keras.Input -> layers -> keras.Model)."
-        )
-
-
 def analyze(model) -> Analysis:
     """Channel analysis of `model` (groups, entries, layouts)."""
     check_functional(model)
@@ -648,38 +397,3 @@ def channel_groups(model) -> list[ChannelGroup]:
     ```
     """
     return analyze(model).groups
-
-
-def short_name(variable) -> str:
-    """A variable's name within its layer (`kernel`, `gamma`, ...)."""
-    return variable.path.rsplit("/", 1)[-1]
-
-
-def get_variable(model, path: str):
-    """The variable of `model` whose `.path` is `path`.
-
-    Raises:
-        ValueError: no such variable.
-    """
-    for v in model.weights:
-        if v.path == path:
-            return v
-    raise ValueError(
-        f"`model` has no variable with path {path!r}. Was the plan made for "
-        "another model?"
-    )
-
-
-def producer_filters(model, group: ChannelGroup) -> np.ndarray:
-    """The group's producer filters, one row per channel.
-
-    Each producer kernel is moved to `(channels, -1)` and the producers are
-    concatenated along the features.
-    """
-    rows = [
-        np.moveaxis(get_variable(model, path).numpy(), axis, 0).reshape(
-            group.size, -1
-        )
-        for _, path, axis in group.producers
-    ]
-    return np.concatenate(rows, axis=1)

@@ -1,0 +1,58 @@
+"""Channel-group analysis of a functional Keras model.
+
+The model's own node structure is read (no tracing): every tensor gets a
+*layout* (`layout`), the structure of its channel axis in terms of channel
+groups. Each layer call is handed to its handler in the layer registry
+(`keras_csgd.layers`), which declares through a `Context` how the call's
+variables read, produce or carry channels (`analysis`). `nodes` holds the
+queries on the node graph, the only code that reads Keras's private node
+structure.
+"""
+
+from keras_csgd.graph.analysis import (
+    Analysis,
+    Call,
+    Context,
+    Cost,
+    Entry,
+    analyze,
+    channel_groups,
+)
+from keras_csgd.graph.layout import (
+    Reindex,
+    flat_channels,
+    layout_size,
+    leaves,
+    map_leaves,
+)
+from keras_csgd.graph.nodes import (
+    ancestors,
+    call_arguments,
+    call_inputs,
+    channels,
+    check_functional,
+    following_batchnorm,
+    input_like,
+    is_graph_model,
+    operations_between,
+    producer_name,
+    producer_of,
+    sole_reader,
+    successors,
+    topological_nodes,
+)
+from keras_csgd.graph.variables import (
+    get_variable,
+    producer_filters,
+    short_name,
+)
+
+__all__ = [
+    "Analysis", "Call", "Context", "Cost", "Entry", "Reindex", "analyze",
+    "ancestors", "call_arguments", "call_inputs", "channel_groups",
+    "channels", "check_functional", "flat_channels", "following_batchnorm",
+    "get_variable", "input_like", "is_graph_model", "layout_size", "leaves",
+    "map_leaves", "operations_between", "producer_filters", "producer_name",
+    "producer_of", "short_name", "sole_reader", "successors",
+    "topological_nodes",
+]

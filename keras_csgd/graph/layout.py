@@ -1,0 +1,117 @@
+"""Channel layouts: the structure of a tensor's channel axis.
+
+A layout says, for every entry of a tensor's last (channel) axis, which
+channel of which group it holds:
+
+- `("leaf", gid)`: the channels of group `gid`, in order;
+- `("cat", (layout, ...))`: a channel-axis concatenation;
+- `("tile", layout, t)`: `t` copies (Flatten: positions outer, channels inner);
+- `("rep", layout, m)`: every channel repeated `m` times (depth multiplier).
+
+`Reindex` maps the entries of a layout between a model and its slim model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def map_leaves(layout, fn):
+    kind = layout[0]
+    if kind == "leaf":
+        return fn(layout[1])
+    if kind == "cat":
+        return ("cat", tuple(map_leaves(p, fn) for p in layout[1]))
+    return (kind, map_leaves(layout[1], fn), layout[2])
+
+
+def leaves(layout) -> list[int]:
+    """The gids a layout reads."""
+    if layout[0] == "leaf":
+        return [layout[1]]
+    if layout[0] == "cat":
+        return [g for p in layout[1] for g in leaves(p)]
+    return leaves(layout[1])
+
+
+def layout_size(layout, sizes) -> int:
+    """Number of entries of a layout, with `sizes[gid]` channels per leaf."""
+    kind = layout[0]
+    if kind == "leaf":
+        return sizes[layout[1]]
+    if kind == "cat":
+        return sum(layout_size(p, sizes) for p in layout[1])
+    return layout_size(layout[1], sizes) * layout[2]
+
+
+def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
+    """(gid, channel) of every entry of a layout, in order."""
+    kind = layout[0]
+    if kind == "leaf":
+        n = sizes[layout[1]]
+        return np.full(n, layout[1]), np.arange(n)
+    if kind == "cat":
+        parts = [flat_channels(p, sizes) for p in layout[1]]
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+        )
+    g, c = flat_channels(layout[1], sizes)
+    if kind == "tile":
+        return np.tile(g, layout[2]), np.tile(c, layout[2])
+    return np.repeat(g, layout[2]), np.repeat(c, layout[2])
+
+
+class Reindex:
+    """Old <-> new entry indices of channel layouts under a plan."""
+
+    def __init__(self, an, plan):
+        self.old = dict(an.sizes)
+        self.new = dict(an.sizes)
+        self.ids, self.first = {}, {}
+        for name, clusters in plan.clusters.items():
+            root = an.gid_of[name]
+            self.new[root] = len(clusters)
+            self.ids[root] = plan.cluster_ids(name, an.sizes[root])
+            self.first[root] = np.array([c[0] for c in clusters])
+
+    def select(self, lay) -> np.ndarray:
+        """For every new entry, the old entry it copies."""
+        kind = lay[0]
+        if kind == "leaf":
+            r = lay[1]
+            return self.first.get(r, np.arange(self.old[r]))
+        if kind == "cat":
+            out, off = [], 0
+            for part in lay[1]:
+                out.append(self.select(part) + off)
+                off += layout_size(part, self.old)
+            return np.concatenate(out)
+        inner, t = self.select(lay[1]), lay[2]
+        n = layout_size(lay[1], self.old)
+        if kind == "tile":
+            return np.concatenate([inner + p * n for p in range(t)])
+        return (inner[:, None] * t + np.arange(t)).ravel()
+
+    def assign(self, lay) -> np.ndarray:
+        """For every old entry, the new entry it adds into (-1: removed)."""
+        kind = lay[0]
+        if kind == "leaf":
+            r = lay[1]
+            return self.ids.get(r, np.arange(self.old[r]))
+        if kind == "cat":
+            out, off = [], 0
+            for part in lay[1]:
+                a = self.assign(part)
+                out.append(np.where(a >= 0, a + off, -1))
+                off += layout_size(part, self.new)
+            return np.concatenate(out)
+        inner, t = self.assign(lay[1]), lay[2]
+        n = layout_size(lay[1], self.new)
+        if kind == "tile":
+            return np.concatenate(
+                [np.where(inner >= 0, inner + p * n, -1) for p in range(t)]
+            )
+        rep = np.repeat(inner, t)
+        sub = np.tile(np.arange(t), len(inner))
+        return np.where(rep >= 0, rep * t + sub, -1)

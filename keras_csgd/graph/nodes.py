@@ -1,0 +1,170 @@
+"""Queries on a functional model's node graph.
+
+The only code of the package that reads Keras's private node structure
+(`_keras_history`, `_inbound_nodes`, `_outbound_nodes`).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras.src.models.functional import Functional
+
+from keras_csgd import layers
+
+
+def channels(t) -> int:
+    """Size of a tensor's last (channel) axis (1 for a scalar)."""
+    dim = t.shape[-1] if len(t.shape) else 1
+    return int(dim) if dim is not None else 1
+
+
+def topological_nodes(model):
+    """The model's nodes from inputs to outputs, each once."""
+    nodes, seen = [], set()
+    stack = [(t._keras_history.operation, t._keras_history.node_index)
+             for t in model.outputs]
+    order = []
+    # Iterative post-order DFS over the node graph.
+    visit = [(op, idx, False) for op, idx in reversed(stack)]
+    while visit:
+        op, idx, done = visit.pop()
+        key = (id(op), idx)
+        if done:
+            if key not in seen:
+                seen.add(key)
+                order.append(op._inbound_nodes[idx])
+            continue
+        if key in seen:
+            continue
+        visit.append((op, idx, True))
+        for t in op._inbound_nodes[idx].input_tensors:
+            h = t._keras_history
+            if (id(h.operation), h.node_index) not in seen:
+                visit.append((h.operation, h.node_index, False))
+    for node in order:
+        if not isinstance(node.operation, keras.layers.InputLayer):
+            nodes.append(node)
+    return nodes
+
+
+def producer_of(tensor):
+    """The operation that computed a Keras tensor."""
+    return tensor._keras_history.operation
+
+
+def producer_name(tensor) -> str:
+    """The name of the operation (or input layer) of a Keras tensor."""
+    return tensor._keras_history.operation.name
+
+
+def call_inputs(layer) -> list | None:
+    """The input tensors of `layer`'s only call, or `None` (0 or 2+ calls)."""
+    nodes = layer._inbound_nodes
+    return list(nodes[0].input_tensors) if len(nodes) == 1 else None
+
+
+def call_arguments(call) -> tuple[tuple, dict]:
+    """The positional and keyword arguments `call` was made with.
+
+    Keras tensors among them are the ones of `call.inputs`; a handler maps
+    them to layouts by identity (`MultiHeadAttention(query=..., value=...)`).
+    """
+    h = call.outputs[0]._keras_history
+    args = h.operation._inbound_nodes[h.node_index].arguments
+    return args.args, args.kwargs
+
+
+def sole_reader(layer):
+    """The one operation that reads `layer`'s output, or `None`.
+
+    `None` too when `layer` is called more than once.
+    """
+    if len(layer._inbound_nodes) != 1 or len(layer._outbound_nodes) != 1:
+        return None
+    return layer._outbound_nodes[0].operation
+
+
+def following_batchnorm(layer, scaled: bool = False):
+    """The BatchNormalization over the last axis that alone reads `layer`.
+
+    Args:
+        layer: a layer called once.
+        scaled: require the BatchNormalization to have a `gamma`.
+
+    Returns:
+        The BatchNormalization layer, or `None`.
+    """
+    bn = sole_reader(layer)
+    if bn is None or not layers.attribute(bn, "normalizes"):
+        return None
+    rank = len(layer.output.shape)
+    if bn.axis not in (-1, rank - 1) or (scaled and not bn.scale):
+        return None
+    return bn
+
+
+def ancestors(tensor) -> set[int]:
+    """Ids of `tensor` and of every Keras tensor it was computed from."""
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        h = t._keras_history
+        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
+    return seen
+
+
+def operations_between(start, stop: set[int]) -> set[str]:
+    """Names of the operations computing `start` from tensors in `stop`."""
+    names, seen, stack = set(), set(), [start]
+    while stack:
+        t = stack.pop()
+        if id(t) in stop or id(t) in seen:
+            continue
+        seen.add(id(t))
+        h = t._keras_history
+        names.add(h.operation.name)
+        stack.extend(h.operation._inbound_nodes[h.node_index].input_tensors)
+    return names
+
+
+def successors(model) -> dict[str, list[str | None]]:
+    """Names of the top-level operations that read each operation's output.
+
+    A model output counts as a reader named `None`.
+    """
+    out: dict[str, list] = {}
+    for node in topological_nodes(model):
+        for t in node.input_tensors:
+            out.setdefault(producer_name(t), []).append(node.operation.name)
+    for t in model.outputs:
+        out.setdefault(producer_name(t), []).append(None)
+    return out
+
+
+def input_like(tensor, width: int | None = None):
+    """A new `keras.Input` like a model input (same name), `width` channels."""
+    shape = tensor.shape[1:] if width is None else (*tensor.shape[1:-1], width)
+    return keras.Input(shape, dtype=tensor.dtype, name=producer_name(tensor))
+
+
+def is_graph_model(model) -> bool:
+    """Whether `model` is functional or Sequential (its graph can be read)."""
+    return isinstance(model, (Functional, keras.Sequential))
+
+
+def check_functional(model) -> None:
+    """Raises `ValueError` unless `model` is a built functional/Sequential."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a keras.Model. Received: model={model!r}"
+        )
+    if not is_graph_model(model):
+        raise ValueError(
+            "`model` must be a functional or Sequential Keras model; "
+            f"{type(model).__name__} is a subclassed model, whose graph "
+            "cannot be read. Rebuild it with the functional API "
+            "(keras.Input -> layers -> keras.Model)."
+        )
