@@ -42,12 +42,13 @@ import tensorflow as tf  # noqa: E402
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import data as kdata  # noqa: E402
 from keras_csgd import models  # noqa: E402
+from keras_csgd.checks import fraction  # noqa: E402
+from keras_csgd.clusters import target_width  # noqa: E402
 from keras_csgd.methods import compensation  # noqa: E402
 from keras_csgd.methods.adaptive import (  # noqa: E402
     AdaptiveGates,
     MacsTargetCallback,
 )
-from keras_csgd.plan import check_keep, target_width  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEPTHS = {"resnet20": 20, "resnet56": 56}
@@ -719,7 +720,7 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    check_keep(args.keep)
+    fraction("keep", args.keep)
     profile = PROFILES[args.profile]
     info = machine()
     keras.utils.set_random_seed(base_seed(args))

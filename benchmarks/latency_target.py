@@ -35,7 +35,7 @@ from cifar10 import dump_json, machine, write_atomically  # noqa: E402
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
-from keras_csgd.plan import target_width  # noqa: E402
+from keras_csgd.clusters import target_width  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = (0.7, 0.5, 0.35)

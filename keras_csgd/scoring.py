@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from keras_csgd import checks, graph
+from keras_csgd.clusters import target_width
 from keras_csgd.flops import macs_at
 from keras_csgd.groups import ChannelGroup
-from keras_csgd.plan import PruningPlan, target_width
+from keras_csgd.plan import PruningPlan
 
 
 def plan_from_scores(
@@ -127,7 +128,7 @@ def plan_from_clusters(
 
     ```python
     def cluster(todo):
-        return {g.name: kc.plan.even_clusters(g.size, w) for g, w in todo}
+        return {g.name: even_clusters(g.size, w) for g, w in todo}
 
     plan = kc.scoring.plan_from_clusters(model, cluster, keep=0.5)
     ```

@@ -5,8 +5,8 @@ import pytest
 
 import keras_csgd as kc
 from keras_csgd import graph
+from keras_csgd.clusters import target_width
 from keras_csgd.methods.magnitude import filter_norms
-from keras_csgd.plan import target_width
 from zoo import bottleneck_resnet, randomize
 
 

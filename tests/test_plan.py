@@ -5,8 +5,8 @@ import pytest
 
 import keras_csgd as kc
 import zoo
+from keras_csgd.clusters import even_clusters, target_width
 from keras_csgd.models import resnet_cifar
-from keras_csgd.plan import even_clusters, target_width
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import keras_csgd as kc
-from keras_csgd.plan import PruningPlan, target_width
+from keras_csgd.clusters import target_width
+from keras_csgd.plan import PruningPlan
 from zoo import bottleneck_resnet, randomize
 
 

@@ -20,9 +20,10 @@ from collections import Counter
 import keras
 
 from keras_csgd import blocks, checks, graph
+from keras_csgd.clusters import target_width
 from keras_csgd.latency import table as tables
 from keras_csgd.latency import timing
-from keras_csgd.plan import PruningPlan, target_width
+from keras_csgd.plan import PruningPlan
 from keras_csgd.surgery import slim
 
 GRID = (0.75, 0.5, 0.25)

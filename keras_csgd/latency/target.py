@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from keras_csgd import checks, export, flops, graph
+from keras_csgd.clusters import make_plan
 from keras_csgd.latency import planner, timing
 from keras_csgd.latency.profile import (
     GRID,
@@ -27,7 +28,7 @@ from keras_csgd.latency.profile import (
     width_plan,
 )
 from keras_csgd.methods.magnitude import filter_norms
-from keras_csgd.plan import PruningPlan, make_plan
+from keras_csgd.plan import PruningPlan
 from keras_csgd.scoring import _checked_scores, _top
 from keras_csgd.surgery import slim
 

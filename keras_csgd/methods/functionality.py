@@ -157,7 +157,7 @@ def functionality_plan(
     (`functionality_profiles`: mean rectified activation per class,
     L2-normalised) are clustered by agglomerative clustering (`linkage`,
     Euclidean distance between normalised profiles) cut at the target width
-    (`kc.plan.target_width`). Per cluster the filter with the largest mean
+    (`kc.clusters.target_width`). Per cluster the filter with the largest mean
     activation is kept and the others, its repeats, are removed (not merged:
     the paper prunes repeats), so the plan has singleton clusters. Removing
     filters changes the outputs; fine-tune the slim model briefly.

@@ -258,7 +258,7 @@ def similarity_plan(
 
     For every prunable group, a channel-to-channel distance is computed,
     agglomerative clustering (`linkage`) is cut at the target width
-    (`kc.plan.target_width`), and each cluster becomes one channel of the
+    (`kc.clusters.target_width`), and each cluster becomes one channel of the
     slim model: `kc.slim` keeps its first member and sums the consumer
     slices of all members, so channels that are exact duplicates merge
     without any change of the outputs.

@@ -1,0 +1,145 @@
+"""Making C-SGD plans: widths per group and clusters of channels.
+
+`make_plan` gives every prunable group `target_width(size, keep, round_to)`
+clusters: consecutive runs (`even_clusters`) or k-means on the producer
+filters (`kmeans_clusters`). Plans from importance scores are made in
+`keras_csgd.scoring`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from keras_csgd import checks, graph
+from keras_csgd.plan import PruningPlan
+
+
+def target_width(size: int, keep: float, round_to: int | None = None) -> int:
+    """Width kept of a group of `size` channels.
+
+    `ceil(keep * size)`, or with `round_to=k` the nearest multiple of `k`
+    (halves round up, as `ceil` does: keep 0.625 of 32 channels with
+    `round_to=8` keeps 24; at least `k`, at most `size`).
+    """
+    if round_to is None:
+        return max(1, min(size, math.ceil(keep * size - 1e-9)))
+    width = math.floor(keep * size / round_to + 0.5) * round_to
+    return max(min(round_to, size), min(size, width))
+
+
+def even_clusters(size: int, width: int) -> list[list[int]]:
+    """`width` runs of consecutive channels, the first `size % width` longer."""
+    base, extra = divmod(size, width)
+    out, start = [], 0
+    for k in range(width):
+        n = base + (1 if k < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def kmeans_clusters(
+    filters: np.ndarray, width: int, seed: int = 0
+) -> list[list[int]]:
+    """k-means (seeded) on rows of `filters` (`(channels, features)`).
+
+    Clusters are sorted by their smallest channel index, and k-means' rare
+    empty clusters are refilled by splitting the largest, so that exactly
+    `width` non-empty clusters come back.
+    """
+    from sklearn.cluster import KMeans
+
+    size = filters.shape[0]
+    if width >= size:
+        return [[i] for i in range(size)]
+    labels = KMeans(
+        n_clusters=width, n_init=3, random_state=seed
+    ).fit_predict(filters.astype(np.float64))
+    clusters = [
+        sorted(np.flatnonzero(labels == k).tolist()) for k in range(width)
+    ]
+    clusters = [c for c in clusters if c]
+    while len(clusters) < width:
+        clusters.sort(key=len)
+        big = clusters.pop()
+        clusters += [big[: len(big) // 2], big[len(big) // 2 :]]
+    return sorted(clusters, key=min)
+
+
+def make_plan(
+    model,
+    keep: float | Mapping[str, float] = 0.625,
+    method: str = "even",
+    seed: int = 0,
+    round_to: int | None = None,
+) -> PruningPlan:
+    """Makes a bound C-SGD plan: clusters per prunable group.
+
+    Args:
+        model: a functional or Sequential `keras.Model`.
+        keep: kept fraction per prunable group, a float in (0, 1] or a dict
+            `{group_name: fraction}` (groups not named are left unplanned).
+            The width is `ceil(keep * size)`. Defaults to `0.625`.
+        method: `"even"` (consecutive runs, the first `size % width` one
+            longer) or `"kmeans"` (seeded k-means on the group's producer
+            filters, flattened and concatenated across producers). Defaults
+            to `"even"`.
+        seed: k-means seed. Defaults to `0`.
+        round_to: when set, widths are rounded to the nearest multiple of
+            `round_to` (at least `round_to`, at most the size): CPU kernels
+            run faster on such widths. Defaults to `None`.
+
+    Returns:
+        A bound `PruningPlan`.
+
+    Raises:
+        ValueError: bad `keep`, `method` or `round_to`; a `keep` dict naming
+            an unknown or frozen group.
+
+    Example:
+
+    ```python
+    plan = kc.make_plan(model, keep=0.625, method="kmeans", round_to=8)
+    ```
+    """
+    if method not in ("even", "kmeans"):
+        raise ValueError(
+            '`method` must be "even" or "kmeans". '
+            f"Received: method={method!r}"
+        )
+    checks.positive_int("round_to", round_to, allow_none=True)
+    an = graph.analyze(model)
+    groups = an.groups
+    by_name = {g.name: g for g in groups}
+    if isinstance(keep, Mapping):
+        for name in keep:
+            if name not in by_name or not by_name[name].prunable:
+                why = "unknown" if name not in by_name else by_name[name].reason
+                raise ValueError(
+                    f"`keep` names group {name!r} that cannot be pruned "
+                    f"({why})."
+                )
+        fractions = dict(keep)
+    else:
+        fractions = {g.name: keep for g in groups if g.prunable}
+    clusters = {}
+    for name, frac in fractions.items():
+        checks.fraction("keep", frac)
+        g = by_name[name]
+        width = target_width(g.size, frac, round_to)
+        if method == "even":
+            clusters[name] = even_clusters(g.size, width)
+        else:
+            filters = graph.producer_filters(model, g)
+            if not np.isfinite(filters).all():
+                raise ValueError(
+                    f"Group {name!r} has NaN or Inf producer weights; "
+                    "k-means needs finite filters."
+                )
+            clusters[name] = kmeans_clusters(filters, width, seed)
+    plan = PruningPlan(clusters, groups=groups)
+    plan.analysis = (model, an)
+    return plan
