@@ -1,4 +1,4 @@
-"""The `keras-csgd` command line: demo, prune, export, bench.
+"""The `keras-csgd` command line: demo, prune, export, bench, profile.
 
 Every subcommand has `--help`. Bad input (a missing or non-Keras model file,
 a bad `--keep`, an unknown method, an unreadable data folder, an unwritable
@@ -175,8 +175,11 @@ def _needs_data(data, args):
 # full model for `--epochs`; the ones in PLANNED plan from the trained
 # model, and `--epochs` fine-tunes their slim model.
 def _csgd(model, data, args):
-    plan = kc.make_plan(model, keep=args.keep, method="kmeans",
-                        seed=args.seed, round_to=args.round_to)
+    if args.latency is not None:
+        plan = _latency_plan(model, args, clusters="kmeans")
+    else:
+        plan = kc.make_plan(model, keep=args.keep, method="kmeans",
+                            seed=args.seed, round_to=args.round_to)
     _fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS))
     return plan, kc.slim(model, plan)
 
@@ -208,8 +211,11 @@ def _adaptive(model, data, args):
 
 
 def _magnitude(model, data, args):
-    plan = kc.methods.magnitude_plan(model, keep=args.keep,
-                                     round_to=args.round_to)
+    if args.latency is not None:
+        plan = _latency_plan(model, args)  # L1 norms by default
+    else:
+        plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                         round_to=args.round_to)
     return plan, kc.slim(model, plan)
 
 
@@ -231,8 +237,11 @@ def _ensembles(model, data, args):
     _compile(model, "sgd")
     scores = kc.methods.ensemble_importance(model, data, seed=args.seed,
                                             verbose=0)
-    plan = kc.plan_from_scores(model, scores, keep=args.keep,
-                               round_to=args.round_to)
+    if args.latency is not None:
+        plan = _latency_plan(model, args, scores=scores)
+    else:
+        plan = kc.plan_from_scores(model, scores, keep=args.keep,
+                                   round_to=args.round_to)
     return plan, kc.slim(model, plan)
 
 
@@ -245,6 +254,16 @@ def _cap(model, data, args):
     return plan, compensation.compensate(model, plan, stats)
 
 
+def _latency_plan(model, args, scores=None, clusters="prune"):
+    """`kc.plan_for_latency` at `--latency`; its report goes to `args`."""
+    plan, args.latency_report = kc.plan_for_latency(
+        model, args.latency, args.runtime, args.batch_size, scores=scores,
+        clusters=clusters, threads=args.threads, seed=args.seed,
+        return_report=True, verbose=0,
+    )
+    return plan
+
+
 TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm, "adaptive": _adaptive}
 PLANNED = {
     "magnitude": _magnitude,
@@ -254,6 +273,8 @@ PLANNED = {
     "cap": _cap,
 }
 METHODS = {**TRAINED, **PLANNED}
+# The methods that plan to `--latency` (the others take `--keep` only).
+LATENCY_METHODS = ("csgd", "magnitude", "ensembles")
 
 
 def _write_atomically(writers):
@@ -296,6 +317,15 @@ def cmd_prune(args):
     _output_path(args.out, ".keras", source=args.model)
     if args.data is not None and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data!r} does not exist")
+    if args.latency is not None and args.method not in LATENCY_METHODS:
+        raise CommandError(
+            f"--latency works with --method {', '.join(LATENCY_METHODS)}; "
+            f"got --method {args.method}"
+        )
+    if args.latency is not None and args.keep is not None:
+        raise CommandError("give --keep or --latency, not both")
+    if args.keep is None:
+        args.keep = 0.625
     trains = args.method in TRAINED
     if trains and args.data is None:
         raise CommandError(f"--method {args.method} needs --data")
@@ -323,6 +353,37 @@ def cmd_prune(args):
         f"{slim.count_params():,}; wrote {args.out} and "
         f"{_plan_path(args.out)}"
     )
+    report = getattr(args, "latency_report", None)
+    if report is not None:
+        print(
+            f"latency ({args.runtime}, batch {args.batch_size}, measured "
+            f"interleaved): full {report.full_ms:.3f} ms -> slim "
+            f"{report.slim_ms:.3f} ms ({report.measured_ratio:.1%}; target "
+            f"{args.latency:.1%}, predicted {report.predicted_ratio:.1%}); "
+            f"{len(report.remove_blocks)} blocks removed"
+        )
+        if report.reason:
+            print(f"latency target missed: {report.reason}")
+
+
+def cmd_profile(args):
+    model = _load_model(args.model)
+    table = kc.latency.profile(
+        model, args.runtime, args.batch_size, threads=args.threads,
+        verbose=0,
+    )
+    shares = sorted(table.shares().items(), key=lambda kv: -kv[1])
+    rows = [["group or block", "kind", "share of latency"]]
+    for name, share in shares:
+        kind = "block" if name in table.blocks else "group"
+        rows.append([name, kind, f"{share:.1%}"])
+    source = "cache" if table.cached else "measured"
+    print(
+        f"{args.model}: {table.full:.3f} ms per batch of {args.batch_size} "
+        f"on {args.runtime} ({source}); a group's share is its latency "
+        "change extended to width 0, a block's what removing it saves"
+    )
+    print(_table(rows))
 
 
 def cmd_export(args):
@@ -561,10 +622,16 @@ def _add_prune(sub):
     )
     prune.add_argument("model", help="input .keras model")
     prune.add_argument("--method", choices=sorted(METHODS), required=True)
-    prune.add_argument("--keep", type=_fraction, default=0.625,
+    prune.add_argument("--keep", type=_fraction, default=None,
                        help="kept fraction per group (default 0.625; gsm: "
                        "of the kernel weights; adaptive: the MACs of that "
                        "width are the target)")
+    prune.add_argument("--latency", type=_target,
+                       help="instead of --keep: the slim latency as a "
+                       "fraction of the full model's, measured on "
+                       "--runtime on this machine (methods: "
+                       + ", ".join(LATENCY_METHODS) + ")")
+    _add_runtime(prune)
     prune.add_argument("--data", help="image folder or .npz (x, y)")
     prune.add_argument("--epochs", type=int,
                        help="training epochs (" + ", ".join(TRAINED)
@@ -614,8 +681,43 @@ def _add_bench(sub):
     return bench
 
 
+def _target(text):
+    try:
+        return checks.fraction("latency", float(text), high_closed=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction in (0, 1), got {text!r}"
+        ) from None
+
+
+def _add_runtime(parser):
+    parser.add_argument("--runtime", choices=kc.latency.RUNTIMES,
+                        default="litert",
+                        help="litert (float32 interpreter) or tensorflow "
+                        "(compiled, BN folded); default litert")
+    parser.add_argument("--batch-size", type=_positive_int, default=1,
+                        help="batch size timed (default 1)")
+    parser.add_argument("--threads", type=_positive_int, default=2,
+                        help="threads (default 2)")
+
+
+def _add_profile(sub):
+    profile = sub.add_parser(
+        "profile",
+        help="measure each group's and block's share of the latency",
+        description="Profiles MODEL on --runtime on this machine (slim "
+        "variants timed against the full model, interleaved; cached under "
+        "~/.cache/keras_csgd/latency or $KERAS_CSGD_CACHE) and prints each "
+        "prunable group's and removable block's share of the latency.",
+    )
+    profile.add_argument("model", help="input .keras model")
+    _add_runtime(profile)
+    profile.set_defaults(func=cmd_profile)
+    return profile
+
+
 # One function per subcommand: `add(subparsers) -> its parser`.
-SUBCOMMANDS = [_add_demo, _add_prune, _add_export, _add_bench]
+SUBCOMMANDS = [_add_demo, _add_prune, _add_export, _add_bench, _add_profile]
 
 
 def main(argv=None):

@@ -199,8 +199,8 @@ class LatencyTable:
         """Predicted latency (ms) at the given group widths and blocks.
 
         `full + sum((group_ms(g, w) - full) * factor[g]) - sum(saving)`
-        (see `factors`); the groups inside a removed block's branch do not
-        count.
+        (see `factors`), at least 0; the groups inside a removed block's
+        branch do not count.
 
         Args:
             widths: `{group_name: width}` (fractional widths interpolate);
@@ -229,7 +229,8 @@ class LatencyTable:
             delta = self.group_ms(name, w) - self.full
             if name not in gone:
                 ms += delta * factors[name]
-        return ms - sum(self.blocks[b]["saving_ms"] for b in remove_blocks)
+        ms -= sum(self.blocks[b]["saving_ms"] for b in remove_blocks)
+        return max(ms, 0.0)  # noisy changes of a tiny model can sum below 0
 
     def shares(self) -> dict[str, float]:
         """Each group's and block's share of the full latency.

@@ -1,0 +1,99 @@
+"""`keras-csgd prune --latency` and `keras-csgd profile`.
+
+Real (tiny) profiling runs on TensorFlow into a temporary cache; no test
+asserts a speed-up, only what is printed and written.
+"""
+
+import json
+import re
+
+import keras
+import numpy as np
+import pytest
+from test_cli import run
+
+import keras_csgd as kc
+from keras_csgd.models import small_resnet
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A small residual CNN saved as .keras; one latency cache in tmp."""
+    root = tmp_path_factory.mktemp("cli_latency")
+    keras.utils.set_random_seed(0)
+    path = root / "model.keras"
+    small_resnet(width=16).save(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KERAS_CSGD_CACHE", str(root / "cache"))
+        yield str(path)
+
+
+FAST = ["--runtime", "tensorflow", "--batch-size", "64"]
+
+
+def test_profile_prints_shares_then_reads_the_cache(model_path, capsys):
+    argv = ["profile", model_path, "--runtime", "tensorflow",
+            "--batch-size", "32"]  # a key no other test measures
+    code, out, _ = run(argv, capsys)
+    assert code == 0, out
+    lines = out.strip().splitlines()
+    assert "(measured)" in lines[0] and "per batch of 32" in lines[0]
+    assert lines[1].split() == ["group", "or", "block", "kind", "share", "of",
+                                "latency"]
+    model = keras.saving.load_model(model_path)
+    prunable = {g.name for g in kc.channel_groups(model) if g.prunable}
+    named = {line.split()[0] for line in lines[2:]}
+    assert named >= prunable
+    for line in lines[2:]:
+        assert re.fullmatch(r"\S+\s+(group|block)\s+\d+\.\d%", line.strip())
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "(cache)" in out.splitlines()[0]
+
+
+def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
+    out_path = str(tmp_path / "slim.keras")
+    code, out, err = run(
+        ["prune", model_path, "--method", "magnitude", "--latency", "0.9",
+         *FAST, "--out", out_path], capsys,
+    )
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("latency ("))
+    full, slim = map(float, re.findall(r"([\d.]+) ms", line))
+    assert full > 0 and slim > 0 and "target 90.0%" in line
+    model = keras.saving.load_model(model_path)
+    plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
+    small = keras.saving.load_model(out_path)
+    x = np.random.default_rng(0).uniform(size=(4, 8, 8, 1))
+    np.testing.assert_allclose(
+        small.predict(x, verbose=0), kc.slim(model, plan).predict(x, verbose=0),
+        atol=1e-5,
+    )
+    assert json.loads(plan.to_json()).get("remove_blocks", []) == list(
+        plan.remove_blocks
+    )
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "magnitude", "--latency", "1.5"], "fraction in (0, 1)"),
+    (["--method", "gsm", "--latency", "0.5"], "--latency works with"),
+    (["--method", "magnitude", "--latency", "0.5", "--keep", "0.5"],
+     "not both"),
+    (["--method", "magnitude", "--latency", "0.5", "--runtime", "onnx"],
+     "invalid choice"),
+])
+def test_bad_latency_input_exits_2(model_path, tmp_path, capsys, argv,
+                                   message):
+    out_path = tmp_path / "slim.keras"
+    code, _, err = run(["prune", model_path, *argv, "--out", str(out_path)],
+                       capsys)
+    assert code == 2
+    assert err.startswith("keras-csgd: error:") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out_path.exists()
+
+
+def test_profile_help(capsys):
+    code, out, _ = run(["profile", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: keras-csgd profile")
+    code, out, _ = run(["prune", "--help"], capsys)
+    assert code == 0 and "--latency" in out and "--batch-size" in out
