@@ -14,7 +14,8 @@ way (one interleaved run), with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
 model, SIMD flags, cores) and the load average, after every model and
-runtime. `--quick` profiles with 3 rounds and verifies at most 2 plans.
+runtime. `--quick` profiles with 5 rounds (else 9) and verifies at most 2
+plans (else 3).
 The accuracy row of issue #13 (ResNet-20, CIFAR quick) is not run here.
 """
 
@@ -65,13 +66,13 @@ def uniform_row(model, table, measured_ratio, setup, threads):
     runtime, batch = setup
     keep = uniform_keep(table, measured_ratio * table.full)
     plan = kc.methods.magnitude_plan(model, keep=keep, round_to=8)
-    full_ms, slim_ms = latency.time_against_full(
+    full_ms, slim_ms, ratio = latency.time_against_full(
         model, kc.slim(model, plan), runtime, batch, threads=threads
     )
     return {
         "keep": keep,
         "predicted_ratio": table.predict(plan.widths()) / table.full,
-        "measured_ratio": slim_ms / full_ms,
+        "measured_ratio": ratio,
         "full_ms": full_ms, "slim_ms": slim_ms,
         "macs_ratio": kc.macs_under(model, plan) / kc.count_macs(model),
         "kept_importance": latency.kept_importance(model, plan),
@@ -85,7 +86,7 @@ def run_setup(name, setup, args):
         start = time.perf_counter()
         table = latency.profile(
             model, runtime, batch, threads=args.threads, cache_dir=cold,
-            rounds=3 if args.quick else 5, verbose=1,
+            rounds=5 if args.quick else 9, verbose=1,
         )
         seconds = time.perf_counter() - start
     rows = []
@@ -163,9 +164,10 @@ def main(argv=None):
         "threads": args.threads, "targets": list(TARGETS),
         "machine": {**machine(), **latency.machine()},
         "uptime_at_start": uptime(),
-        "statistic": "measured_ratio: slim / full latency, each the median "
-        "over interleaved rounds of block medians (one run); "
-        "predicted_ratio: the latency table's prediction",
+        "statistic": "measured_ratio: median over interleaved rounds of "
+        "slim / full block medians (one run); full_ms, slim_ms: medians over "
+        "rounds of block medians; predicted_ratio: the latency table's "
+        "prediction",
         "accuracy_row": "not run (ResNet-20 CIFAR quick accuracy row of "
         "issue #13 is out of scope of this script)",
         "setups": [],

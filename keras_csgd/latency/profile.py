@@ -186,12 +186,12 @@ class _Timer:
     def delta(self, variant) -> float:
         if self.measure is not None:
             return float(self.measure(variant)) - self.fulls[0]
-        full_ms, ms = timing.interleaved(
+        stats = timing.paired(*timing.interleaved(
             self.full, timing.runner(variant, *self.args), self.rounds,
             self.calls,
-        )
-        self.fulls.append(full_ms)
-        return ms - full_ms
+        ))
+        self.fulls.append(stats["first_ms"])
+        return stats["delta_ms"]
 
 
 def profile(model, runtime: str = "litert", batch_size: int = 1, *,
@@ -203,8 +203,9 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     For every class of identical prunable groups and every width of the
     grid (`grid_widths`), the slim variant with the class at that width is
     built (`kc.slim`) and timed interleaved with the full model (`rounds`
-    rounds of blocks of about 20 ms); each group of the class gets an equal
-    share of the change. Likewise every class of identical removable
+    rounds of blocks of about 20 ms; the change is the median of the
+    rounds' differences); each group of the class gets an equal share of
+    the change. Likewise every class of identical removable
     blocks. A Keras progress bar shows the variants. The table is cached on
     disk under a key of the model's structure (its config JSON), the
     runtime, batch size, threads, the CPU model and SIMD flags, GPUs and the

@@ -48,7 +48,8 @@ class LatencyReport:
         full_ms: the full model's measured latency (the table's when not
             verified).
         slim_ms: the slim model's measured latency, or `None`.
-        measured_ratio: `slim_ms / full_ms` (timed interleaved), or `None`.
+        measured_ratio: the median over interleaved rounds of slim / full
+            (see `time_against_full`), or `None`.
         predicted_ms: the table's prediction for the plan.
         predicted_ratio: `predicted_ms / table.full`.
         met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
@@ -149,16 +150,20 @@ class _Verifier:
             ).path
         return timing.runner(model, *self.args, tflite=tflite)
 
-    def __call__(self, variant, name) -> tuple[float, float]:
-        """`(full_ms, slim_ms)`."""
+    def __call__(self, variant, name) -> tuple[float, float, float]:
+        """`(full_ms, slim_ms, ratio)`: the ratio is the median of the
+        rounds' ratios (see `timing.paired`)."""
         if self.measure is not None:
-            return float(self.measure(self.model)), float(self.measure(variant))
+            full, ms = float(self.measure(self.model)), float(
+                self.measure(variant))
+            return full, ms, ms / full
         if self.full is None:
             self.full = self._runner(self.model, "full")
             self.calls = timing.calls_per_block(self.full, VERIFY_BLOCK_MS)
-        return timing.interleaved(
+        stats = timing.paired(*timing.interleaved(
             self.full, self._runner(variant, name), VERIFY_ROUNDS, self.calls
-        )
+        ))
+        return stats["first_ms"], stats["second_ms"], stats["ratio"]
 
 
 def time_against_full(model, variant, runtime="litert", batch_size=1, *,
@@ -178,12 +183,14 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
         jit_compile: XLA for TensorFlow. Defaults to `True`.
 
     Returns:
-        `(full_ms, variant_ms)`: medians over rounds of block medians.
+        `(full_ms, variant_ms, ratio)`: medians over rounds of the block
+        medians, and the median of the rounds' ratios `variant / full`.
 
     Example:
 
     ```python
-    full_ms, slim_ms = kc.latency.time_against_full(model, kc.slim(model, p))
+    small = kc.slim(model, plan)
+    full_ms, slim_ms, ratio = kc.latency.time_against_full(model, small)
     ```
     """
     checks.choice("runtime", runtime, timing.RUNTIMES)
@@ -365,9 +372,8 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
             if not verify:
                 best = chosen
                 break
-            full_ms, slim_ms = verifier(variant, f"slim{k}")
-            chosen.update(full_ms=full_ms, slim_ms=slim_ms,
-                          measured=slim_ms / full_ms)
+            full_ms, slim_ms, ratio = verifier(variant, f"slim{k}")
+            chosen.update(full_ms=full_ms, slim_ms=slim_ms, measured=ratio)
             history.append({
                 "budget_ratio": budget / table.full,
                 "predicted_ratio": choice[2] / table.full,

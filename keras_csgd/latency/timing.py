@@ -156,13 +156,16 @@ def calls_per_block(call, block_ms: float) -> int:
 
 
 def interleaved(first, second, rounds: int, calls: int) -> tuple:
-    """Median latencies (ms) of two calls, timed in alternating rounds.
+    """Block medians (ms) of two calls, timed in alternating rounds.
 
     Each round times a block of `calls` calls of each (after one untimed
-    call), `first` first in even rounds, `second` first in odd ones.
+    call), `first` first in even rounds, `second` first in odd ones. The two
+    blocks of a round run back to back, so a round's difference or ratio
+    (`paired`) cancels the slow phases of a shared machine that a
+    difference of overall medians would keep.
 
     Returns:
-        `(first_ms, second_ms)`: medians over rounds of the block medians.
+        `(first_blocks, second_blocks)`: one block median per round each.
     """
     first()
     second()
@@ -173,4 +176,20 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
             blocks[k].append(
                 export._timings(call, runs=calls, warmup=1)["median_ms"]
             )
-    return float(np.median(blocks[0])), float(np.median(blocks[1]))
+    return np.array(blocks[0]), np.array(blocks[1])
+
+
+def paired(first_blocks, second_blocks) -> dict:
+    """Robust statistics of `interleaved` blocks.
+
+    Returns:
+        `{"first_ms", "second_ms"}` (medians over rounds), `"delta_ms"`
+        (median of the rounds' differences, second - first) and `"ratio"`
+        (median of the rounds' ratios, second / first).
+    """
+    return {
+        "first_ms": float(np.median(first_blocks)),
+        "second_ms": float(np.median(second_blocks)),
+        "delta_ms": float(np.median(second_blocks - first_blocks)),
+        "ratio": float(np.median(second_blocks / first_blocks)),
+    }
