@@ -12,13 +12,6 @@ tf.config.set_logical_device_configuration(
 )
 
 
-def two_cpu_strategy():
-    """MirroredStrategy over the two logical CPUs.
-
-    `ReductionToOneDevice`: the CPU collectives of several strategies in one
-    process clash on their instance keys.
-    """
-    return tf.distribute.MirroredStrategy(
-        [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
-        cross_device_ops=tf.distribute.ReductionToOneDevice(),
-    )
+# Until tests/test_centripetal_sgd.py and tests/test_global_sparse_momentum.py
+# import it from utils like the other test modules.
+from utils import two_cpu_strategy  # noqa: E402, F401

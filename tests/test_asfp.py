@@ -8,9 +8,9 @@ from keras import layers as L
 from scipy.optimize import fsolve
 
 import keras_csgd as kc
-from conftest import two_cpu_strategy
 from keras_csgd import graph
 from keras_csgd.callbacks.asfp import asymptotic_speed
+from utils import constructor_arguments, two_cpu_strategy
 
 ASFP = kc.callbacks.AsymptoticSoftFilterPruning
 
@@ -323,6 +323,8 @@ def test_config_round_trip():
               schedule="constant", skip=("a", "b"), batchnorm="scale",
               verbose=0)
     config = cb.get_config()
+    # A keras.callbacks.Callback adds no base keys to its config.
+    assert set(config) == constructor_arguments(ASFP)
     again = ASFP.from_config(config)
     assert again.get_config() == config
     restored = keras.saving.deserialize_keras_object(

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from sklearn.datasets import load_digits
 
 from keras_csgd import data
 
@@ -143,10 +144,22 @@ def test_load_cifar10_without_network_says_what_to_do(monkeypatch):
         data.load_cifar10()
 
 
+def _sorted_rows(x, y):
+    """`(flattened image, label)` rows in lexicographic order."""
+    rows = np.concatenate([x.reshape(len(x), -1), y[:, None]], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 def test_load_digits_images():
     (xt, yt), (xv, yv) = data.load_digits_images()
     assert xt.shape == (1347, 8, 8, 1) and xv.shape == (450, 8, 8, 1)
-    assert xt.dtype == np.float32 and 0 <= xt.min() and xt.max() <= 1
+    assert xt.dtype == np.float32
+    # Together the splits hold scikit-learn's images / 16 with their labels.
+    digits = load_digits()
+    np.testing.assert_array_equal(
+        _sorted_rows(np.concatenate([xt, xv]), np.concatenate([yt, yv])),
+        _sorted_rows(digits.images / 16, digits.target),
+    )
     counts = np.bincount(np.concatenate([yt, yv]))
     assert np.abs(np.bincount(yv) - 0.25 * counts).max() <= 1  # stratified
     (xt2, _), _ = data.load_digits_images()

@@ -126,30 +126,58 @@ def test_failed_check_leaves_previous_file(trained, tmp_path, monkeypatch):
     assert result.max_error is None and path.read_bytes() != b"previous"
 
 
-def _check_timings(results, batch_sizes, runs):
+class _Clock:
+    """Stands in for `time` in `keras_csgd.export`: timed call k lasts k ms.
+
+    `perf_counter` is read twice per timed call (start, end), never for the
+    warm-up calls.
+    """
+
+    def __init__(self):
+        self.reads, self.calls = 0, 0
+
+    def perf_counter(self):
+        self.reads += 1
+        if self.reads % 2:
+            return 0.0
+        self.calls += 1
+        return self.calls / 1e3
+
+
+def _check_timings(results, clock, batch_sizes, runs):
+    """Batch `i` was timed `i * runs + 1, ..., (i + 1) * runs` ms."""
     assert list(results) == list(batch_sizes)
-    for r in results.values():
-        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+    assert clock.calls == runs * len(batch_sizes)
+    for i, r in enumerate(results.values()):
+        first = i * runs + 1
+        np.testing.assert_allclose(
+            [r["p10_ms"], r["median_ms"], r["p90_ms"]],
+            [first + q * (runs - 1) for q in (0.1, 0.5, 0.9)],
+            rtol=1e-9,
+        )
         assert r["runs"] == runs
 
 
+def _timed(monkeypatch, *args, **kwargs):
+    """`kc.benchmark_latency(*args, warmup=1, **kwargs)` on a `_Clock`."""
+    clock = _Clock()
+    monkeypatch.setattr(export, "time", clock)
+    return kc.benchmark_latency(*args, warmup=1, **kwargs), clock
+
+
 @pytest.mark.filterwarnings("ignore:TensorFlow is already initialised")
-def test_benchmark_keras_and_tflite(trained, float_path):
-    path = float_path
+def test_benchmark_keras_and_tflite(trained, float_path, monkeypatch):
     _check_timings(
-        kc.benchmark_latency(trained, batch_sizes=(1, 4), runs=3, warmup=1),
-        (1, 4),
-        3,
+        *_timed(monkeypatch, trained, batch_sizes=(1, 4), runs=3), (1, 4), 3
     )
     _check_timings(
-        kc.benchmark_latency(
-            trained, (8, 8, 1), (2,), runs=3, warmup=1, jit_compile=True
-        ),
+        *_timed(monkeypatch, trained, (8, 8, 1), (2,), runs=3,
+                jit_compile=True),
         (2,),
         3,
     )
     _check_timings(
-        kc.benchmark_latency(path, batch_sizes=(1, 16), runs=5, warmup=1),
+        *_timed(monkeypatch, float_path, batch_sizes=(1, 16), runs=5),
         (1, 16),
         5,
     )

@@ -9,10 +9,10 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import Ridge
 
 import keras_csgd as kc
-from conftest import two_cpu_strategy
 from keras_csgd import batches, graph
 from keras_csgd.methods import ensembles
 from keras_csgd.models import small_resnet
+from utils import constructor_arguments, two_cpu_strategy
 from zoo import ZOO, randomize
 
 FE = kc.callbacks.FilterEnsembles
@@ -167,6 +167,9 @@ def test_errors_and_config_round_trip():
     fe = FE(data, when=3, samples=8, mask_keep=0.8, metric="accuracy",
             ridge=0.1, seed=5, verbose=0)
     config = fe.get_config()
+    # Every argument but `data` (a dataset does not serialize); a
+    # keras.callbacks.Callback adds no base keys.
+    assert set(config) == constructor_arguments(FE) - {"data"}
     assert FE.from_config({**config, "data": data}).get_config() == config
     with pytest.raises(ValueError, match="`when` must be"):
         FE(data, when="epoch_end")
@@ -197,6 +200,11 @@ def test_callback_under_mirrored_strategy_and_reuse():
     before = [v.numpy().copy() for v in model.weights]
     model.fit(x, y, epochs=1, batch_size=32, callbacks=[fe], verbose=0)
     assert fe.scores is not first and set(fe.scores) == set(first)
+    reference = kc.methods.ensemble_importance(
+        model, (x, y), samples=8, metric="accuracy", verbose=0
+    )
+    for name, s in reference.items():
+        np.testing.assert_allclose(fe.scores[name], s, rtol=1e-5, atol=1e-7)
     for v in model.trainable_weights:  # BN moving stats are replica-local
         replicas = strategy.experimental_local_results(v.value)
         for r in replicas[1:]:

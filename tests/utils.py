@@ -1,6 +1,13 @@
-"""Test helpers shared by several test modules."""
+"""Test helpers shared by several test modules.
+
+Test modules import them as `from utils import ...` (pytest puts `tests/`
+on the path).
+"""
+
+import inspect
 
 import numpy as np
+import tensorflow as tf
 
 from keras_csgd import graph
 
@@ -33,3 +40,25 @@ def collapse(model, plan):
 def relative_error(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.abs(a - b).max() / max(1e-12, np.abs(b).max()))
+
+
+def constructor_arguments(cls):
+    """The names of `cls.__init__`'s parameters (no `self`, `*a`, `**kw`)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {
+        name
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind not in variadic
+    }
+
+
+def two_cpu_strategy():
+    """MirroredStrategy over the two logical CPUs (made in conftest).
+
+    `ReductionToOneDevice`: the CPU collectives of several strategies in one
+    process clash on their instance keys.
+    """
+    return tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
