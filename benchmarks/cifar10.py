@@ -37,7 +37,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import data as kdata  # noqa: E402
@@ -653,29 +652,22 @@ METHODS = {
 
 # -------------------------------------------------------------- report
 def machine() -> dict:
-    """The machine and software that produced a number."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f
-                     if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    """The machine (CPU model, SIMD flags, cores, GPUs), its load, versions.
+
+    One record for every benchmark JSON: `kc.latency.timing.machine()` and
+    `versions()`, plus the load average and the Python version.
+    """
+    from keras_csgd.latency import timing
+
     try:
         load = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         load = None
     return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpus": len(tf.config.list_physical_devices("GPU")),
+        **timing.machine(),
         "load_average_at_start": load,
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "keras_csgd": kc.__version__,
+        **timing.versions(),
     }
 
 

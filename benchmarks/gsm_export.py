@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -33,6 +32,7 @@ from sklearn.model_selection import train_test_split
 
 import keras_csgd as kc
 from keras_csgd.export import run_tflite
+from keras_csgd.latency import timing
 from keras_csgd.models import lenet_300_100, resnet_cifar
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -128,7 +128,7 @@ def main():
     result = {
         "density": DENSITY,
         "tensorflow": tf.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": {**timing.machine(), **timing.versions()},
         "cpus": os.cpu_count(),
         "models": rows,
     }

@@ -16,7 +16,6 @@ Writes benchmarks/results/gsm_selection.json.
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 import tensorflow as tf
 
+from keras_csgd.latency import timing
 from keras_csgd.sparsity import top_q_threshold
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -119,7 +119,7 @@ def main():
         "q": q,
         "repeats": args.repeats,
         "tensorflow": tf.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": {**timing.machine(), **timing.versions()},
         "cpus": os.cpu_count(),
         "rows": rows,
         "kept_minus_q": excess,

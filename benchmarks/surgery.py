@@ -9,7 +9,6 @@ cores), at the default 224x224 input, weights=None.
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -17,6 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
+from keras_csgd.latency import timing  # noqa: E402
 
 MODELS = {
     "ResNet50": keras.applications.ResNet50,
@@ -63,7 +63,7 @@ def main():
         )
     result = {
         "command": "python benchmarks/surgery.py",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": {**timing.machine(), **timing.versions()},
         "keras": keras.__version__,
         "rows": rows,
     }
