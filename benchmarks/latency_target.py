@@ -8,9 +8,10 @@ TensorFlow (BN folded, XLA) at batch 64, with `--threads` threads: the
 latency table is profiled with a cold cache (`kc.latency.profile`, its time
 recorded), then for each target 0.7, 0.5 and 0.35 of the full latency
 `kc.plan_for_latency` plans and verifies (slim vs full, interleaved). Next to
-each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) whose
-predicted latency equals the latency plan's measured one is timed the same
-way (one interleaved run), with the importance (L1 filter norms, see
+each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) that
+measures the latency plan's measured ratio is searched (the table's guess,
+then secant steps on measured ratios: 3 timings, 4 in full mode) and
+reported with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
 model, SIMD flags, cores) and the load average, after every model and
@@ -61,22 +62,47 @@ def uniform_keep(table, ms) -> float:
     return float(keeps[int(np.argmin(np.abs(np.array(predicted) - ms)))])
 
 
-def uniform_row(model, table, measured_ratio, setup, threads):
-    """The uniform plan predicted at `measured_ratio`, timed."""
+def time_uniform(model, keep, setup, threads) -> dict:
     runtime, batch = setup
-    keep = uniform_keep(table, measured_ratio * table.full)
     plan = kc.methods.magnitude_plan(model, keep=keep, round_to=8)
     full_ms, slim_ms, ratio = latency.time_against_full(
         model, kc.slim(model, plan), runtime, batch, threads=threads
     )
     return {
-        "keep": keep,
-        "predicted_ratio": table.predict(plan.widths()) / table.full,
-        "measured_ratio": ratio,
-        "full_ms": full_ms, "slim_ms": slim_ms,
+        "keep": keep, "measured_ratio": ratio, "full_ms": full_ms,
+        "slim_ms": slim_ms,
         "macs_ratio": kc.macs_under(model, plan) / kc.count_macs(model),
         "kept_importance": latency.kept_importance(model, plan),
     }
+
+
+def uniform_row(model, table, measured_ratio, setup, threads, tries):
+    """The uniform round_to=8 plan that measures nearest `measured_ratio`.
+
+    The first `keep` is the table's guess; then `keep` is moved by
+    interpolating the measured ratios against `keep` (secant), `tries`
+    timings in all; the timing nearest `measured_ratio` is kept.
+    """
+    keep = uniform_keep(table, measured_ratio * table.full)
+    timed = []
+    for _ in range(tries):
+        timed.append(time_uniform(model, keep, setup, threads))
+        points = sorted({(t["keep"], t["measured_ratio"]) for t in timed})
+        if len(points) == 1:
+            k, r = points[0]
+            keep = k * (measured_ratio / r) ** 0.5  # ratio ~ keep^2 at most
+        else:
+            ks, rs = zip(*points)
+            keep = float(np.interp(measured_ratio, np.maximum.accumulate(rs),
+                                   ks))
+        keep = float(np.clip(round(keep, 3), 0.05, 1.0))
+        if any(t["keep"] == keep for t in timed):
+            break
+    best = min(timed, key=lambda t: abs(t["measured_ratio"] - measured_ratio))
+    return {**best, "timed_keeps": [
+        {"keep": t["keep"], "measured_ratio": t["measured_ratio"]}
+        for t in timed
+    ]}
 
 
 def run_setup(name, setup, args):
@@ -115,7 +141,8 @@ def run_setup(name, setup, args):
             reason=report.reason,
         )
         row["uniform_round_to_8"] = uniform_row(
-            model, table, report.measured_ratio, setup, args.threads
+            model, table, report.measured_ratio, setup, args.threads,
+            tries=3 if args.quick else 4,
         )
         print(f"{name} {runtime} b{batch} target {target}: {report}; "
               f"uniform keep {row['uniform_round_to_8']['keep']} measures "
