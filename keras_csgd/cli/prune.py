@@ -1,0 +1,289 @@
+"""`keras-csgd prune` (its nine methods) and `keras-csgd profile`."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+
+import keras_csgd as kc
+from keras_csgd.cli.common import (
+    CommandError,
+    compile_classifier,
+    existing_file,
+    fit,
+    format_table,
+    fraction,
+    latency_fraction,
+    load_data,
+    load_model,
+    output_path,
+    positive_int,
+    sgd,
+    write_atomically,
+    write_text,
+)
+from keras_csgd.methods import compensation
+from keras_csgd.methods.adaptive import AdaptiveGates
+
+# C-SGD settings for short schedules (the demo, `prune --method csgd`): a
+# strong centripetal pull, the same on kernels and on 1-D variables, so the
+# clusters collapse to float precision within a few hundred steps.
+CSGD_SETTINGS = {
+    "learning_rate": 0.03,
+    "momentum": 0.9,
+    "centripetal_strength": 0.3,
+    "vector_strength_scale": 1.0,
+    "weight_decay": 1e-4,
+}
+# GSM as in its paper's CIFAR runs (`prune --method gsm`).
+GSM_SETTINGS = {"learning_rate": 5e-3, "momentum": 0.98, "weight_decay": 1e-4}
+
+
+def _needs_data(data, args):
+    if data is None:
+        raise CommandError(f"--method {args.method} needs --data")
+
+
+# Methods: `(model, data, args) -> (plan, slim model)`, `args` holding
+# `keep`, `round_to`, `epochs` and `seed`. The ones in TRAINED train the
+# full model for `--epochs`; the ones in PLANNED plan from the trained
+# model, and `--epochs` fine-tunes their slim model.
+def _csgd(model, data, args):
+    if args.latency is not None:
+        plan = _latency_plan(model, args, clusters="kmeans")
+    else:
+        plan = kc.make_plan(model, keep=args.keep, method="kmeans",
+                            seed=args.seed, round_to=args.round_to)
+    fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS))
+    return plan, kc.slim(model, plan)
+
+
+def _asfp(model, data, args):
+    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
+                                                    verbose=0)
+    fit(model, data, args.epochs, sgd(0.01), [asfp])
+    return asfp.plan, kc.slim(model, asfp.plan)
+
+
+def _gsm(model, data, args):
+    """Unstructured: `--keep` is the kept fraction of the kernel weights."""
+    fit(model, data, args.epochs, kc.GSM(density=args.keep, **GSM_SETTINGS))
+    kc.sparsify(model, density=args.keep)
+    plan = kc.PruningPlan({}, groups=kc.channel_groups(model))
+    return plan, kc.slim(model, plan)
+
+
+def _adaptive(model, data, args):
+    """Learnt gates with the MACs of `--keep` per group as the target."""
+    target = kc.macs_under(
+        model, kc.make_plan(model, keep=args.keep, round_to=args.round_to)
+    ) / kc.count_macs(model)
+    gates = AdaptiveGates(model, macs_target=target)
+    fit(gates.model, data, args.epochs, sgd(0.01), [gates.callback])
+    folded, plan = gates.finalize()
+    return plan, kc.slim(folded, plan)
+
+
+def _magnitude(model, data, args):
+    if args.latency is not None:
+        plan = _latency_plan(model, args)  # L1 norms by default
+    else:
+        plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                         round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _similarity(model, data, args):
+    plan = kc.methods.similarity_plan(model, data, keep=args.keep,
+                                      round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _functionality(model, data, args):
+    _needs_data(data, args)
+    plan = kc.methods.functionality_plan(model, data, keep=args.keep,
+                                         round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _ensembles(model, data, args):
+    _needs_data(data, args)
+    compile_classifier(model, "sgd")
+    scores = kc.methods.ensemble_importance(model, data, seed=args.seed,
+                                            verbose=0)
+    if args.latency is not None:
+        plan = _latency_plan(model, args, scores=scores)
+    else:
+        plan = kc.plan_from_scores(model, scores, keep=args.keep,
+                                   round_to=args.round_to)
+    return plan, kc.slim(model, plan)
+
+
+def _cap(model, data, args):
+    """Magnitude plan, consumers refitted by least squares (CaP)."""
+    _needs_data(data, args)
+    plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                     round_to=args.round_to)
+    stats = compensation.collect_statistics(model, data, verbose=0)
+    return plan, compensation.compensate(model, plan, stats)
+
+
+def _latency_plan(model, args, scores=None, clusters="prune"):
+    """`kc.plan_for_latency` at `--latency`; its report goes to `args`."""
+    plan, args.latency_report = kc.plan_for_latency(
+        model, args.latency, args.runtime, args.batch_size, scores=scores,
+        clusters=clusters, threads=args.threads, seed=args.seed,
+        return_report=True, verbose=0,
+    )
+    return plan
+
+
+TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm, "adaptive": _adaptive}
+PLANNED = {
+    "magnitude": _magnitude,
+    "similarity": _similarity,
+    "functionality": _functionality,
+    "ensembles": _ensembles,
+    "cap": _cap,
+}
+METHODS = {**TRAINED, **PLANNED}
+# The methods that plan to `--latency` (the others take `--keep` only).
+LATENCY_METHODS = ("csgd", "magnitude", "ensembles")
+
+
+def _plan_path(out):
+    return out[: -len(".keras")] + ".plan.json"
+
+
+def cmd_prune(args):
+    existing_file(args.model, "model")
+    output_path(args.out, ".keras", source=args.model)
+    if args.data is not None and not os.path.exists(args.data):
+        raise CommandError(f"--data {args.data!r} does not exist")
+    if args.latency is not None and args.method not in LATENCY_METHODS:
+        raise CommandError(
+            f"--latency works with --method {', '.join(LATENCY_METHODS)}; "
+            f"got --method {args.method}"
+        )
+    if args.latency is not None and args.keep is not None:
+        raise CommandError("give --keep or --latency, not both")
+    if args.keep is None:
+        args.keep = 0.625
+    trains = args.method in TRAINED
+    if trains and args.data is None:
+        raise CommandError(f"--method {args.method} needs --data")
+    model = load_model(args.model)
+    data = load_data(args.data, model)
+    if args.epochs is None:
+        args.epochs = 10 if trains else 0
+    if args.epochs and data is None:
+        raise CommandError("--epochs needs --data")
+    before, params = kc.count_macs(model), model.count_params()
+    keras.utils.set_random_seed(args.seed)
+    plan, slim = METHODS[args.method](model, data, args)
+    if args.epochs and not trains:
+        fit(slim, data, args.epochs, sgd(0.01))
+    write_atomically(
+        [
+            (args.out, slim.save),
+            (_plan_path(args.out), write_text(plan.to_json())),
+        ]
+    )
+    after = kc.count_macs(slim)
+    print(
+        f"{args.method}: MACs {before:,} -> {after:,} "
+        f"({after / before:.1%}), params {params:,} -> "
+        f"{slim.count_params():,}; wrote {args.out} and "
+        f"{_plan_path(args.out)}"
+    )
+    report = getattr(args, "latency_report", None)
+    if report is not None:
+        print(
+            f"latency ({args.runtime}, batch {args.batch_size}, measured "
+            f"interleaved): full {report.full_ms:.3f} ms -> slim "
+            f"{report.slim_ms:.3f} ms ({report.measured_ratio:.1%}; target "
+            f"{args.latency:.1%}, predicted {report.predicted_ratio:.1%}); "
+            f"{len(report.remove_blocks)} blocks removed"
+        )
+        if report.reason:
+            print(f"latency target missed: {report.reason}")
+
+
+def cmd_profile(args):
+    model = load_model(args.model)
+    table = kc.latency.profile(
+        model, args.runtime, args.batch_size, threads=args.threads,
+        verbose=0,
+    )
+    shares = sorted(table.shares().items(), key=lambda kv: -kv[1])
+    rows = [["group or block", "kind", "share of latency"]]
+    for name, share in shares:
+        kind = "block" if name in table.blocks else "group"
+        rows.append([name, kind, f"{share:.1%}"])
+    source = "cache" if table.cached else "measured"
+    print(
+        f"{args.model}: {table.full:.3f} ms per batch of {args.batch_size} "
+        f"on {args.runtime} ({source}); a group's share is its latency "
+        "change extended to width 0, a block's what removing it saves"
+    )
+    print(format_table(rows))
+
+
+def _add_runtime(parser):
+    parser.add_argument("--runtime", choices=kc.latency.RUNTIMES,
+                        default="litert",
+                        help="litert (float32 interpreter) or tensorflow "
+                        "(compiled, BN folded); default litert")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="batch size timed (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="threads (default 2)")
+
+
+def add_prune(sub):
+    prune = sub.add_parser(
+        "prune",
+        help="prune a .keras model, write the slim model and plan JSON",
+        description="Prunes MODEL with --method, slims it and writes the "
+        "slim model to --out and its plan to <out>.plan.json. --data is an "
+        "image folder (scaled to [0, 1]) or an .npz with arrays x, y.",
+    )
+    prune.add_argument("model", help="input .keras model")
+    prune.add_argument("--method", choices=sorted(METHODS), required=True)
+    prune.add_argument("--keep", type=fraction, default=None,
+                       help="kept fraction per group (default 0.625; gsm: "
+                       "of the kernel weights; adaptive: the MACs of that "
+                       "width are the target)")
+    prune.add_argument("--latency", type=latency_fraction,
+                       help="instead of --keep: the slim latency as a "
+                       "fraction of the full model's, measured on "
+                       "--runtime on this machine (methods: "
+                       + ", ".join(LATENCY_METHODS) + ")")
+    _add_runtime(prune)
+    prune.add_argument("--data", help="image folder or .npz (x, y)")
+    prune.add_argument("--epochs", type=int,
+                       help="training epochs (" + ", ".join(TRAINED)
+                       + "; default 10) or fine-tuning epochs of the slim "
+                       "model (others; default 0)")
+    prune.add_argument("--round-to", type=positive_int,
+                       help="round widths to a multiple of this")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, help="output .keras file")
+    prune.set_defaults(func=cmd_prune)
+    return prune
+
+
+def add_profile(sub):
+    profile = sub.add_parser(
+        "profile",
+        help="measure each group's and block's share of the latency",
+        description="Profiles MODEL on --runtime on this machine (slim "
+        "variants timed against the full model, interleaved; cached under "
+        "~/.cache/keras_csgd/latency or $KERAS_CSGD_CACHE) and prints each "
+        "prunable group's and removable block's share of the latency.",
+    )
+    profile.add_argument("model", help="input .keras model")
+    _add_runtime(profile)
+    profile.set_defaults(func=cmd_profile)
+    return profile
