@@ -137,3 +137,17 @@ def test_group_dict_round_trip():
     for g in kc.channel_groups(zoo.dense_block()):
         back = kc.ChannelGroup.from_dict(g.to_dict())
         assert back.to_dict() == g.to_dict()
+
+
+def test_a_layers_own_softmax_freezes_its_output_group():
+    # Pruning units of Dense(softmax) changes every other unit's output.
+    inp = keras.Input((6,))
+    h = L.Dense(5, activation="softmax", name="mix")(inp)
+    out = L.Dense(3, name="out")(h)
+    groups = {g.name: g for g in kc.channel_groups(keras.Model(inp, out))}
+    assert not groups["mix"].prunable
+    assert "channel-mixing activation in `mix`" in groups["mix"].reason
+    inp = keras.Input((6,))
+    h = L.Dense(5, activation="relu", name="mix")(inp)
+    model = keras.Model(inp, L.Dense(3, name="out")(h))
+    assert {g.name: g for g in kc.channel_groups(model)}["mix"].prunable

@@ -301,6 +301,9 @@ class Context:
                     self.freeze(e.layout, reason)
             for lay in list(call.layouts) + list(outs):
                 self.freeze(lay, reason)
+        if layers.mixes_channels(getattr(op, "activation", None)):
+            for lay in outs:  # Dense(activation="softmax"), say
+                self.freeze(lay, f"channel-mixing activation in `{lname}`")
         return outs
 
     # ------------------------------------------------------ results

@@ -17,6 +17,7 @@ from keras_csgd.layers.registry import (
     LayerHandler,
     attribute,
     handler_for,
+    mixes_channels,
     register_layer,
     unregister_layer,
 )

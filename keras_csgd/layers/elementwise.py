@@ -5,7 +5,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.registry import (
+    LayerHandler,
+    mixes_channels,
+    register_layer,
+)
 
 L = keras.layers
 
@@ -21,8 +25,6 @@ PASS_THROUGH = (
     L.UpSampling3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Identity,
     L.Rescaling,
 )
-# Activations that mix channels cannot pass a channel group through.
-MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
 class PassThroughHandler(LayerHandler):
@@ -41,8 +43,7 @@ class ActivationHandler(LayerHandler):
     """`keras.layers.Activation`: passes channels unless it mixes them."""
 
     def channels(self, ctx, call):
-        fn = call.layer.activation
-        if getattr(fn, "__name__", str(fn)) in MIXING_ACTIVATIONS:
+        if mixes_channels(call.layer.activation):
             return ctx.unknown(call, "channel-mixing activation")
         return list(call.layouts)
 

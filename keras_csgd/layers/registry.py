@@ -129,6 +129,19 @@ def unregister_layer(layer_class: type) -> None:
     _REGISTRY.pop(layer_class, None)
 
 
+# Activations that mix channels cannot pass a channel group through.
+MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+def mixes_channels(activation) -> bool:
+    """Whether an activation function mixes the channels it acts on."""
+    if activation is None:
+        return False
+    return getattr(activation, "__name__", str(activation)) in (
+        MIXING_ACTIVATIONS
+    )
+
+
 def attribute(layer, name: str) -> bool:
     """A handler flag (`normalizes`, `sums`) of `layer`; False if unknown."""
     return bool(getattr(handler_for(layer), name, False))
