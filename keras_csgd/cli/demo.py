@@ -80,7 +80,7 @@ def cmd_demo(args):
     epochs = args.epochs or (20 if args.dataset == "digits" else 10)
     fit(model, train, epochs, sgd(0.05))
     print(f"trained {model.name} for {epochs} epochs")
-    options = argparse.Namespace(keep=args.keep, round_to=None,
+    options = argparse.Namespace(keep=args.keep, latency=None, round_to=None,
                                  epochs=epochs, seed=args.seed)
     plan, slim = METHODS["csgd"](model, train, options)
     print(f"C-SGD for {epochs} epochs, clusters: {plan.widths()}")

@@ -46,7 +46,8 @@ def _needs_data(data, args):
 
 
 # Methods: `(model, data, args) -> (plan, slim model)`, `args` holding
-# `keep`, `round_to`, `epochs` and `seed`. The ones in TRAINED train the
+# `keep`, `latency` (`None`, or a target with `runtime`, `batch_size` and
+# `threads`), `round_to`, `epochs` and `seed`. The ones in TRAINED train the
 # full model for `--epochs`; the ones in PLANNED plan from the trained
 # model, and `--epochs` fine-tunes their slim model.
 def _csgd(model, data, args):
