@@ -262,3 +262,27 @@ def test_corrupt_or_foreign_cache_files_are_measured_again(tmp_path):
     path.write_text(json.dumps(foreign))
     with pytest.warns(UserWarning, match="another key|written under key"):
         assert not latency.profile(model, "tensorflow", 2, **args).cached
+
+
+def test_a_missed_target_is_corrected_by_replanning():
+    """The table misses a fixed per-call cost that verification sees."""
+    model = tiny(16)
+    table = latency.profile(model, measure=macs_ms, verbose=0)
+    full = macs_ms(model)
+
+    def slower(m):
+        return macs_ms(m) + 0.5 * full
+
+    plan, report = kc.plan_for_latency(
+        model, 0.6, table=table, measure=slower, return_report=True,
+        max_iterations=4,
+    )
+    first = report.iterations[0]["measured_ratio"]
+    assert first > 0.6 * 1.05 and len(report.iterations) >= 2
+    assert report.met and report.measured_ratio <= 0.6 * 1.05
+    np.testing.assert_allclose(
+        report.measured_ratio, slower(kc.slim(model, plan)) / slower(model)
+    )
+    with pytest.warns(UserWarning, match="above the target"):
+        kc.plan_for_latency(model, 0.6, table=table, measure=slower,
+                            max_iterations=1)
