@@ -15,8 +15,8 @@ reported with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
 model, SIMD flags, cores) and the load average, after every model and
-runtime. `--quick` profiles with 5 rounds (else 9) and verifies at most 2
-plans (else 3).
+runtime. `--quick` verifies at most 2 plans (else 3) and times 3 uniform
+plans (else 4).
 The accuracy row of issue #13 (ResNet-20, CIFAR quick) is not run here.
 """
 
@@ -112,7 +112,7 @@ def run_setup(name, setup, args):
         start = time.perf_counter()
         table = latency.profile(
             model, runtime, batch, threads=args.threads, cache_dir=cold,
-            rounds=5 if args.quick else 9, verbose=1,
+            verbose=1,
         )
         seconds = time.perf_counter() - start
     rows = []
@@ -191,10 +191,10 @@ def main(argv=None):
         "threads": args.threads, "targets": list(TARGETS),
         "machine": {**machine(), **latency.machine()},
         "uptime_at_start": uptime(),
-        "statistic": "measured_ratio: median over interleaved rounds of "
-        "slim / full block medians (one run); full_ms, slim_ms: medians over "
-        "rounds of block medians; predicted_ratio: the latency table's "
-        "prediction",
+        "statistic": "full_ms, slim_ms: fastest block median of each over "
+        "interleaved rounds (one run; kc.latency.timing.fastest_blocks); "
+        "measured_ratio: slim_ms / full_ms; predicted_ratio: the latency "
+        "table's prediction",
         "accuracy_row": "not run (ResNet-20 CIFAR quick accuracy row of "
         "issue #13 is out of scope of this script)",
         "setups": [],

@@ -27,7 +27,9 @@ from keras_csgd.plan import PruningPlan
 from keras_csgd.surgery import slim
 
 GRID = (0.75, 0.5, 0.25)
-PROFILE_BLOCK_MS = 20.0
+# Per variant: blocks of about 5 ms in as many rounds (5 to 51) as fit in
+# 1.5 s of timing.
+PROFILE_TIMING = {"block_ms": 5.0, "budget_ms": 1500.0, "rounds": (5, 51)}
 
 
 def prunable_groups(model, an: graph.Analysis) -> list[str]:
@@ -174,19 +176,24 @@ class _Timer:
 
     def __init__(self, model, runtime, batch_size, threads, jit_compile,
                  rounds, measure):
-        self.rounds, self.measure = rounds, measure
+        self.measure = measure
         self.args = (runtime, batch_size, threads, jit_compile)
         self.fulls = []
         if measure is None:
             self.full = timing.runner(model, *self.args)
-            self.calls = timing.calls_per_block(self.full, PROFILE_BLOCK_MS)
+            limits = PROFILE_TIMING["rounds"] if rounds is None else (
+                rounds, rounds)
+            self.calls, self.rounds = timing.schedule(
+                self.full, PROFILE_TIMING["block_ms"],
+                PROFILE_TIMING["budget_ms"], limits,
+            )
         else:
             self.fulls.append(float(measure(model)))
 
     def delta(self, variant) -> float:
         if self.measure is not None:
             return float(self.measure(variant)) - self.fulls[0]
-        stats = timing.paired(*timing.interleaved(
+        stats = timing.fastest_blocks(*timing.interleaved(
             self.full, timing.runner(variant, *self.args), self.rounds,
             self.calls,
         ))
@@ -195,21 +202,21 @@ class _Timer:
 
 
 def profile(model, runtime: str = "litert", batch_size: int = 1, *,
-            threads: int | None = None, grid=GRID, rounds: int = 5,
+            threads: int | None = None, grid=GRID, rounds: int | None = None,
             jit_compile: bool = True, cache_dir=None, measure=None,
             verbose: int = 1) -> tables.LatencyTable:
     """Measures `model`'s latency per group width and per removed block.
 
-    For every class of identical prunable groups and every width of the
-    grid (`grid_widths`), the slim variant with the class at that width is
-    built (`kc.slim`) and timed interleaved with the full model (`rounds`
-    rounds of blocks of about 20 ms; the change is the median of the
-    rounds' differences); each group of the class gets an equal share of
-    the change. Likewise every class of identical removable
-    blocks. A Keras progress bar shows the variants. The table is cached on
-    disk under a key of the model's structure (its config JSON), the
-    runtime, batch size, threads, the CPU model and SIMD flags, GPUs and the
-    library versions: a second call is instant, another machine measures
+    For every class of identical prunable groups and every width of the grid
+    (`grid_widths`), the slim variant with the class at that width is built
+    (`kc.slim`) and timed interleaved with the full model (rounds of blocks
+    of about 5 ms, as many as fit 1.5 s; each model's latency is its fastest
+    block median, see `timing.fastest_blocks`); each group of the class gets
+    an equal share of the change. Likewise every class of identical
+    removable blocks. A Keras progress bar shows the variants. The table is
+    cached on disk under a key of the model's structure (its config JSON),
+    the runtime, batch size, threads, the CPU model and SIMD flags, GPUs and
+    the library versions: a second call is instant, another machine measures
     again. A cache file that is corrupt or was written under another key is
     measured again, not trusted.
 
@@ -224,7 +231,8 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             the usable cores.
         grid: fractions of each group's width to measure. Defaults to
             `(0.75, 0.5, 0.25)`.
-        rounds: interleaved rounds per variant. Defaults to `5`.
+        rounds: interleaved rounds per variant. Defaults to `None` (5 to
+            51, as many as fit 1.5 s).
         jit_compile: compile the TensorFlow call with XLA. Defaults to
             `True`.
         cache_dir: folder of the cache. Defaults to `None`:
@@ -251,7 +259,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     checks.positive_int("batch_size", batch_size)
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
-    checks.positive_int("rounds", rounds)
+    checks.positive_int("rounds", rounds, allow_none=True)
     if isinstance(grid, str) or not grid:
         raise ValueError(
             f"`grid` must be fractions in (0, 1). Received: grid={grid!r}"

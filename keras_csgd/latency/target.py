@@ -33,8 +33,8 @@ from keras_csgd.scoring import _checked_scores, _top
 from keras_csgd.surgery import slim
 
 CLUSTERS = ("prune", "kmeans")
-VERIFY_ROUNDS = 9
-VERIFY_BLOCK_MS = 50.0
+# Blocks of about 10 ms in as many rounds (9 to 101) as fit in 6 s.
+VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
 
 
 @dataclasses.dataclass
@@ -45,11 +45,11 @@ class LatencyReport:
         target: the target, a fraction of the full model's latency.
         runtime: `"litert"` or `"tensorflow"`.
         batch_size: the batch size timed.
-        full_ms: the full model's measured latency (the table's when not
+        full_ms: the full model's measured latency, its fastest block
+            median interleaved with the slim one (the table's when not
             verified).
-        slim_ms: the slim model's measured latency, or `None`.
-        measured_ratio: the median over interleaved rounds of slim / full
-            (see `time_against_full`), or `None`.
+        slim_ms: the slim model's measured latency, likewise, or `None`.
+        measured_ratio: `slim_ms / full_ms`, or `None`.
         predicted_ms: the table's prediction for the plan.
         predicted_ratio: `predicted_ms / table.full`.
         met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
@@ -151,17 +151,19 @@ class _Verifier:
         return timing.runner(model, *self.args, tflite=tflite)
 
     def __call__(self, variant, name) -> tuple[float, float, float]:
-        """`(full_ms, slim_ms, ratio)`: the ratio is the median of the
-        rounds' ratios (see `timing.paired`)."""
+        """`(full_ms, slim_ms, ratio)`, fastest block medians (see
+        `timing.fastest_blocks`)."""
         if self.measure is not None:
             full, ms = float(self.measure(self.model)), float(
                 self.measure(variant))
             return full, ms, ms / full
         if self.full is None:
             self.full = self._runner(self.model, "full")
-            self.calls = timing.calls_per_block(self.full, VERIFY_BLOCK_MS)
-        stats = timing.paired(*timing.interleaved(
-            self.full, self._runner(variant, name), VERIFY_ROUNDS, self.calls
+            self.calls, self.rounds = timing.schedule(
+                self.full, **VERIFY_TIMING
+            )
+        stats = timing.fastest_blocks(*timing.interleaved(
+            self.full, self._runner(variant, name), self.rounds, self.calls
         ))
         return stats["first_ms"], stats["second_ms"], stats["ratio"]
 
@@ -171,8 +173,8 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
     """Times `variant` against `model`, interleaved, on `runtime`.
 
     LiteRT runs the files `kc.export_tflite` writes; TensorFlow a compiled
-    call of each model with BatchNormalization folded. `VERIFY_ROUNDS`
-    rounds of blocks of about 50 ms each.
+    call of each model with BatchNormalization folded. Blocks of about 10
+    ms, in as many rounds (9 to 101) as fit 6 s (`VERIFY_TIMING`).
 
     Args:
         model: the full model.
@@ -183,8 +185,8 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
         jit_compile: XLA for TensorFlow. Defaults to `True`.
 
     Returns:
-        `(full_ms, variant_ms, ratio)`: medians over rounds of the block
-        medians, and the median of the rounds' ratios `variant / full`.
+        `(full_ms, variant_ms, ratio)`: each model's fastest block median
+        over the rounds (see `timing.fastest_blocks`), and their ratio.
 
     Example:
 
