@@ -49,22 +49,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
-def fraction(text):
-    try:
-        return checks.fraction("keep", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a fraction in (0, 1], got {text!r}"
-        ) from None
+def _argument_type(check, convert, rule):
+    """An argparse type: `convert(text)` checked by `check`, else `rule`."""
+
+    def parse(text):
+        try:
+            return check(convert(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {rule}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def positive_int(text):
-    try:
-        return checks.positive_int("value", int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive integer, got {text!r}"
-        ) from None
+fraction = _argument_type(
+    lambda v: checks.fraction("keep", v), float, "a fraction in (0, 1]"
+)
+positive_int = _argument_type(
+    lambda v: checks.positive_int("value", v), int, "a positive integer"
+)
 
 
 def batch_sizes(text):

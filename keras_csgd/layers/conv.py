@@ -21,28 +21,26 @@ def _times(n, *factors):
     return None if n is None else n * math.prod(factors)
 
 
-def _refuse(ctx, call):
-    """The reason this call's layer cannot be analysed, or `None`."""
-    layer = call.layer
-    if getattr(layer, "data_format", None) == "channels_first":
-        return "channels_first layer"
-    if getattr(layer, "groups", 1) != 1:
-        return "grouped convolution"
-    return None
+class _ConvFamily(LayerHandler):
+    """Refuses `channels_first` and grouped layers, then `conv_channels`."""
+
+    def channels(self, ctx, call):
+        layer = call.layer
+        if getattr(layer, "data_format", None) == "channels_first":
+            return ctx.unknown(call, "channels_first layer")
+        if getattr(layer, "groups", 1) != 1:
+            return ctx.unknown(call, "grouped convolution")
+        return self.conv_channels(ctx, call, layer, call.layouts[0])
 
 
-class ConvHandler(LayerHandler):
+class ConvHandler(_ConvFamily):
     """Conv1D/2D/3D and Conv*Transpose: consume input, produce `filters`."""
 
     def __init__(self, transpose: bool = False, patches: str | None = None):
         self.transpose = transpose
         self.patches = patches
 
-    def channels(self, ctx, call):
-        why = _refuse(ctx, call)
-        if why:
-            return ctx.unknown(call, why)
-        layer, (lay,) = call.layer, call.layouts
+    def conv_channels(self, ctx, call, layer, lay):
         rank = len(layer.kernel.shape)
         taps = math.prod(layer.kernel.shape[:-2])
         if self.transpose:
@@ -64,14 +62,10 @@ class ConvHandler(LayerHandler):
         return None if self.transpose else "kernel"
 
 
-class SeparableHandler(LayerHandler):
+class SeparableHandler(_ConvFamily):
     """SeparableConv1D/2D: depthwise members, pointwise consumer/producer."""
 
-    def channels(self, ctx, call):
-        why = _refuse(ctx, call)
-        if why:
-            return ctx.unknown(call, why)
-        layer, (lay,) = call.layer, call.layouts
+    def conv_channels(self, ctx, call, layer, lay):
         m = layer.depth_multiplier
         rank = len(layer.depthwise_kernel.shape)
         ctx.member(call, layer.depthwise_kernel, rank - 2, lay)
@@ -91,14 +85,10 @@ class SeparableHandler(LayerHandler):
         return "pointwise_kernel"
 
 
-class DepthwiseHandler(LayerHandler):
+class DepthwiseHandler(_ConvFamily):
     """DepthwiseConv1D/2D: per-channel kernels, outputs `rep` by multiplier."""
 
-    def channels(self, ctx, call):
-        why = _refuse(ctx, call)
-        if why:
-            return ctx.unknown(call, why)
-        layer, (lay,) = call.layer, call.layouts
+    def conv_channels(self, ctx, call, layer, lay):
         rank = len(layer.kernel.shape)
         out = ctx.rep(lay, layer.depth_multiplier)
         ctx.member(call, layer.kernel, rank - 2, lay)

@@ -29,6 +29,7 @@ from scipy.spatial.distance import squareform
 from keras_csgd import checks, graph, layers
 from keras_csgd.batches import input_batches
 from keras_csgd.groups import ChannelGroup
+from keras_csgd.methods.moments import RunningMoments
 from keras_csgd.plan import PruningPlan
 from keras_csgd.scoring import plan_from_clusters
 
@@ -151,28 +152,14 @@ def probe_outputs(probe: keras.Model, x) -> list[np.ndarray]:
     return list(outs) if len(probe.outputs) > 1 else [outs]
 
 
-class _CorrelationStats:
-    """Running float64 sums for the channel correlation of one tensor."""
-
-    def __init__(self, channels: int):
-        self.n = 0
-        self.total = np.zeros(channels)
-        self.cross = np.zeros((channels, channels))
-
-    def update(self, x: np.ndarray) -> None:
-        rows = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-        self.n += rows.shape[0]
-        self.total += rows.sum(axis=0)
-        self.cross += rows.T @ rows
-
-    def correlation(self) -> np.ndarray:
-        mean = self.total / self.n
-        cov = self.cross / self.n - np.outer(mean, mean)
-        std = np.sqrt(np.maximum(np.diag(cov), 0.0))
-        scale = np.outer(std, std)
-        corr = np.divide(cov, scale, out=np.zeros_like(cov), where=scale > 0)
-        np.fill_diagonal(corr, 1.0)
-        return np.clip(corr, -1.0, 1.0)
+def _correlation(moments: RunningMoments) -> np.ndarray:
+    """The channel correlation matrix of accumulated moments."""
+    cov = moments.covariance()
+    std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    scale = np.outer(std, std)
+    corr = np.divide(cov, scale, out=np.zeros_like(cov), where=scale > 0)
+    np.fill_diagonal(corr, 1.0)
+    return np.clip(corr, -1.0, 1.0)
 
 
 def correlation_distances(
@@ -195,12 +182,12 @@ def correlation_distances(
     """
     probe, names = response_probe(model, analysis, groups)
     stats = {
-        n: _CorrelationStats(t.shape[-1]) for n, t in zip(names, probe.outputs)
+        n: RunningMoments(t.shape[-1]) for n, t in zip(names, probe.outputs)
     }
     for x in input_batches(data, batch_size):
         for n, out in zip(names, probe_outputs(probe, x)):
-            stats[n].update(out)
-    corr = {n: s.correlation() for n, s in stats.items()}
+            stats[n].update(out.reshape(-1, out.shape[-1]))
+    corr = {n: _correlation(s) for n, s in stats.items()}
     out = {}
     for g in groups:
         dists = []

@@ -15,6 +15,7 @@ import numpy as np
 
 from keras_csgd import graph, layers
 from keras_csgd.batches import input_batches, num_batches
+from keras_csgd.methods.moments import RunningMoments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,32 +32,6 @@ class Stats:
     mean: np.ndarray
     cov: np.ndarray
     count: int
-
-
-class _Moments:
-    """Running mean and scatter matrix, merged batch by batch (Chan et al.)."""
-
-    def __init__(self, d: int):
-        self.n = 0
-        self.mean = np.zeros(d)
-        self.scatter = np.zeros((d, d))
-
-    def update(self, x: np.ndarray) -> None:
-        m = x.shape[0]
-        if m == 0:
-            return
-        batch_mean = x.mean(axis=0)
-        centred = x - batch_mean
-        delta = batch_mean - self.mean
-        total = self.n + m
-        self.scatter += centred.T @ centred
-        self.scatter += np.outer(delta, delta) * (self.n * m / total)
-        self.mean += delta * (m / total)
-        self.n = total
-
-    def stats(self) -> Stats:
-        return Stats(self.mean.copy(), self.scatter / self.n, self.n)
-
 
 
 def _patches(x, layer) -> np.ndarray:
@@ -190,11 +165,14 @@ def collect_statistics(
         for i, (layer, out) in enumerate(zip(chosen, outs, strict=True)):
             p = _patches(out, layer)
             if moments[i] is None:
-                moments[i] = _Moments(p.shape[1])
+                moments[i] = RunningMoments(p.shape[1])
             moments[i].update(p)
         seen += 1
         bar.update(seen)
     if seen == 0:
         raise ValueError("`data` yielded no batches.")
-    return {n: m.stats() for n, m in zip(names, moments, strict=True)}
+    return {
+        n: Stats(m.mean.copy(), m.covariance(), m.n)
+        for n, m in zip(names, moments, strict=True)
+    }
 
