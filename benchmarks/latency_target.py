@@ -204,6 +204,14 @@ def main(argv=None):
         for setup in args.setups:
             result["setups"].append(run_setup(name, SETUPS[setup], args))
             result["uptime_at_end"] = uptime()
+            load = max(os.getloadavg())
+            result["note"] = (
+                f"Shared machine: load average up to {load:.1f} on "
+                f"{result['machine']['cores']} cores while it ran; timings "
+                "are noisy (and multi-threaded timings bimodal: a call is "
+                "about 2x slower whenever another process holds a core)."
+                if load > result["machine"]["cores"] else None
+            )
             write_atomically(out, lambda tmp: dump_json(result, tmp))
     return result
 
