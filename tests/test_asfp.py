@@ -356,3 +356,26 @@ def test_unknown_skip_raises_at_fit():
     with pytest.raises(ValueError, match="`skip` names groups"):
         model.fit(x, y, epochs=1, verbose=0,
                   callbacks=[ASFP(0.3, skip=["nope"], verbose=0)])
+
+
+def test_from_plan_prunes_each_group_to_the_plans_width():
+    # A latency plan: per-group widths and a removed block.
+    model = one_by_one_model()
+    groups = {g.name: g for g in prunable(model)}
+    assert set(groups) == {"c1", "c3"}
+    blocks = kc.blocks.residual_blocks(model)
+    plan = kc.PruningPlan({"c1": [[i] for i in range(6)]},
+                          groups=list(groups.values()),
+                          remove_blocks=blocks)
+    asfp = ASFP.from_plan(plan, epochs=2, batchnorm="scale", verbose=0)
+    assert asfp.rate == {"c1": 0.25}
+    x, y = data()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[asfp])
+    assert asfp.plan.widths() == {"c1": 6}  # c3 is not in the plan
+    assert asfp.plan.remove_blocks == tuple(blocks)
+    assert len(zero_channels(model, groups["c1"])) == 0  # BN-scale mode
+    config = asfp.get_config()
+    assert ASFP.from_config(config).get_config() == config
+    with pytest.raises(ValueError, match=r"`rate` names groups"):
+        model.fit(x, y, epochs=1, verbose=0,
+                  callbacks=[ASFP({"nope": 0.5}, verbose=0)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -108,7 +109,9 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     on the border positions that the padding reaches.
 
     Args:
-        rate: the final fraction of channels zeroed, in [0, 1).
+        rate: the final fraction of channels zeroed, in [0, 1), or a dict
+            `{group_name: fraction}` (only those groups are pruned; see
+            `from_plan`).
         epochs: `T`, the epochs over which the rate grows. Defaults to
             `None`: the `epochs` of the `fit` call.
         decay: `D`, the fraction of `T` at which 3/4 of `rate` is reached,
@@ -125,6 +128,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             `"kernel"`.
         verbose: `1` prints the rate and the zeroed channels at each
             epoch end. Defaults to `1`.
+        remove_blocks: residual blocks that `.plan` removes (carried from
+            a plan by `from_plan`). Defaults to `()`.
 
     Raises:
         ValueError: a bad argument; when training starts, a `skip` name that
@@ -155,9 +160,19 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         skip=(),
         batchnorm="kernel",
         verbose=1,
+        remove_blocks=(),
     ):
         super().__init__()
-        checks.fraction("rate", rate, low_open=False, high_closed=False)
+        if isinstance(rate, Mapping):
+            rate = {
+                str(name): checks.fraction(
+                    f"rate[{name!r}]", r, low_open=False, high_closed=False
+                )
+                for name, r in rate.items()
+            }
+        else:
+            rate = checks.fraction("rate", rate, low_open=False,
+                                   high_closed=False)
         checks.positive_int("epochs", epochs, allow_none=True)
         # P(decay T) = 3/4 rate needs 0 < decay < 3/4.
         checks.number("decay", decay, 0, 0.75, low_open=True, high_open=True)
@@ -169,7 +184,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
                 "`skip` must be a list of group names, not a string. "
                 f"Received: skip={skip!r}"
             )
-        self.rate = float(rate)
+        self.rate = rate
+        self.remove_blocks = tuple(remove_blocks)
         self.epochs = epochs
         self.decay = float(decay)
         self.norm = norm
@@ -197,17 +213,43 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         Raises:
             ValueError: `epochs=None` and no `fit` has set the epoch count.
         """
-        if self.schedule == "constant":
-            return self.rate
-        total = self.epochs or (self.params or {}).get("epochs")
-        if not total:
-            raise ValueError(
-                "`rate_at` needs the number of epochs: pass `epochs=` to "
-                "AsymptoticSoftFilterPruning or call it during `fit`."
-            )
-        t = min(max(float(epoch), 0.0), float(total))
-        s = self._speed
-        return self.rate * math.expm1(-s * t / total) / math.expm1(-s)
+        progress = 1.0
+        if self.schedule != "constant":
+            total = self.epochs or (self.params or {}).get("epochs")
+            if not total:
+                raise ValueError(
+                    "`rate_at` needs the number of epochs: pass `epochs=` to "
+                    "AsymptoticSoftFilterPruning or call it during `fit`."
+                )
+            t = min(max(float(epoch), 0.0), float(total))
+            s = self._speed
+            progress = math.expm1(-s * t / total) / math.expm1(-s)
+        if isinstance(self.rate, dict):
+            return {name: r * progress for name, r in self.rate.items()}
+        return self.rate * progress
+
+    @classmethod
+    def from_plan(cls, plan, **kwargs):
+        """A callback that prunes each group of `plan` to the plan's width.
+
+        Each planned group's final rate is `1 - width / size` (groups not
+        in the plan are not pruned), and `.plan` after `fit` carries the
+        plan's `remove_blocks`: a plan of `kc.plan_for_latency` trains
+        with soft pruning and slims to its widths and blocks.
+
+        Args:
+            plan: a bound `kc.PruningPlan`.
+            **kwargs: the other constructor arguments.
+
+        Returns:
+            An `AsymptoticSoftFilterPruning`.
+        """
+        groups = plan.require_bound("`AsymptoticSoftFilterPruning.from_plan`")
+        rate = {
+            name: 1.0 - len(clusters) / groups[name].size
+            for name, clusters in plan.clusters.items()
+        }
+        return cls(rate, remove_blocks=plan.remove_blocks, **kwargs)
 
     def on_train_begin(self, logs=None):
         an = graph.analyze(self.model)
@@ -219,9 +261,18 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
                 f"`skip` names groups the model does not have: {unknown}. "
                 f"Received: skip={list(self.skip)!r}"
             )
+        if isinstance(self.rate, dict):
+            prunable = {g.name for g in groups if g.prunable}
+            bad = sorted(set(self.rate) - prunable)
+            if bad:
+                raise ValueError(
+                    "`rate` names groups that are not prunable groups of "
+                    f"the model: {bad}. Received: rate={self.rate!r}"
+                )
         self._all_groups = groups
         self._groups = [
             g for g in groups if g.prunable and g.name not in self.skip
+            and (not isinstance(self.rate, dict) or g.name in self.rate)
         ]
         self._producers = {
             g.name: [
@@ -247,13 +298,15 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         rate = self.rate_at(epoch + 1)
         count = self._prune(rate)
+        top = (max(rate.values(), default=0.0) if isinstance(rate, dict)
+               else rate)
         if logs is not None:
-            logs["asfp_rate"] = rate
+            logs["asfp_rate"] = top
         if self.verbose:
             total = sum(g.size for g in self._groups)
             print(
                 f"\nEpoch {epoch + 1}: AsymptoticSoftFilterPruning zeroed "
-                f"{count} of {total} channels (rate {rate:.4f})."
+                f"{count} of {total} channels (rate {top:.4f})."
             )
 
     def on_train_end(self, logs=None):
@@ -262,14 +315,16 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             for name, (size, zeroed) in self._zeroed.items()
             if len(zeroed)
         }
-        self.plan = PruningPlan(clusters, groups=self._all_groups)
+        self.plan = PruningPlan(clusters, groups=self._all_groups,
+                                remove_blocks=self.remove_blocks)
 
     def _prune(self, rate):
         """Zeroes the weakest filters of every group; returns their count."""
         count = 0
         scaled = self.batchnorm == "scale"
         for g in self._groups:
-            n = min(g.size - 1, math.floor(rate * g.size + 0.5))
+            r = rate[g.name] if isinstance(rate, dict) else rate
+            n = min(g.size - 1, math.floor(r * g.size + 0.5))
             producers = self._producers[g.name]
             rows = np.concatenate(
                 [p.filters(scaled) for p in producers], axis=1
@@ -293,6 +348,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             "skip": list(self.skip),
             "batchnorm": self.batchnorm,
             "verbose": self.verbose,
+            "remove_blocks": list(self.remove_blocks),
         }
 
     @classmethod
