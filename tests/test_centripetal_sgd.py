@@ -7,11 +7,16 @@ import tensorflow as tf
 from keras import layers as L
 
 import keras_csgd as kc
-from conftest import two_cpu_strategy
 from keras_csgd import graph
 from keras_csgd.models import resnet_cifar, small_resnet
+from keras_csgd.optimizers.base import Optimizer
 from tests import zoo
-from tests.utils import collapse, relative_error
+from utils import (
+    collapse,
+    constructor_arguments,
+    relative_error,
+    two_cpu_strategy,
+)
 
 LOSS = "sparse_categorical_crossentropy"
 
@@ -27,6 +32,76 @@ def random_plan(model, seed=0):
         cuts = np.sort(rng.choice(np.arange(1, len(perm)), 2, replace=False))
         clusters[g.name] = [c.tolist() for c in np.split(perm, cuts)]
     return kc.PruningPlan(clusters, groups=kc.channel_groups(model))
+
+
+def plain_cnn_layout(model):
+    """`{group: [(layer, weight, channel axis, repeat)]}` of `zoo.plain_cnn`.
+
+    The variables that follow each group's channels, read off the model's
+    code: along `axis`, entry `j` is channel `j // repeat` of the group
+    (`repeat` > 1 behind a depth multiplier), copy `j % repeat`.
+    """
+    return {
+        "c1": [("c1", "kernel", 3, 1), ("c1", "bias", 0, 1),
+               ("bn1", "gamma", 0, 1), ("bn1", "beta", 0, 1)],
+        "c2": [("c2", "kernel", 3, 1), ("c2", "bias", 0, 1),
+               ("prelu", "alpha", 2, 1)],
+        "fc1": [("fc1", "kernel", 1, 1), ("fc1", "bias", 0, 1)],
+    }
+
+
+def inverted_residual_layout(model):
+    """As `plain_cnn_layout`, for `zoo.inverted_residual`.
+
+    Its unnamed BatchNormalization layers follow stem, expand, dw and
+    project, in this order; the Add ties stem and project, and dw2
+    (multiplier 2) repeats every stem channel twice in its bias, in dw2_bn
+    and in the input channels of sep's depthwise kernel.
+    """
+    bn = [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, L.BatchNormalization)
+    ]
+
+    def norm(i, repeat=1):
+        return [(bn[i], "gamma", 0, repeat), (bn[i], "beta", 0, repeat)]
+
+    return {
+        "stem": [("stem", "kernel", 3, 1), ("stem", "bias", 0, 1), *norm(0),
+                 ("project", "kernel", 3, 1), ("project", "bias", 0, 1),
+                 *norm(3), ("dw2", "kernel", 2, 1), ("dw2", "bias", 0, 2),
+                 *norm(4, repeat=2), ("sep", "depthwise_kernel", 2, 2)],
+        "expand": [("expand", "kernel", 3, 1), ("expand", "bias", 0, 1),
+                   *norm(1), ("dw", "kernel", 2, 1), ("dw", "bias", 0, 1),
+                   *norm(2)],
+        "sep": [("sep", "pointwise_kernel", 3, 1), ("sep", "bias", 0, 1)],
+    }
+
+
+def reference_segments(model, plan, layout):
+    """`{variable path: (axis, segment ids)}` from the clusters and `layout`.
+
+    Entries share a segment when their channels are in one cluster of the
+    plan and they are the same copy; removed channels are alone.
+    """
+    segments = {}
+    for group, members in layout.items():
+        cluster_of = {
+            c: k for k, cluster in enumerate(plan.clusters[group])
+            for c in cluster
+        }
+        for layer, weight, axis, repeat in members:
+            variable = getattr(model.get_layer(layer), weight)
+            keys = [
+                (cluster_of[j // repeat], j % repeat)
+                if j // repeat in cluster_of else ("removed", j)
+                for j in range(variable.shape[axis])
+            ]
+            ids = {}
+            seg = np.array([ids.setdefault(k, len(ids)) for k in keys])
+            segments[variable.path] = (axis, seg)
+    return segments
 
 
 def reference_step(w, g, m, seg, axis, lam, eps, lr, mu, nesterov):
@@ -62,20 +137,24 @@ def assert_all_close(a, b, atol):
 
 # ------------------------------------------------------------ the update
 @pytest.mark.parametrize(
-    "build, nesterov, jit",
+    "build, layout, nesterov, jit",
     [
-        (zoo.plain_cnn, True, True),
-        (zoo.plain_cnn, False, False),
-        (zoo.inverted_residual, True, False),
-        (zoo.inverted_residual, False, True),
+        (zoo.plain_cnn, plain_cnn_layout, True, True),
+        (zoo.plain_cnn, plain_cnn_layout, False, False),
+        (zoo.inverted_residual, inverted_residual_layout, True, False),
+        (zoo.inverted_residual, inverted_residual_layout, False, True),
     ],
 )
-def test_two_steps_match_numpy(build, nesterov, jit):
+def test_two_steps_match_numpy(build, layout, nesterov, jit):
     # plain_cnn: conv kernels and biases, BN gamma/beta, PReLU alpha, dense
     # kernels and biases (clustered fc1, unplanned output layer);
     # inverted_residual: depthwise kernels (multiplier 1 and 2), separable.
+    # The reference clusters come from the plan's clusters and the layout
+    # written out above, not from the library's `variable_segments()`.
     model = zoo.randomize(build())
     plan = random_plan(model)
+    layout = layout(model)
+    assert set(layout) == set(plan.clusters)
     lr = keras.optimizers.schedules.PiecewiseConstantDecay([0], [0.1, 0.05])
     cs, wd, mu = 0.3, 0.01, 0.9
     opt = kc.CSGD(
@@ -83,7 +162,7 @@ def test_two_steps_match_numpy(build, nesterov, jit):
         centripetal_strength=cs, weight_decay=wd, jit_compile=jit,
     )
     variables = model.trainable_variables
-    segments = plan.variable_segments()
+    segments = reference_segments(model, plan, layout)
     assert any(len(v.shape) == 4 and v.shape[-1] > 1 for v in variables)
     rng = np.random.default_rng(1)
     w = [v.numpy() for v in variables]
@@ -92,9 +171,7 @@ def test_two_steps_match_numpy(build, nesterov, jit):
         grads = [rng.normal(size=a.shape).astype("float32") for a in w]
         opt.apply_gradients(zip(grads, variables))
         for k, v in enumerate(variables):
-            axis, seg, _ = segments.get(
-                v.path, (0, np.arange(v.shape[0]), v.shape[0])
-            )
+            axis, seg = segments.get(v.path, (0, np.arange(v.shape[0])))
             kernel = len(v.shape) >= 2
             w[k], m[k] = reference_step(
                 w[k], grads[k], m[k], seg, axis,
@@ -306,6 +383,10 @@ def test_config_round_trip():
                   vector_strength_scale=0.2, on_nonfinite="raise",
                   jit_compile=False, clipnorm=1.0, name="csgd")
     config = opt.get_config()
+    # Its own arguments and, through `**kwargs`, those of the base class.
+    assert set(config) == (
+        constructor_arguments(kc.CSGD) | constructor_arguments(Optimizer)
+    )
     assert config["weight_decay"] == 5e-4
     restored = kc.CSGD.from_config(dict(config))
     assert restored.get_config() == config

@@ -8,8 +8,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import keras_csgd as kc
-from conftest import two_cpu_strategy
 from keras_csgd.models import lenet_300_100
+from keras_csgd.optimizers.base import Optimizer
+from utils import constructor_arguments, two_cpu_strategy
 
 LR = 0.1
 MOMENTUM = 0.9
@@ -208,6 +209,10 @@ def test_config_round_trip(kwargs):
         **kwargs,
     )
     config = opt.get_config()
+    # Its own arguments and, through `**kwargs`, those of the base class.
+    assert set(config) == (
+        constructor_arguments(kc.GSM) | constructor_arguments(Optimizer)
+    )
     assert config["weight_decay"] == 3e-4
     # `from_config` deserializes the schedule in place: pass a fresh config.
     again = kc.GSM.from_config(opt.get_config())

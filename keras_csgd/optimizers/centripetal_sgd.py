@@ -11,10 +11,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
-from keras_csgd.optimizers.nonfinite import all_finite, check_on_nonfinite
+from keras_csgd.optimizers.base import Optimizer, check_float
 from keras_csgd.plan import coerce_plan
 from keras_csgd.sparsity import is_kernel
 
@@ -23,7 +22,7 @@ _STATISTICS = ("moving_mean", "moving_variance")
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-    """How one trainable variable is updated.
+    """The gradient `g'` that one trainable variable is updated with.
 
     Clustered (`segments` set): `g' = mean_H(g - eps w) + (lam + eps) w`,
     `mean_H` over the entries along `axis` with equal `segments`; the sums
@@ -67,7 +66,7 @@ class _Rule:
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class CSGD(keras.optimizers.Optimizer):
+class CSGD(Optimizer):
     """Centripetal SGD: momentum SGD that pulls each filter cluster together.
 
     Every variable of a planned channel group (producer kernels and biases,
@@ -92,12 +91,14 @@ class CSGD(keras.optimizers.Optimizer):
     `g` above and is never applied a second time by the base class.
 
     The cluster means of all clustered variables come from one segment sum
-    (no `n x n` matrices), and the update of all variables runs in one
-    function, XLA-compiled when `jit_compile=True`, whatever the model's own
-    `jit_compile`. It runs
+    (no `n x n` matrices), computed for all variables at once (in one
+    XLA-compiled function when `jit_compile=True`, whatever the model's own
+    `jit_compile`); the momentum step then runs per variable. It runs
     inside `model.fit`, custom loops (`apply_gradients`), learning-rate
     schedules, `keras.optimizers.LossScaleOptimizer` and
-    `tf.distribute.MirroredStrategy` (TensorFlow backend). A step whose
+    `tf.distribute.MirroredStrategy` (TensorFlow backend), and on the JAX
+    backend (where `jit_compile` has no effect: the JAX trainer compiles the
+    whole train step). A step whose
     gradients hold NaN or Inf is skipped (`iterations` still advances) and
     counted in `skipped_steps` (`on_nonfinite="skip"`), or raises
     (`on_nonfinite="raise"`).
@@ -127,12 +128,13 @@ class CSGD(keras.optimizers.Optimizer):
             outside XLA: inside a train step that is itself XLA-compiled,
             `model.compile(jit_compile=True)`, XLA drops runtime checks and
             the step is skipped as with `"skip"`). Defaults to `"skip"`.
-        jit_compile: whether to XLA-compile the update. Defaults to `True`.
-        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-            ema_overwrite_frequency, loss_scale_factor,
-            gradient_accumulation_steps, name: as in
-            `keras.optimizers.Optimizer`.
-        **kwargs: other base optimizer arguments.
+        jit_compile: whether to XLA-compile the cluster means. Defaults to
+            `True`.
+        **kwargs: the base optimizer's keyword arguments (`clipnorm`,
+            `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
+            `ema_overwrite_frequency`, `loss_scale_factor`,
+            `gradient_accumulation_steps`, `name`), forwarded by
+            `keras_csgd.optimizers.base.Optimizer`.
 
     Raises:
         TypeError: if `plan` is not a `PruningPlan` or its JSON.
@@ -168,84 +170,32 @@ class CSGD(keras.optimizers.Optimizer):
         vector_strength_scale=0.1,
         on_nonfinite="skip",
         jit_compile=True,
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        use_ema=False,
-        ema_momentum=0.99,
-        ema_overwrite_frequency=None,
-        loss_scale_factor=None,
-        gradient_accumulation_steps=None,
-        name=None,
         **kwargs,
     ):
         super().__init__(
             learning_rate=learning_rate,
-            name=name,
-            weight_decay=None,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            weight_decay=weight_decay,
+            on_nonfinite=on_nonfinite,
+            jit_compile=jit_compile,
             **kwargs,
         )
-        plan = coerce_plan(plan, "`CSGD`")
-        for arg, value, top in (
-            ("momentum", momentum, 1.0),
-            ("centripetal_strength", centripetal_strength, None),
-            ("weight_decay", weight_decay or 0.0, None),
-            ("vector_strength_scale", vector_strength_scale, None),
-        ):
-            if not isinstance(value, (int, float)) or value < 0 or (
-                top is not None and value > top
-            ):
-                bound = f"in [0, {top}]" if top else ">= 0"
-                raise ValueError(
-                    f"`{arg}` must be a float {bound}. "
-                    f"Received: {arg}={value!r}"
-                )
-        check_on_nonfinite(on_nonfinite)
-        self.plan = plan
-        self.kernel_weight_decay = float(weight_decay or 0.0)
-        self.momentum = float(momentum)
+        self.plan = coerce_plan(plan, "`CSGD`")
+        self.momentum = check_float("momentum", momentum, high=1.0)
         self.nesterov = bool(nesterov)
-        self.centripetal_strength = float(centripetal_strength)
-        self.vector_strength_scale = float(vector_strength_scale)
-        self.on_nonfinite = on_nonfinite
-        self.jit_compile = bool(jit_compile)
+        self.centripetal_strength = check_float(
+            "centripetal_strength", centripetal_strength
+        )
+        self.vector_strength_scale = check_float(
+            "vector_strength_scale", vector_strength_scale
+        )
 
-    def build(self, variables):
-        """Creates the momentum buffers and binds the plan by variable path.
-
-        Args:
-            variables: the model's trainable variables.
-
-        Raises:
-            ValueError: if the plan names variables missing from `variables`
-                or whose channel axis has another length.
-        """
-        if self.built:
-            return
-        super().build(variables)
+    def _build_state(self, variables):
+        # Binds the plan by variable path (raises for another model's plan),
+        # then one momentum buffer per variable.
         self._rules = self._bind(variables)
         self.momentums = []
         if self.momentum != 0:
             self.momentums = self.add_optimizer_variables(variables, "momentum")
-        self._skipped_steps = self.add_variable(
-            shape=(),
-            dtype="int64",
-            name="skipped_steps",
-            aggregation="only_first_replica",
-        )
-
-    @property
-    def skipped_steps(self):
-        """Number of steps skipped for NaN/Inf gradients (a variable)."""
-        return self._skipped_steps
 
     def _bind(self, variables) -> tuple[_Rule, ...]:
         segments = self.plan.variable_segments()
@@ -276,17 +226,15 @@ class CSGD(keras.optimizers.Optimizer):
                 "The plan does not match the shapes of the model's "
                 f"variables (was it made for another model?): {mismatched}"
             )
-        wd = self.kernel_weight_decay
         rules, base = [], 0
         for v in variables:
-            kernel = is_kernel(v)
-            lam = wd if kernel and self._use_weight_decay(v) else 0.0
+            lam = self._kernel_decay(v)
             axis, seg, num = segments.get(v.path, (0, None, 0))
             if seg is None or num == len(seg):
                 rules.append(_Rule(lam))
                 continue
             eps = self.centripetal_strength
-            if not kernel:
+            if not is_kernel(v):
                 eps *= self.vector_strength_scale
             counts = np.bincount(seg, minlength=num)[seg]
             rules.append(
@@ -296,64 +244,10 @@ class CSGD(keras.optimizers.Optimizer):
         self._num_segments = base
         return tuple(rules)
 
-    def _distributed_tf_update_step(
-        self, distribution, grads_and_vars, learning_rate
-    ):
-        # Keras's TensorFlow optimizer (keras>=3.15,<3.16, pinned in
-        # setup.cfg; the tests exercise this hook) calls this in cross-replica
-        # context with the all-reduced gradients. Instead of one
-        # `update_step` per variable, update all variables in one
-        # (XLA-compiled) function, once per device, on that device's copies
-        # of the variables.
-        grads, variables = zip(*grads_and_vars)
-        indices = tuple(self._get_variable_index(v) for v in variables)
-        momentums = [self.momentums[i].value for i in indices if self.momentums]
-        state = (list(variables), momentums, self._skipped_steps.value)
-        if isinstance(learning_rate, keras.Variable):
-            learning_rate = learning_rate.value
-        anchor = variables[0]
-
-        def update_on_device(local_anchor, grads, learning_rate):
-            parts = distribution.experimental_local_results(anchor)
-            k = next(i for i, p in enumerate(parts) if p is local_anchor)
-            local_vars, local_moms, local_skipped = tf.nest.map_structure(
-                lambda x: distribution.experimental_local_results(x)[k],
-                state,
-            )
-            learning_rate = tf.convert_to_tensor(learning_rate)
-            grads = [tf.convert_to_tensor(g) for g in grads]
-            if self.on_nonfinite == "raise":
-                grads = [
-                    tf.debugging.check_numerics(
-                        g,
-                        "CSGD: non-finite gradient of "
-                        f"{self._trainable_variables[i].path}",
-                    )
-                    for g, i in zip(grads, indices)
-                ]
-            update = self._update_jit if self.jit_compile else self._update
-            return update(
-                grads,
-                local_vars,
-                local_moms,
-                local_skipped,
-                learning_rate,
-                indices,
-            )
-
-        distribution.extended.update(
-            anchor,
-            update_on_device,
-            args=(grads, learning_rate),
-            group=False,
-        )
-
-    def _update(self, grads, variables, momentums, skipped, lr, indices):
-        """Updates all variables, or none when a gradient is not finite."""
-        grads = [ops.cast(g, v.dtype) for g, v in zip(grads, variables)]
-        values = [ops.convert_to_tensor(v) for v in variables]
+    def _effective_gradients(self, grads, values, indices):
+        # `g'` of every variable (see `_Rule`), the cluster sums of all
+        # clustered variables in one segment sum.
         rules = [self._rules[i] for i in indices]
-        finite = all_finite(grads)
         pulled = [
             (
                 r.segment_ids(w.shape),
@@ -370,33 +264,29 @@ class CSGD(keras.optimizers.Optimizer):
                 ops.concatenate(ids),
                 num_segments=self._num_segments,
             )
-        for j, (g, v, w, rule) in enumerate(
-            zip(grads, variables, values, rules)
-        ):
-            step = ops.cast(lr, v.dtype) * rule.gradient(g, w, sums)
-            if momentums:
-                mu = ops.cast(self.momentum, v.dtype)
-                m = ops.convert_to_tensor(momentums[j])
-                m_new = mu * m - step
-                self.assign(momentums[j], ops.where(finite, m_new, m))
-                step = step - mu * m_new if self.nesterov else -m_new
-            self.assign(v, ops.where(finite, w - step, w))
-        self.assign_add(skipped, ops.cast(ops.logical_not(finite), "int64"))
+        return [r.gradient(g, w, sums) for r, g, w in zip(rules, grads, values)]
 
-    _update_jit = tf.function(_update, jit_compile=True)
+    def update_step(self, gradient, variable, learning_rate):
+        """Momentum step of one variable with its `g'` (`gradient`)."""
+        step = ops.cast(learning_rate, variable.dtype) * gradient
+        if not self.momentums:
+            self._assign_unless_skipped(gradient, [(variable, variable - step)])
+            return
+        m = self.momentums[self._get_variable_index(variable)]
+        mu = ops.cast(self.momentum, variable.dtype)
+        m_new = mu * m - step
+        w_new = variable - (step - mu * m_new if self.nesterov else -m_new)
+        self._assign_unless_skipped(gradient, [(m, m_new), (variable, w_new)])
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
                 "plan": self.plan.to_json(),
-                "weight_decay": self.kernel_weight_decay,
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
                 "centripetal_strength": self.centripetal_strength,
                 "vector_strength_scale": self.vector_strength_scale,
-                "on_nonfinite": self.on_nonfinite,
-                "jit_compile": self.jit_compile,
             }
         )
         return config

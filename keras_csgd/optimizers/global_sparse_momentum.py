@@ -3,57 +3,14 @@
 import numbers
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_csgd.optimizers.nonfinite import all_finite, check_on_nonfinite
+from keras_csgd.optimizers.base import Optimizer, check_float
 from keras_csgd.sparsity import check_density, is_kernel, top_q_threshold
 
 
-def _gsm_step(
-    variables,
-    grads,
-    momentums,
-    skipped,
-    learning_rate,
-    decays,
-    q,
-    momentum,
-    nesterov,
-):
-    """One GSM step on plain (per-device) variables; see `GSM`.
-
-    `decays[i]` is the weight decay of `variables[i]`, `None` for a
-    non-kernel variable (never masked, never decayed). A step with a
-    non-finite gradient leaves every variable as it was and adds 1 to
-    `skipped`.
-    """
-    grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
-    values = [v.read_value() for v in variables]
-    finite = all_finite(grads)
-    scores = [
-        tf.abs(tf.cast(w * g, tf.float32)) if d is not None else None
-        for w, g, d in zip(values, grads, decays)
-    ]
-    flat = [tf.reshape(s, [-1]) for s in scores if s is not None]
-    if flat:
-        threshold = top_q_threshold(tf.concat(flat, 0), q)
-    for variable, w, g, z, d, score in zip(
-        variables, values, grads, momentums, decays, scores
-    ):
-        if d is not None:
-            g = d * w + tf.where(score >= threshold, g, tf.zeros_like(g))
-        z_old = z.read_value()
-        z_new = momentum * z_old + g
-        step = g + momentum * z_new if nesterov else z_new
-        w_new = w - tf.cast(learning_rate, w.dtype) * step
-        z.assign(tf.where(finite, z_new, z_old))
-        variable.assign(tf.where(finite, w_new, w))
-    skipped.assign_add(tf.cast(tf.logical_not(finite), skipped.dtype))
-
-
-
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class GSM(keras.optimizers.Optimizer):
+class GSM(Optimizer):
     """Global sparse momentum SGD: only the global top-Q weights learn.
 
     On every step, each weight `w` of every trainable kernel (rank >= 2; all
@@ -81,8 +38,11 @@ class GSM(keras.optimizers.Optimizer):
     `tf.math.top_k` and `tf.sort` (`benchmarks/gsm_selection.py`): exactly
     `Q` weights are active when no score ties the threshold; scores tied with
     it are all active (e.g. when fewer than `Q` scores are nonzero, every
-    zero score is active too). The whole update runs as one XLA-compiled
-    function when `jit_compile=True`, whatever the model's own `jit_compile`.
+    zero score is active too). The scores, the selection and the masked
+    gradients of all variables run in one XLA-compiled function when
+    `jit_compile=True`, whatever the model's own `jit_compile`; the momentum
+    step then runs per variable. TensorFlow backend only: the selection
+    (`kc.sparsity.top_q_threshold`) is written in `tf.*`.
 
     Args:
         density: fraction of kernel weights kept active, in (0, 1]. Set
@@ -112,7 +72,8 @@ class GSM(keras.optimizers.Optimizer):
         **kwargs: the base optimizer's keyword arguments (`clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
             `ema_overwrite_frequency`, `loss_scale_factor`,
-            `gradient_accumulation_steps`, `name`).
+            `gradient_accumulation_steps`, `name`), forwarded by
+            `keras_csgd.optimizers.base.Optimizer`.
 
     Raises:
         ValueError: if not exactly one of `density` and `compression` is
@@ -142,29 +103,13 @@ class GSM(keras.optimizers.Optimizer):
         weight_decay=1e-4,
         jit_compile=True,
         on_nonfinite="skip",
-        clipnorm=None,
-        clipvalue=None,
-        global_clipnorm=None,
-        use_ema=False,
-        ema_momentum=0.99,
-        ema_overwrite_frequency=None,
-        loss_scale_factor=None,
-        gradient_accumulation_steps=None,
-        name=None,
         **kwargs,
     ):
         super().__init__(
             learning_rate=learning_rate,
-            name=name,
-            weight_decay=None,
-            clipnorm=clipnorm,
-            clipvalue=clipvalue,
-            global_clipnorm=global_clipnorm,
-            use_ema=use_ema,
-            ema_momentum=ema_momentum,
-            ema_overwrite_frequency=ema_overwrite_frequency,
-            loss_scale_factor=loss_scale_factor,
-            gradient_accumulation_steps=gradient_accumulation_steps,
+            weight_decay=weight_decay,
+            on_nonfinite=on_nonfinite,
+            jit_compile=jit_compile,
             **kwargs,
         )
         if (density is None) == (compression is None):
@@ -187,105 +132,46 @@ class GSM(keras.optimizers.Optimizer):
         else:
             self.density = check_density(density)
             self.compression = None
-        if not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
-            raise ValueError(
-                f"`momentum` must be a float in [0, 1). Received: "
-                f"momentum={momentum!r}"
-            )
-        if not isinstance(weight_decay, numbers.Real) or weight_decay < 0:
-            raise ValueError(
-                "`weight_decay` must be a float >= 0. "
-                f"Received: weight_decay={weight_decay!r}"
-            )
-        check_on_nonfinite(on_nonfinite)
-        self.momentum = float(momentum)
+        self.momentum = check_float("momentum", momentum, high=1, closed=False)
         self.nesterov = bool(nesterov)
-        self.kernel_weight_decay = float(weight_decay)
-        self.jit_compile = bool(jit_compile)
-        self.on_nonfinite = on_nonfinite
 
-    def build(self, variables):
-        """Creates one momentum per variable and the `skipped_steps` count.
-
-        Args:
-            variables: the model variables the optimizer will update.
-        """
-        if self.built:
-            return
-        super().build(variables)
+    def _build_state(self, variables):
+        # One momentum per variable, never reset; the weight decay of every
+        # kernel (`None`: not a kernel, never masked).
         self.momentums = self.add_optimizer_variables(variables, "momentum")
-        self.skipped_steps = self.add_variable(
-            shape=(), dtype="int64", initializer="zeros", name="skipped_steps"
-        )
-        # One function per optimizer: its traces hold this model's variables.
-        self._step_fn = tf.function(_gsm_step, jit_compile=self.jit_compile)
+        self._decays = [
+            self._kernel_decay(v) if is_kernel(v) else None for v in variables
+        ]
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        # The mask spans all variables: one function updates them all, on
-        # the all-reduced gradients, once per device.
-        decays = tuple(
-            (self.kernel_weight_decay if self._use_weight_decay(v) else 0.0)
-            if is_kernel(v)
-            else None
-            for v in trainable_variables
+    def _effective_gradients(self, grads, values, indices):
+        # `weight_decay * w + B * g` for kernels, `B` the global top-Q mask
+        # of `|w * g|`; `g` for the other variables.
+        decays = [self._decays[i] for i in indices]
+        scores = [
+            ops.abs(ops.cast(w * g, "float32")) if d is not None else None
+            for w, g, d in zip(values, grads, decays)
+        ]
+        flat = [ops.reshape(s, [-1]) for s in scores if s is not None]
+        if not flat:
+            return grads
+        n = sum(f.shape[0] for f in flat)
+        threshold = top_q_threshold(
+            ops.concatenate(flat), int(n * self.density)
         )
-        momentums = [
-            self.momentums[self._get_variable_index(v)].value
-            for v in trainable_variables
-        ]
-        variables = [
-            v.value if isinstance(v, keras.Variable) else v
-            for v in trainable_variables
-        ]
-        grads = [
+        return [
             g
-            for g, _ in self._all_reduce_sum_gradients(zip(grads, variables))
+            if d is None
+            else d * w + ops.where(score >= threshold, g, ops.zeros_like(g))
+            for w, g, d, score in zip(values, grads, decays, scores)
         ]
-        if isinstance(learning_rate, keras.Variable):
-            learning_rate = learning_rate.value
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_gsm_step,
-            self._distribution_strategy,
-            grads,
-            variables,
-            momentums,
-            learning_rate,
-            decays,
-        )
 
-    def _distributed_gsm_step(
-        self, distribution, grads, variables, momentums, learning_rate, decays
-    ):
-        def local(value, replica):
-            values = distribution.experimental_local_results(value)
-            return values[replica] if len(values) > 1 else values[0]
-
-        n = sum(
-            v.shape.num_elements()
-            for v, d in zip(variables, decays)
-            if d is not None
-        )
-        replicas = len(distribution.experimental_local_results(variables[0]))
-        for r in range(replicas):
-            local_grads = [local(g, r) for g in grads]
-            local_vars = [local(v, r) for v in variables]
-            with tf.device(local_vars[0].device):
-                if self.on_nonfinite == "raise":
-                    tf.debugging.Assert(
-                        all_finite(local_grads),
-                        ["GSM received a non-finite (NaN or Inf) gradient."],
-                    )
-                self._step_fn(
-                    local_vars,
-                    local_grads,
-                    [local(z, r) for z in momentums],
-                    local(self.skipped_steps.value, r),
-                    local(learning_rate, r),
-                    decays,
-                    int(n * self.density),
-                    self.momentum,
-                    self.nesterov,
-                )
+    def update_step(self, gradient, variable, learning_rate):
+        """Momentum step of one variable with its masked `gradient`."""
+        z = self.momentums[self._get_variable_index(variable)]
+        z_new = self.momentum * z + gradient
+        step = gradient + self.momentum * z_new if self.nesterov else z_new
+        w_new = variable - ops.cast(learning_rate, variable.dtype) * step
+        self._assign_unless_skipped(gradient, [(z, z_new), (variable, w_new)])
 
     def get_config(self):
         config = super().get_config()
@@ -295,9 +181,6 @@ class GSM(keras.optimizers.Optimizer):
                 "compression": self.compression,
                 "momentum": self.momentum,
                 "nesterov": self.nesterov,
-                "weight_decay": self.kernel_weight_decay,
-                "jit_compile": self.jit_compile,
-                "on_nonfinite": self.on_nonfinite,
             }
         )
         return config
