@@ -105,12 +105,30 @@ def rebuild(
     for name, (old, new) in clones.items():
         if graph.is_graph_model(new) or not getattr(new, "weights", ()):
             continue
-        given = values.get(name, {})
-        old_values = {var_key(old, v): v for v in old.weights}
-        new.set_weights([
-            given[k] if (k := var_key(new, v)) in given
-            else old_values[k].numpy() if k in old_values
-            else keras.ops.convert_to_numpy(keras.ops.zeros_like(v))
-            for v in new.weights
-        ])
+        new.set_weights(_weights(old, new, values.get(name, {})))
     return new_model
+
+
+def _weights(old, new, given) -> list:
+    """The new layer's weights: `given` values, else the old ones.
+
+    Variables pair up by position when the layers are of one class and have
+    as many (auto-named variables, `variable_18`, differ between copies),
+    else by `var_key` (a handler's narrower subclass, a created bias); a
+    new variable with no old counterpart and no value (a created bias) is
+    zero. `given` is keyed by the old layer's `var_key`.
+    """
+    olds = list(old.weights)
+    by_key = {var_key(old, v): v for v in olds}
+    same = type(old) is type(new) and len(olds) == len(new.weights)
+    out = []
+    for i, v in enumerate(new.weights):
+        src = olds[i] if same else by_key.get(var_key(new, v))
+        key = var_key(old, src) if src is not None else var_key(new, v)
+        if key in given:
+            out.append(given[key])
+        elif src is not None:
+            out.append(src.numpy())
+        else:
+            out.append(keras.ops.convert_to_numpy(keras.ops.zeros_like(v)))
+    return out

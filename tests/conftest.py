@@ -10,8 +10,3 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
-
-
-# Until tests/test_centripetal_sgd.py and tests/test_global_sparse_momentum.py
-# import it from utils like the other test modules.
-from utils import two_cpu_strategy  # noqa: E402, F401

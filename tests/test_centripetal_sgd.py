@@ -7,10 +7,10 @@ import tensorflow as tf
 from keras import layers as L
 
 import keras_csgd as kc
+import zoo
 from keras_csgd import graph
 from keras_csgd.models import resnet_cifar, small_resnet
 from keras_csgd.optimizers.base import Optimizer
-from tests import zoo
 from utils import (
     collapse,
     constructor_arguments,

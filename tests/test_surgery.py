@@ -242,3 +242,28 @@ def test_slim_reuses_the_analysis_of_the_plan(monkeypatch):
     kc.slim(model, plan)
     assert calls == []
     assert plan.made_for(ZOO["plain_cnn"]()) is None
+
+
+class _AutoNamedScale(L.Layer):
+    """A custom layer whose weight gets an automatic name (`variable_N`)."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=input_shape[-1:])
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_weights_of_auto_named_variables_survive_slim():
+    # ConvNeXt's LayerScale: a copy's variable is `variable_N`, another N.
+    inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = L.Conv2D(4, 1, name="c2")(L.ReLU()(x))
+    x = _AutoNamedScale(name="scale")(x)
+    model = randomize(keras.Model(inp, x))
+    model.get_layer("scale").scale.assign(np.arange(1.0, 5.0))
+    plan = kc.make_plan(model, keep=0.5)
+    collapse(model, plan)
+    small = kc.slim(model, plan)
+    x = _inputs(model)
+    assert relative_error(small(x), model(x)) < 1e-4
