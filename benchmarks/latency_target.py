@@ -189,7 +189,7 @@ def main(argv=None):
         "command": "python benchmarks/latency_target.py"
         + (" --quick" if args.quick else ""),
         "threads": args.threads, "targets": list(TARGETS),
-        "machine": {**machine(), **latency.machine()},
+        "machine": machine(),
         "uptime_at_start": uptime(),
         "statistic": "full_ms, slim_ms: fastest block median of each over "
         "interleaved rounds (one run; kc.latency.timing.fastest_blocks); "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_csgd import checks
+
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
 class MacsTargetCallback(keras.callbacks.Callback):
@@ -60,13 +62,7 @@ class MacsTargetCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"`factor` must be > 1. Received: factor={factor!r}"
             )
-        if steps is not None and (
-            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-        ):
-            raise ValueError(
-                "`steps` must be a positive int or None. "
-                f"Received: steps={steps!r}"
-            )
+        checks.positive_int("steps", steps, allow_none=True)
         self.gates = gates
         self.factor = float(factor)
         self.steps = steps
