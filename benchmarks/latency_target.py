@@ -4,20 +4,22 @@
 
 For a CIFAR ResNet-56 and keras.applications MobileNetV2 (128x128, random
 weights: latency does not depend on them), in LiteRT at batch 1 and in
-TensorFlow (BN folded, XLA) at batch 64, with `--threads` threads: the
+TensorFlow at batch 64 (BN folded; XLA only where there is a GPU,
+`jit_compile="auto"`: XLA's CPU kernels are slower, see
+`kc.latency.timing.xla`), with `--threads` threads: the
 latency table is profiled with a cold cache (`kc.latency.profile`, its time
 recorded), then for each target 0.7, 0.5 and 0.35 of the full latency
 `kc.plan_for_latency` plans and verifies (slim vs full, interleaved). Next to
 each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) that
 measures the latency plan's measured ratio is searched (the table's guess,
-then secant steps on measured ratios: 3 timings, 4 in full mode) and
+then secant steps on measured ratios: up to 4 timings) and
 reported with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
 model, SIMD flags, cores) and the load average, after every model and
-runtime. `--quick` verifies at most 2 plans (else 3) and times 3 uniform
-plans (else 4).
-The accuracy row of issue #13 (ResNet-20, CIFAR quick) is not run here.
+runtime. `--quick` verifies at most 4 plans (else 6).
+The accuracy row of issue #13 (ResNet-20, CIFAR quick) is
+`benchmarks/latency_accuracy.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import keras_csgd as kc  # noqa: E402
 from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
 from keras_csgd.clusters import target_width  # noqa: E402
+from keras_csgd.latency.target import corrected_ratio  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = (0.7, 0.5, 0.35)
@@ -79,22 +82,18 @@ def time_uniform(model, keep, setup, threads) -> dict:
 def uniform_row(model, table, measured_ratio, setup, threads, tries):
     """The uniform round_to=8 plan that measures nearest `measured_ratio`.
 
-    The first `keep` is the table's guess; then `keep` is moved by
-    interpolating the measured ratios against `keep` (secant), `tries`
-    timings in all; the timing nearest `measured_ratio` is kept.
+    The first `keep` is the table's guess; then secant steps on the
+    measured ratios against `keep` (with the full model at `keep=1`,
+    `kc.latency.target.corrected_ratio`), `tries` timings in all; the
+    timing nearest `measured_ratio` is kept.
     """
     keep = uniform_keep(table, measured_ratio * table.full)
     timed = []
     for _ in range(tries):
         timed.append(time_uniform(model, keep, setup, threads))
-        points = sorted({(t["keep"], t["measured_ratio"]) for t in timed})
-        if len(points) == 1:
-            k, r = points[0]
-            keep = k * (measured_ratio / r) ** 0.5  # ratio ~ keep^2 at most
-        else:
-            ks, rs = zip(*points)
-            keep = float(np.interp(measured_ratio, np.maximum.accumulate(rs),
-                                   ks))
+        keep = corrected_ratio(
+            [(t["keep"], t["measured_ratio"]) for t in timed], measured_ratio
+        )
         keep = float(np.clip(round(keep, 3), 0.05, 1.0))
         if any(t["keep"] == keep for t in timed):
             break
@@ -121,7 +120,7 @@ def run_setup(name, setup, args):
         try:
             _, report = kc.plan_for_latency(
                 model, target, runtime, batch, table=table,
-                threads=args.threads, max_iterations=2 if args.quick else 3,
+                threads=args.threads, max_iterations=4 if args.quick else 6,
                 return_report=True, verbose=0,
             )
         except ValueError as e:
@@ -142,7 +141,7 @@ def run_setup(name, setup, args):
         )
         row["uniform_round_to_8"] = uniform_row(
             model, table, report.measured_ratio, setup, args.threads,
-            tries=3 if args.quick else 4,
+            tries=4,
         )
         print(f"{name} {runtime} b{batch} target {target}: {report}; "
               f"uniform keep {row['uniform_round_to_8']['keep']} measures "
@@ -153,6 +152,8 @@ def run_setup(name, setup, args):
         rows.append(row)
     return {
         "model": name, "runtime": runtime, "batch_size": batch,
+        "xla": latency.timing.xla("auto") if runtime == "tensorflow"
+        else None,
         "full_ms_table": table.full,
         "profile_seconds_cold_cache": round(seconds, 1),
         "groups": len(table.groups), "blocks": len(table.blocks),
@@ -195,8 +196,7 @@ def main(argv=None):
         "interleaved rounds (one run; kc.latency.timing.fastest_blocks); "
         "measured_ratio: slim_ms / full_ms; predicted_ratio: the latency "
         "table's prediction",
-        "accuracy_row": "not run (ResNet-20 CIFAR quick accuracy row of "
-        "issue #13 is out of scope of this script)",
+        "accuracy_row": "benchmarks/latency_accuracy.py",
         "setups": [],
     }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

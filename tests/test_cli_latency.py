@@ -38,6 +38,8 @@ def test_profile_prints_shares_then_reads_the_cache(model_path, capsys):
     assert code == 0, out
     lines = out.strip().splitlines()
     assert "(measured)" in lines[0] and "per batch of 32" in lines[0]
+    assert lines[1].startswith("machine: ") and "cores, SIMD" in lines[1]
+    lines = lines[:1] + lines[2:]
     assert lines[1].split() == ["group", "or", "block", "kind", "share", "of",
                                 "latency"]
     model = keras.saving.load_model(model_path)
@@ -50,16 +52,24 @@ def test_profile_prints_shares_then_reads_the_cache(model_path, capsys):
     assert code == 0 and "(cache)" in out.splitlines()[0]
 
 
-def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
+def prune_to_90_percent(model_path, tmp_path, capsys, *argv):
+    """Runs `prune --latency 0.9` on TensorFlow b64 and checks its latency
+    line; returns the slim model path."""
     out_path = str(tmp_path / "slim.keras")
     code, out, err = run(
-        ["prune", model_path, "--method", "magnitude", "--latency", "0.9",
-         *FAST, "--out", out_path], capsys,
+        ["prune", model_path, *argv, "--latency", "0.9", *FAST,
+         "--out", out_path], capsys,
     )
     assert code == 0, err
     line = next(x for x in out.splitlines() if x.startswith("latency ("))
     full, slim = map(float, re.findall(r"([\d.]+) ms", line))
     assert full > 0 and slim > 0 and "target 90.0%" in line
+    return out_path
+
+
+def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
+    out_path = prune_to_90_percent(model_path, tmp_path, capsys,
+                                   "--method", "magnitude")
     model = keras.saving.load_model(model_path)
     plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
     small = keras.saving.load_model(out_path)
@@ -71,6 +81,23 @@ def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
     assert json.loads(plan.to_json()).get("remove_blocks", []) == list(
         plan.remove_blocks
     )
+
+
+@pytest.mark.parametrize("method", ["asfp", "cap", "adaptive"])
+def test_trained_and_compensated_methods_take_a_latency_target(
+        model_path, tmp_path, capsys, method):
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.uniform(size=(32, 8, 8, 1)).astype("float32"),
+             y=rng.integers(0, 10, 32))
+    out_path = prune_to_90_percent(
+        model_path, tmp_path, capsys, "--method", method, "--data",
+        str(data), "--epochs", "1",
+    )
+    small = keras.saving.load_model(out_path)
+    plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
+    model = keras.saving.load_model(model_path)
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -11,11 +11,14 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_csgd as kc
+import zoo
 from keras_csgd import graph, latency
-from keras_csgd.latency import planner
+from keras_csgd.latency import planner, timing
 from keras_csgd.latency.profile import width_plan
+from keras_csgd.latency.target import corrected_ratio
 
 
 def tiny(width=8, name="tiny"):
@@ -201,6 +204,7 @@ def test_kmeans_plans_train_with_csgd():
     ({"target": 0.5, "batch_size": 0}, "batch_size"),
     ({"target": 0.5, "clusters": "even"}, "clusters"),
     ({"target": 0.5, "scores": {"nope": [1.0]}}, "scores"),
+    ({"target": 0.5, "jit_compile": "yes"}, "jit_compile"),
 ])
 def test_bad_arguments_raise_and_leave_the_model(kwargs, name):
     model = tiny(8)
@@ -286,3 +290,55 @@ def test_a_missed_target_is_corrected_by_replanning():
     with pytest.warns(UserWarning, match="above the target"):
         kc.plan_for_latency(model, 0.6, table=table, measure=slower,
                             max_iterations=1)
+
+
+def test_corrected_ratio_solves_an_affine_miss_in_two_steps():
+    """measured = 0.4 + 0.6 * predicted: a fixed cost the table misses."""
+    def measured(p):
+        return 0.4 + 0.6 * p
+
+    # One plan: the mean of the line through (1, 1) (here exact, 0.5) and
+    # the prediction scaled by target / measured (0.6 * 0.7 / 0.76).
+    first = corrected_ratio([(0.6, measured(0.6))], 0.7)
+    np.testing.assert_allclose(first, (0.5 + 0.6 * 0.7 / 0.76) / 2)
+    # Two plans: the secant through them is exact.
+    points = [(0.6, measured(0.6)), (first, measured(first))]
+    np.testing.assert_allclose(measured(corrected_ratio(points, 0.7)), 0.7)
+    # Bracketing samples are interpolated, whatever their order.
+    points = [(0.9, measured(0.9)), (0.3, measured(0.3))]
+    np.testing.assert_allclose(
+        measured(corrected_ratio(points, 0.7)), 0.7
+    )
+    # Not increasing (noise): the last prediction scaled by target/measured.
+    assert corrected_ratio([(0.5, 0.8), (0.4, 0.9)], 0.6) == (
+        pytest.approx(0.4 * 0.6 / 0.9)
+    )
+
+
+def test_jit_compile_auto_is_xla_on_a_gpu_only():
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert timing.xla("auto") is has_gpu
+    assert timing.xla(True) is True and timing.xla(False) is False
+    with pytest.raises(ValueError, match="jit_compile"):
+        timing.xla("yes")
+
+
+def test_a_transformer_is_planned_to_a_latency_target():
+    """Heads of a ViT narrowed, or its residual blocks removed, with an
+    injected MACs 'runtime'."""
+    model = zoo.randomize(zoo.vit())
+    x = np.random.default_rng(0).uniform(size=(2, 16, 16, 3))
+    for target, narrowed in ((0.85, True), (0.6, False)):
+        plan, report = kc.plan_for_latency(
+            model, target, measure=macs_ms, return_report=True, verbose=0,
+        )
+        assert report.met and report.measured_ratio <= target * 1.05
+        if narrowed:
+            assert any(n.endswith("/heads") for n in report.widths)
+        else:
+            assert report.remove_blocks
+        small = kc.slim(model, plan)
+        np.testing.assert_allclose(
+            macs_ms(small) / macs_ms(model), report.measured_ratio
+        )
+        assert small.predict(x, verbose=0).shape == (2, 5)

@@ -61,8 +61,13 @@ def _csgd(model, data, args):
 
 
 def _asfp(model, data, args):
-    asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
-                                                    verbose=0)
+    if args.latency is not None:
+        asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
+            _latency_plan(model, args), verbose=0
+        )
+    else:
+        asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
+                                                        verbose=0)
     fit(model, data, args.epochs, sgd(0.01), [asfp])
     return asfp.plan, kc.slim(model, asfp.plan)
 
@@ -76,11 +81,19 @@ def _gsm(model, data, args):
 
 
 def _adaptive(model, data, args):
-    """Learnt gates with the MACs of `--keep` per group as the target."""
-    target = kc.macs_under(
-        model, kc.make_plan(model, keep=args.keep, round_to=args.round_to)
-    ) / kc.count_macs(model)
-    gates = AdaptiveGates(model, macs_target=target)
+    """Learnt gates with the MACs of `--keep` per group as the target, or
+    `--latency` costed by the measured latency table."""
+    if args.latency is not None:
+        table = kc.latency.profile(model, args.runtime, args.batch_size,
+                                   threads=args.threads, verbose=0)
+        gates = AdaptiveGates(model, latency_target=args.latency,
+                              latency_table=table)
+    else:
+        target = kc.macs_under(
+            model, kc.make_plan(model, keep=args.keep,
+                                round_to=args.round_to)
+        ) / kc.count_macs(model)
+        gates = AdaptiveGates(model, macs_target=target)
     fit(gates.model, data, args.epochs, sgd(0.01), [gates.callback])
     folded, plan = gates.finalize()
     return plan, kc.slim(folded, plan)
@@ -122,10 +135,14 @@ def _ensembles(model, data, args):
 
 
 def _cap(model, data, args):
-    """Magnitude plan, consumers refitted by least squares (CaP)."""
+    """Magnitude (or latency) plan, consumers refitted by least squares
+    (CaP)."""
     _needs_data(data, args)
-    plan = kc.methods.magnitude_plan(model, keep=args.keep,
-                                     round_to=args.round_to)
+    if args.latency is not None:
+        plan = _latency_plan(model, args)
+    else:
+        plan = kc.methods.magnitude_plan(model, keep=args.keep,
+                                         round_to=args.round_to)
     stats = compensation.collect_statistics(model, data, verbose=0)
     return plan, compensation.compensate(model, plan, stats)
 
@@ -150,7 +167,8 @@ PLANNED = {
 }
 METHODS = {**TRAINED, **PLANNED}
 # The methods that plan to `--latency` (the others take `--keep` only).
-LATENCY_METHODS = ("csgd", "magnitude", "ensembles")
+LATENCY_METHODS = ("adaptive", "asfp", "cap", "csgd", "ensembles",
+                   "magnitude")
 
 
 def _plan_path(out):
@@ -185,6 +203,12 @@ def cmd_prune(args):
     plan, slim = METHODS[args.method](model, data, args)
     if args.epochs and not trains:
         fit(slim, data, args.epochs, sgd(0.01))
+    if args.latency is not None and getattr(args, "latency_report",
+                                            None) is None:
+        full_ms, slim_ms, ratio = kc.latency.time_against_full(
+            model, slim, args.runtime, args.batch_size, threads=args.threads
+        )
+        args.latency_measured = (full_ms, slim_ms, ratio)
     write_atomically(
         [
             (args.out, slim.save),
@@ -209,6 +233,14 @@ def cmd_prune(args):
         )
         if report.reason:
             print(f"latency target missed: {report.reason}")
+    measured = getattr(args, "latency_measured", None)
+    if measured is not None:
+        full_ms, slim_ms, ratio = measured
+        print(
+            f"latency ({args.runtime}, batch {args.batch_size}, measured "
+            f"interleaved): full {full_ms:.3f} ms -> slim {slim_ms:.3f} ms "
+            f"({ratio:.1%}; target {args.latency:.1%})"
+        )
 
 
 def cmd_profile(args):
@@ -228,6 +260,10 @@ def cmd_profile(args):
         f"on {args.runtime} ({source}); a group's share is its latency "
         "change extended to width 0, a block's what removing it saves"
     )
+    where = table.fields.get("machine") or {}
+    if where:
+        print(f"machine: {where.get('cpu')}, {where.get('cores')} cores, "
+              f"SIMD {' '.join(where.get('simd', [])) or 'unknown'}")
     print(format_table(rows))
 
 

@@ -167,7 +167,7 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
     else:
         threading = tf.config.threading
         fields["threads"] = threading.get_intra_op_parallelism_threads()
-        fields["jit_compile"] = jit_compile
+        fields["jit_compile"] = timing.xla(jit_compile)
     return fields
 
 
@@ -203,7 +203,7 @@ class _Timer:
 
 def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             threads: int | None = None, grid=GRID, rounds: int | None = None,
-            jit_compile: bool = True, cache_dir=None, measure=None,
+            jit_compile="auto", cache_dir=None, measure=None,
             verbose: int = 1) -> tables.LatencyTable:
     """Measures `model`'s latency per group width and per removed block.
 
@@ -233,8 +233,9 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             `(0.75, 0.5, 0.25)`.
         rounds: interleaved rounds per variant. Defaults to `None` (5 to
             51, as many as fit 1.5 s).
-        jit_compile: compile the TensorFlow call with XLA. Defaults to
-            `True`.
+        jit_compile: compile the TensorFlow call with XLA: `True`, `False`
+            or `"auto"` (XLA where TensorFlow has a GPU, see
+            `kc.latency.timing.xla`). Defaults to `"auto"`.
         cache_dir: folder of the cache. Defaults to `None`:
             `$KERAS_CSGD_CACHE/latency`, else `~/.cache/keras_csgd/latency`.
         measure: a function `model -> ms` used instead of timing (tests,
@@ -260,6 +261,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
     checks.positive_int("rounds", rounds, allow_none=True)
+    timing.xla(jit_compile)
     if isinstance(grid, str) or not grid:
         raise ValueError(
             f"`grid` must be fractions in (0, 1). Received: grid={grid!r}"

@@ -4,8 +4,9 @@ Profile (or take) the latency table, choose widths and removed blocks that
 keep the most importance within `target` times the full latency
 (`planner.choose`), then verify: slim, export (LiteRT) or fold and compile
 (TensorFlow), and time slim against full, interleaved. A miss of more than
-`tolerance` re-plans with the budget scaled by the measured miss (the
-table's error at the chosen point), a bounded number of times.
+`tolerance` re-plans for the prediction that the verified plans say
+measures the target (secant steps: the table's error near the chosen
+point), a bounded number of times.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class LatencyReport:
             verified).
         slim_ms: the slim model's measured latency, likewise, or `None`.
         measured_ratio: `slim_ms / full_ms`, or `None`.
-        predicted_ms: the table's prediction for the plan.
+        predicted_ms: the table's prediction for the plan (additive: it
+            can fall below 0 where measured changes overlap).
         predicted_ratio: `predicted_ms / table.full`.
         met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
             when not verified).
@@ -169,7 +171,7 @@ class _Verifier:
 
 
 def time_against_full(model, variant, runtime="litert", batch_size=1, *,
-                      threads=None, jit_compile=True):
+                      threads=None, jit_compile="auto"):
     """Times `variant` against `model`, interleaved, on `runtime`.
 
     LiteRT runs the files `kc.export_tflite` writes; TensorFlow a compiled
@@ -182,7 +184,8 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
         runtime: `"litert"` or `"tensorflow"`. Defaults to `"litert"`.
         batch_size: batch size of the calls. Defaults to `1`.
         threads: LiteRT threads. Defaults to `None` (the usable cores).
-        jit_compile: XLA for TensorFlow. Defaults to `True`.
+        jit_compile: XLA for TensorFlow (`True`, `False` or `"auto"`: on
+            a GPU only). Defaults to `"auto"`.
 
     Returns:
         `(full_ms, variant_ms, ratio)`: each model's fastest block median
@@ -208,7 +211,7 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
                      scores=None, *, table=None, clusters="prune",
                      threads=None, grid=GRID, tolerance=0.05,
-                     max_iterations=3, jit_compile=True, cache_dir=None,
+                     max_iterations=4, jit_compile="auto", cache_dir=None,
                      measure=None, verify=True, return_report=False, seed=0,
                      verbose=1):
     """A plan whose slim model runs at `target` times the full latency.
@@ -225,11 +228,13 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     3. *Verify*: the slim model is exported (`kc.export_tflite`, LiteRT)
        or folded and compiled (TensorFlow) and timed against the full model,
        interleaved. Where `slim / full` misses `target` by more than
-       `tolerance` (relative; slower, or faster than needed), the budget is
-       scaled by `target / measured` and the plan made again, at most
-       `max_iterations` plans in all. The plan meeting the target with the
-       most importance is returned; if none meets it, a warning says why and
-       the fastest measured plan is returned.
+       `tolerance` (relative; slower, or faster than needed), the plan is
+       made again for the prediction that the verified plans say measures
+       `target` (secant steps on predicted against measured ratios, see
+       `corrected_ratio`), at most `max_iterations` plans in all. The plan
+       meeting the target with the most importance is returned; if none
+       meets it, a warning says why and the fastest measured plan is
+       returned.
 
     Args:
         model: a functional or Sequential single-input `keras.Model`. It is
@@ -253,8 +258,9 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         grid: width fractions profiled. Defaults to `(0.75, 0.5, 0.25)`.
         tolerance: allowed relative miss of the measured ratio. Defaults to
             `0.05`.
-        max_iterations: most plans verified. Defaults to `3`.
-        jit_compile: XLA for the TensorFlow runtime. Defaults to `True`.
+        max_iterations: most plans verified. Defaults to `4`.
+        jit_compile: XLA for the TensorFlow runtime (`True`, `False` or
+            `"auto"`: on a GPU only). Defaults to `"auto"`.
         cache_dir: latency cache folder. Defaults to `None` (see `profile`).
         measure: a function `model -> ms` used instead of timing, for
             profiling and verifying. Defaults to `None`.
@@ -288,6 +294,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     checks.positive_int("max_iterations", max_iterations)
     checks.choice("runtime", runtime, timing.RUNTIMES)
     checks.positive_int("batch_size", batch_size)
+    timing.xla(jit_compile)
     an = graph.analyze(model)
     prunable_groups(model, an)
     by_name = {g.name: g for g in an.groups}
@@ -355,22 +362,30 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
         why the target was not met (or `None`).
     """
     sizes = {g.name: g.size for g in an.groups}
-    budget, history, best = target * table.full, [], None
+    budget, history, best, tried = target * table.full, [], None, []
     reason = "no plan was verified"
     with tempfile.TemporaryDirectory() as folder:
         verifier = _Verifier(model, *args, measure, folder)
+        floor = planner.fastest(table, values)
         for k in range(max_iterations):
+            if budget < floor and history:
+                if history[-1]["predicted_ratio"] * table.full <= floor + 1e-9:
+                    if best is None or reason is not None:
+                        reason = (
+                            f"after {k} plans, the fastest plan the table "
+                            f"offers ({floor / table.full:.3f} predicted) "
+                            f"measures {history[-1]['measured_ratio']:.3f}"
+                            "; the runtime is slower at the narrow widths "
+                            "than the table predicts"
+                        )
+                    break
+                budget = floor  # try the fastest plan once
             choice = planner.choose(table, values, budget)
-            if choice is None:
-                if best is None or reason is not None:
-                    reason = (
-                        f"after {k} plans the corrected budget "
-                        f"{budget / table.full:.3f} is below the fastest "
-                        "predicted plan; the runtime is slower at the "
-                        "narrow widths than the table predicts"
-                    )
-                break
             widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
+            mark = (sorted(widths.items()), choice[1])
+            if mark in tried:
+                break  # the correction lands on a plan already timed
+            tried.append(mark)
             variant = slim(model, width_plan(model, an, widths, choice[1]))
             chosen = {"widths": widths, "remove": choice[1],
                       "predicted_ms": choice[2],
@@ -402,13 +417,50 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
                     f"target {target:g} (+{tolerance:g}); the machine may be "
                     "busy, or latency at these widths is not additive"
                 )
-            budget *= target / chosen["measured"]
+            budget = table.full * min(1.0, corrected_ratio(
+                [(h["predicted_ratio"], h["measured_ratio"])
+                 for h in history], target,
+            ))
     if best is None:
         raise ValueError(
             f"`target` cannot be met: {reason}. Received: target={target!r}"
         )
     best["history"] = history
     return best, reason
+
+
+def corrected_ratio(points, target) -> float:
+    """The predicted ratio to plan for next, from the verified plans.
+
+    `points` are `(predicted, measured)` ratios of the verified plans; with
+    the full model's `(1, 1)` they sample how the measured ratio follows
+    the table's prediction. With two or more plans, the next prediction is
+    where the line through the two samples that bracket `target` (else the
+    two nearest it) meets `target`: secant steps, exact where the table is
+    off by a factor and a fixed amount (per-op costs no width changes).
+    After one plan, two corrections are averaged: the line through it and
+    `(1, 1)` (the table misses a fixed cost) and the prediction scaled by
+    `target / measured` (it misses a factor); the line alone overshoots
+    where savings fall off at narrow widths (MobileNetV2 on LiteRT). Where
+    the samples are not increasing (timing noise), the last prediction is
+    scaled.
+    """
+    last_p, last_m = points[-1]
+    scaled = last_p * target / last_m
+    samples = sorted(set(points) | {(1.0, 1.0)})
+    below = [(p, m) for p, m in samples if m <= target]
+    above = [(p, m) for p, m in samples if m > target]
+    if below and above:
+        pair = [max(below, key=lambda s: s[1]), min(above, key=lambda s: s[1])]
+    else:
+        pair = sorted(samples, key=lambda s: abs(s[1] - target))[:2]
+    (p0, m0), (p1, m1) = pair
+    if p0 == p1 or (m1 - m0) / (p1 - p0) <= 0:
+        return float(scaled)
+    line = p0 + (target - m0) * (p1 - p0) / (m1 - m0)
+    if len(set(points)) == 1:
+        return float((line + scaled) / 2)
+    return float(line)
 
 
 def _plan(model, an, scores, widths, remove, clusters, seed) -> PruningPlan:

@@ -121,8 +121,27 @@ def inputs(model, batch_size: int) -> np.ndarray:
     return rng.uniform(size=(batch_size, *shape)).astype(np.float32)
 
 
+def xla(jit_compile) -> bool:
+    """Whether the TensorFlow runtime compiles with XLA.
+
+    `"auto"` means XLA where TensorFlow has a GPU, TensorFlow's graph
+    kernels on a CPU: XLA's CPU convolutions are slower than TensorFlow's
+    oneDNN kernels (measured on a 2-core AVX-512 EPYC at batch 64: 1.7x
+    for a CIFAR ResNet-56, 21x for MobileNetV2 at 128x128, whose depthwise
+    convolutions XLA's CPU backend runs without a fast kernel).
+    """
+    if jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    if not isinstance(jit_compile, bool):
+        raise ValueError(
+            "`jit_compile` must be True, False or 'auto'. "
+            f"Received: jit_compile={jit_compile!r}"
+        )
+    return jit_compile
+
+
 def runner(model, runtime: str, batch_size: int, threads: int,
-           jit_compile: bool = True, tflite=None):
+           jit_compile="auto", tflite=None):
     """A zero-argument call that runs `model` on one batch in `runtime`.
 
     Args:
@@ -130,7 +149,8 @@ def runner(model, runtime: str, batch_size: int, threads: int,
         runtime: `"litert"` or `"tensorflow"`.
         batch_size: the batch size.
         threads: LiteRT interpreter threads.
-        jit_compile: compile the TensorFlow call with XLA.
+        jit_compile: compile the TensorFlow call with XLA: `True`,
+            `False` or `"auto"` (XLA on a GPU only, see `xla`).
         tflite: for `"litert"`, the flatbuffer bytes or a `.tflite` path.
             Defaults to `None` (`tflite_bytes(model)`).
     """
@@ -143,7 +163,7 @@ def runner(model, runtime: str, batch_size: int, threads: int,
         return interpreter.invoke
     call = tf.function(
         functools.partial(fold_batchnorm(model), training=False),
-        jit_compile=jit_compile,
+        jit_compile=xla(jit_compile),
     )
     x = tf.constant(x)
     return lambda: call(x).numpy()
@@ -169,9 +189,10 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
     """Block medians (ms) of two calls, timed in alternating rounds.
 
     Each round times a block of `calls` calls of each (after one untimed
-    call), `first` first in even rounds, `second` first in odd ones, so
-    that slow phases of a shared machine hit both alike (see
-    `fastest_blocks`).
+    call that reloads the model's caches; none where a block is one call,
+    which is long enough not to need it), `first` first in even rounds,
+    `second` first in odd ones, so that slow phases of a shared machine hit
+    both alike (see `fastest_blocks`).
 
     Returns:
         `(first_blocks, second_blocks)`: one block median per round each.
@@ -183,7 +204,8 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
         for k in ((0, 1) if r % 2 == 0 else (1, 0)):
             call = (first, second)[k]
             blocks[k].append(
-                export._timings(call, runs=calls, warmup=1)["median_ms"]
+                export._timings(call, runs=calls,
+                                warmup=int(calls > 1))["median_ms"]
             )
     return np.array(blocks[0]), np.array(blocks[1])
 

@@ -1,0 +1,153 @@
+"""Accuracy at a latency target: the latency plan against the uniform one.
+
+    .venv/bin/python benchmarks/latency_accuracy.py \\
+        --data-dir ../shared/data/cifar10 [--seeds 0 1] [--xla]
+
+The accuracy row of issue #13: a CIFAR ResNet-20 on the quick profile of
+`benchmarks/cifar10.py` (20k training images, 5k held-out validation
+images; the base model trained once, 15 epochs, base seed 0, and cached
+there), pruned to half its LiteRT batch-1 latency on this machine:
+
+1. *Latency plan*: `kc.plan_for_latency(base, 0.5, "litert", 1)` with the
+   base's L1 filter norms, verified by timing (slim vs full, interleaved).
+2. *Uniform plan*: `kc.methods.magnitude_plan(base, keep, round_to=8)` at
+   the `keep` that measures nearest the latency plan's measured ratio (the
+   search of `benchmarks/latency_target.py`).
+3. For every seed, each plan's slim model (the best L1 channels) is
+   fine-tuned for the profile's 6 epochs (`cifar10.Context.finetune`:
+   Nesterov SGD, cosine lr from 0.03) and its validation accuracy measured
+   (and the test folder's, with `--test-dir`).
+
+Training runs without XLA unless `--xla` (the quick profile's setting):
+on this 2-core CPU XLA training is about 2.3x slower than TensorFlow's
+default kernels, and the comparison is between two plans trained alike.
+Writes `benchmarks/results/latency_accuracy_quick.json` with the machine
+(CPU model, SIMD flags, cores), after every fine-tuning run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from cifar10 import (  # noqa: E402
+    PROFILES,
+    Context,
+    accuracy,
+    base_model,
+    dump_json,
+    load_data,
+    machine,
+    write_atomically,
+)
+from latency_target import uniform_row  # noqa: E402
+
+import keras_csgd as kc  # noqa: E402
+from keras_csgd import export as kexport  # noqa: E402
+from keras_csgd import latency  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET = 0.5
+SETUP = ("litert", 1)
+
+
+def latency_plans(base, threads) -> dict:
+    """The verified latency plan and the uniform plan of equal latency."""
+    table = latency.profile(base, *SETUP, threads=threads, verbose=1)
+    plan, report = kc.plan_for_latency(
+        base, TARGET, *SETUP, table=table, threads=threads,
+        return_report=True, verbose=0,
+    )
+    uniform = uniform_row(base, table, report.measured_ratio, SETUP,
+                          threads, tries=4)
+    plans = {
+        "latency": plan,
+        "uniform_round_to_8": kc.methods.magnitude_plan(
+            base, keep=uniform["keep"], norm="l1", round_to=8
+        ),
+    }
+    rows = {
+        "latency": {
+            "measured_ratio": report.measured_ratio,
+            "predicted_ratio": report.predicted_ratio, "met": report.met,
+            "macs_ratio": report.macs[1] / report.macs[0],
+            "kept_importance": report.kept_importance,
+            "remove_blocks": report.remove_blocks,
+            "iterations": report.iterations,
+        },
+        "uniform_round_to_8": uniform,
+    }
+    for name, p in plans.items():
+        rows[name]["widths"] = p.widths()
+    return plans, rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--test-dir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--xla", action="store_true")
+    parser.add_argument("--cache-dir", default=os.path.join(HERE, "cache"))
+    parser.add_argument("--out", default=os.path.join(
+        HERE, "results", "latency_accuracy_quick.json"))
+    args = parser.parse_args(argv)
+    kexport.set_tf_threads(args.threads)
+    profile = dataclasses.replace(PROFILES["quick"], jit_compile=args.xla)
+    base_args = argparse.Namespace(
+        model="resnet20", profile="quick", data_dir=args.data_dir,
+        test_dir=args.test_dir, seed=0, base_seed=0,
+    )
+    result = {
+        "command": "python benchmarks/latency_accuracy.py "
+        f"--seeds {' '.join(map(str, args.seeds))}"
+        + (" --xla" if args.xla else ""),
+        "model": "resnet20", "target": TARGET, "runtime": SETUP[0],
+        "batch_size": SETUP[1], "threads": args.threads,
+        "machine": machine(), "profile_settings": dataclasses.asdict(profile),
+        "method": "best L1 channels of the base (magnitude), slimmed, "
+        f"fine-tuned {profile.epochs} epochs",
+    }
+    keras.utils.set_random_seed(0)
+    data = load_data(base_args, profile, args.cache_dir)
+    base, info = base_model(base_args, profile, data, args.cache_dir)
+    result["base"] = {"val_accuracy": info["accuracy"],
+                      "cached": info["cached"]}
+    plans, result["plans"] = latency_plans(base, args.threads)
+    result["load_average_after_timing"] = os.getloadavg()
+    write_atomically(args.out, lambda tmp: dump_json(result, tmp))
+    runs = {name: [] for name in plans}
+    for seed in args.seeds:
+        for name, plan in plans.items():
+            keras.utils.set_random_seed(seed)
+            data.seed = seed
+            small = kc.slim(base, plan)
+            start = time.perf_counter()
+            row = {"seed": seed, "slim": accuracy(small, data),
+                   "finetuned": Context(None, profile, data).finetune(
+                       small, profile.epochs)}
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            if data.x_test is not None:
+                row["test"] = accuracy(small, data, "test")
+            runs[name].append(row)
+            result["runs"] = runs
+            result["mean_finetuned"] = {
+                n: float(np.mean([r["finetuned"] for r in rs]))
+                for n, rs in runs.items() if rs
+            }
+            write_atomically(args.out, lambda tmp: dump_json(result, tmp))
+            print(f"{name} seed {seed}: {row}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
