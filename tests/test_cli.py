@@ -210,7 +210,7 @@ def test_prune_csgd_with_data(files, tmp_path, capsys):
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(
-        ["demo", "--epochs", "3", "--runs", "2", "--out", str(out)], capsys
+        ["demo", "--epochs", "10", "--runs", "2", "--out", str(out)], capsys
     )
     assert code == 0, err
     assert {p.name for p in out.iterdir()} == {
@@ -227,7 +227,9 @@ def test_demo_quick(tmp_path, capsys):
         )
     }
     accuracy = table["accuracy (%)"]
+    # 10 epochs collapse the clusters (3 did on one CPU, not on another).
     assert accuracy[0] == accuracy[1]
+    assert float(table["max |logit difference|"][0]) < 1e-3
     assert float(table["MACs"][2]) < 0.6
     for row in ("params", "Keras latency, batch 64 (ms)",
                 "TFLite latency, batch 1 (ms)", ".tflite file (KiB)"):

@@ -341,3 +341,18 @@ def test_structural_search_rejects_bad_arguments():
         compensation.structural_search(
             model, np.zeros((1, 8, 8, 1)), len, 1, 1, min_keep=0.0
         )
+
+
+def test_a_plan_with_removed_blocks_removes_them_too():
+    """A latency plan can remove blocks; CaP's slim model drops them."""
+    keras.utils.set_random_seed(0)
+    model = small_resnet(width=8)
+    x = np.random.default_rng(0).uniform(size=(32, 8, 8, 1)).astype("f4")
+    stats = compensation.collect_statistics(model, x, verbose=0)
+    narrow = kc.make_plan(model, keep={"b2_1_conv": 0.5})
+    plan = kc.PruningPlan(narrow.clusters, groups=kc.channel_groups(model),
+                          remove_blocks=["b1_add"])
+    small = compensation.compensate(model, plan, stats)
+    assert "b1_add" not in {layer.name for layer in small.layers}
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
+    assert kc.count_macs(small) < kc.macs_under(model, narrow)

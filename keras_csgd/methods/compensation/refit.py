@@ -92,7 +92,7 @@ def compensate(model, plan, stats, ridge=1e-8):
     analysis = graph.analyze(model)
     kept_plan = PruningPlan(
         {name: [[c[0]] for c in cl] for name, cl in plan.clusters.items()},
-        groups=analysis.groups,
+        groups=analysis.groups, remove_blocks=plan.remove_blocks,
     )
     removed = _removed_inputs(analysis, kept_plan)
     missing = sorted(n for n in removed if n not in stats)
