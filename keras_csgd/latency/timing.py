@@ -126,9 +126,9 @@ def xla(jit_compile) -> bool:
 
     `"auto"` means XLA where TensorFlow has a GPU, TensorFlow's graph
     kernels on a CPU: XLA's CPU convolutions are slower than TensorFlow's
-    oneDNN kernels (measured on a 2-core AVX-512 EPYC at batch 64: 1.7x
-    for a CIFAR ResNet-56, 21x for MobileNetV2 at 128x128, whose depthwise
-    convolutions XLA's CPU backend runs without a fast kernel).
+    oneDNN kernels (`benchmarks/xla_cpu.py` on a 2-core AVX-512 Xeon at
+    batch 64: 1.85x for a CIFAR ResNet-56, 22.6x for MobileNetV2 at
+    128x128, whose depthwise convolutions XLA's CPU backend runs slowly).
     """
     if jit_compile == "auto":
         return bool(tf.config.list_physical_devices("GPU"))
