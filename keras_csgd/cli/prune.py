@@ -203,12 +203,13 @@ def cmd_prune(args):
     plan, slim = METHODS[args.method](model, data, args)
     if args.epochs and not trains:
         fit(slim, data, args.epochs, sgd(0.01))
-    if args.latency is not None and getattr(args, "latency_report",
-                                            None) is None:
-        full_ms, slim_ms, ratio = kc.latency.time_against_full(
+    report = getattr(args, "latency_report", None)
+    if report is not None:
+        measured = (report.full_ms, report.slim_ms, report.measured_ratio)
+    elif args.latency is not None:  # a method that made no report
+        measured = kc.latency.time_against_full(
             model, slim, args.runtime, args.batch_size, threads=args.threads
         )
-        args.latency_measured = (full_ms, slim_ms, ratio)
     write_atomically(
         [
             (args.out, slim.save),
@@ -222,25 +223,20 @@ def cmd_prune(args):
         f"{slim.count_params():,}; wrote {args.out} and "
         f"{_plan_path(args.out)}"
     )
-    report = getattr(args, "latency_report", None)
-    if report is not None:
-        print(
-            f"latency ({args.runtime}, batch {args.batch_size}, measured "
-            f"interleaved): full {report.full_ms:.3f} ms -> slim "
-            f"{report.slim_ms:.3f} ms ({report.measured_ratio:.1%}; target "
-            f"{args.latency:.1%}, predicted {report.predicted_ratio:.1%}); "
-            f"{len(report.remove_blocks)} blocks removed"
-        )
-        if report.reason:
-            print(f"latency target missed: {report.reason}")
-    measured = getattr(args, "latency_measured", None)
-    if measured is not None:
-        full_ms, slim_ms, ratio = measured
-        print(
-            f"latency ({args.runtime}, batch {args.batch_size}, measured "
-            f"interleaved): full {full_ms:.3f} ms -> slim {slim_ms:.3f} ms "
-            f"({ratio:.1%}; target {args.latency:.1%})"
-        )
+    if args.latency is None:
+        return
+    full_ms, slim_ms, ratio = measured
+    tail = ")" if report is None else (
+        f", predicted {report.predicted_ratio:.1%}); "
+        f"{len(report.remove_blocks)} blocks removed"
+    )
+    print(
+        f"latency ({args.runtime}, batch {args.batch_size}, measured "
+        f"interleaved): full {full_ms:.3f} ms -> slim {slim_ms:.3f} ms "
+        f"({ratio:.1%}; target {args.latency:.1%}{tail}"
+    )
+    if report is not None and report.reason:
+        print(f"latency target missed: {report.reason}")
 
 
 def cmd_profile(args):

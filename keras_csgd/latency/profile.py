@@ -167,7 +167,7 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
     else:
         threading = tf.config.threading
         fields["threads"] = threading.get_intra_op_parallelism_threads()
-        fields["jit_compile"] = timing.xla(jit_compile)
+        fields["jit_compile"] = jit_compile
     return fields
 
 
@@ -261,7 +261,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
     checks.positive_int("rounds", rounds, allow_none=True)
-    timing.xla(jit_compile)
+    jit_compile = timing.xla(jit_compile)
     if isinstance(grid, str) or not grid:
         raise ValueError(
             f"`grid` must be fractions in (0, 1). Received: grid={grid!r}"

@@ -294,7 +294,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     checks.positive_int("max_iterations", max_iterations)
     checks.choice("runtime", runtime, timing.RUNTIMES)
     checks.positive_int("batch_size", batch_size)
-    timing.xla(jit_compile)
+    jit_compile = timing.xla(jit_compile)
     an = graph.analyze(model)
     prunable_groups(model, an)
     by_name = {g.name: g for g in an.groups}
