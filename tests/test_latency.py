@@ -17,7 +17,7 @@ import keras_csgd as kc
 import zoo
 from keras_csgd import graph, latency
 from keras_csgd.latency import planner, timing
-from keras_csgd.latency.profile import width_plan
+from keras_csgd.latency.profile import width_plan, width_variants
 from keras_csgd.latency.target import corrected_ratio
 
 
@@ -133,6 +133,65 @@ def test_interactions_are_exact_for_a_product_cost():
         )
 
 
+def test_width_variants_are_balanced_and_narrow_every_class_at_once():
+    options = [[12, 8, 4], [6, 4], [24, 16, 8]]
+    rows = width_variants(options, seed=3)
+    params = sum(map(len, options))
+    assert len(rows) == params + 3
+    # One variant per grid width narrows every class.
+    assert rows[:3] == [{0: 12, 1: 6, 2: 24}, {0: 8, 1: 4, 2: 16},
+                        {0: 4, 1: 4, 2: 8}]
+    # Then each class is full in half the variants, and at each width
+    # equally often in the others.
+    for i, o in enumerate(options):
+        levels = [row.get(i) for row in rows[3:]]
+        assert levels.count(None) == len(levels) // 2
+        counts = [levels.count(w) for w in o]
+        assert max(counts) - min(counts) <= 1
+    assert rows == width_variants(options, seed=3)
+
+
+def chain(widths=(16, 24, 32, 40, 48, 56)):
+    """Plain convolutions of different widths: one class per group."""
+    x = keras.Input((8, 8, 3))
+    h = x
+    for k, w in enumerate(widths):
+        h = keras.layers.Conv2D(w, 3, padding="same", name=f"c{k}")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(x, keras.layers.Dense(2, name="head")(h))
+
+
+def test_profile_fits_through_timing_noise():
+    """Noise of one percent of the full latency on every timing: the
+    fitted table predicts multi-group plans better than a table of one
+    group narrowed per variant, timed with the same noise."""
+    model = chain()
+    an = graph.analyze(model)
+    rng = np.random.default_rng(0)
+    sigma = 0.01 * macs_ms(model)
+
+    def noisy(m):
+        return macs_ms(m) + rng.normal(0, sigma)
+
+    fitted = latency.profile(model, measure=noisy, verbose=0)
+    single = {}
+    for name, g in fitted.groups.items():
+        ms = [noisy(kc.slim(model, width_plan(model, an, {name: w})))
+              - noisy(model) + fitted.full for w in g["widths"]]
+        single[name] = {**g, "ms": ms}
+    single = latency.LatencyTable(fitted.full, single, calls=fitted.calls)
+    errors = {"fitted": [], "single": []}
+    for _ in range(30):
+        widths = {f"c{k}": int(rng.choice([4, 8, 12, 16]))
+                  for k in range(6) if rng.uniform() < 0.8}
+        truth = macs_ms(kc.slim(model, width_plan(model, an, widths)))
+        for key, table in (("fitted", fitted), ("single", single)):
+            errors[key].append(table.predict(widths) - truth)
+    rms = {k: np.sqrt(np.mean(np.square(e))) for k, e in errors.items()}
+    assert rms["fitted"] < rms["single"]
+    assert fitted.fields["fit_rms_ms"] < 2 * sigma
+
+
 def test_plan_for_latency_with_an_injected_cost():
     model = tiny(16)
     before = [w.numpy().copy() for w in model.weights]
@@ -228,7 +287,25 @@ def test_no_prunable_group_and_unreachable_target():
               "stem": {"size": 8, "widths": [4], "ms": [0.95]}},
     )
     with pytest.raises(ValueError, match=r"`target`.*0\.850"):
-        kc.plan_for_latency(model, 0.5, table=table, measure=macs_ms)
+        kc.plan_for_latency(model, 0.5, table=table, verify=False)
+    # Verified, the table's fastest plan is timed before the target is
+    # called unreachable: with a cost it misses, that plan measures 0.9.
+    before = [w.numpy().copy() for w in model.weights]
+
+    def fixed_cost(m):
+        return macs_ms(m) + 9 * macs_ms(model)
+
+    fastest = kc.slim(model, width_plan(model, graph.analyze(model),
+                                        {"b_conv1": 4, "stem": 4}))
+    ratio = fixed_cost(fastest) / fixed_cost(model)
+    with pytest.raises(ValueError, match=rf"`target`.*{ratio:.3f} as meas"):
+        kc.plan_for_latency(model, 0.5, table=table, measure=fixed_cost)
+    for w, b in zip(model.weights, before):
+        np.testing.assert_array_equal(w.numpy(), b)
+    # With the runtime faster than the table says, the target is met.
+    _, report = kc.plan_for_latency(model, 0.7, table=table, measure=macs_ms,
+                                    return_report=True)
+    assert report.met and report.measured_ratio <= 0.7 * 1.05
 
 
 def test_profile_caches_per_structure_batch_and_runtime(tmp_path):

@@ -3,12 +3,21 @@
 Method: whole slim variants of the model are timed, interleaved with the
 full model, on the runtime itself (not per-layer micro-benchmarks summed:
 XNNPACK and XLA fuse layers and pay per-op costs that a sum of isolated
-layers misses). To keep this to minutes, structurally identical groups (the
-same layers, configs, shapes and size, such as the inner groups of one
-ResNet stage) form one *class* that is narrowed at once, and the latency
-change is shared equally among its groups; likewise for identical residual
-blocks, removed at once. A class narrowed together also changes the latency
-several times more than one group would, well above timing noise.
+layers misses). Structurally identical groups (the same layers, configs,
+shapes and size, such as the inner groups of one ResNet stage) form one
+*class*, always at one width. The width variants narrow many classes at
+once, each to a random grid width or none (a balanced random design, plus
+one variant per grid width that narrows every class), and each class's
+change at each width is fitted to all of them by least squares, in the
+form the table predicts with (`LatencyTable.predict`: changes scaled by
+their interactions). Narrowing one group of a small layer alone changes
+the latency by about as much as timing noise (MobileNetV2 on LiteRT), and
+less than its share where the runtime's per-op costs or thread scheduling
+do not scale with one layer; a variant that narrows half the classes moves
+it well above noise, every variant informs every estimate, and the
+estimates hold where plans live, with most groups narrowed. Identical
+residual blocks are removed at once, one class per variant, since removing
+a block changes the latency well above noise.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import time
 from collections import Counter
 
 import keras
+import numpy as np
 
 from keras_csgd import blocks, checks, graph
 from keras_csgd.clusters import target_width
@@ -28,8 +38,8 @@ from keras_csgd.surgery import slim
 
 GRID = (0.75, 0.5, 0.25)
 # Per variant: blocks of about 5 ms in as many rounds (5 to 51) as fit in
-# 1.5 s of timing.
-PROFILE_TIMING = {"block_ms": 5.0, "budget_ms": 1500.0, "rounds": (5, 51)}
+# 1 s of timing.
+PROFILE_TIMING = {"block_ms": 5.0, "budget_ms": 1000.0, "rounds": (5, 51)}
 
 
 def prunable_groups(model, an: graph.Analysis) -> list[str]:
@@ -139,6 +149,64 @@ def cost_calls(an: graph.Analysis, names) -> list[dict]:
     return out
 
 
+def width_variants(options, seed: int = 0) -> list[dict[int, int]]:
+    """The width variants to profile, as `{class index: width}`.
+
+    `options[i]` are class `i`'s grid widths. With `P` of them in all, the
+    first variants narrow every class to its `k`-th widest option (one per
+    grid width); the rest (enough for `P + max(grid, P / 3)` variants in
+    all) are random and balanced: each class is left at full width in half
+    of them and at each of its widths equally often in the others, in an
+    order of its own (a seeded permutation per class), so that classes are
+    narrowed independently of each other.
+    """
+    rng = np.random.default_rng(seed)
+    params = sum(len(o) for o in options)
+    uniform = max(len(o) for o in options)
+    rows = [{i: o[min(k, len(o) - 1)] for i, o in enumerate(options) if o}
+            for k in range(uniform)]
+    count = params + max(uniform, -(-params // 3)) - uniform
+    levels = []
+    for o in options:
+        cycle = [x for w in o for x in (None, w)]
+        levels.append(rng.permutation(
+            np.array((cycle * count)[:count], dtype=object)
+        ) if o else [None] * count)
+    rows += [{i: lv[r] for i, lv in enumerate(levels) if lv[r] is not None}
+             for r in range(count)]
+    return rows
+
+
+def design_matrix(table, classes, options, rows) -> np.ndarray:
+    """`X[r, j]`: in variant `r`, the number of groups of parameter `j`'s
+    class at its width, each weighted by its interaction factor
+    (`LatencyTable.factors`); parameter `j` runs over `(class, width)` in
+    the order of `options`."""
+    columns = {(i, w): j for j, (i, w) in enumerate(
+        (i, w) for i, o in enumerate(options) for w in o)}
+    x = np.zeros((len(rows), len(columns)))
+    for r, row in enumerate(rows):
+        factors = table.factors(
+            {n: w for i, w in row.items() for n in classes[i]})
+        for i, w in row.items():
+            x[r, columns[i, w]] = sum(factors[n] for n in classes[i])
+    return x
+
+
+def _full_rank_design(table, classes, options, seed):
+    """`width_variants` and their design matrix, with more random variants
+    (other seeds) while the matrix lacks full column rank."""
+    rows = width_variants(options, seed)
+    x = design_matrix(table, classes, options, rows)
+    extra, uniform = seed, max(len(o) for o in options)
+    while np.linalg.matrix_rank(x) < x.shape[1] and extra < seed + 8:
+        extra += 1
+        more = width_variants(options, extra)[uniform:]
+        rows += more
+        x = np.vstack([x, design_matrix(table, classes, options, more)])
+    return rows, x
+
+
 def width_plan(model, an: graph.Analysis, widths,
                remove_blocks=()) -> PruningPlan:
     """A plan of the first `widths[g]` channels of each group (the slim
@@ -207,12 +275,19 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             verbose: int = 1) -> tables.LatencyTable:
     """Measures `model`'s latency per group width and per removed block.
 
-    For every class of identical prunable groups and every width of the grid
-    (`grid_widths`), the slim variant with the class at that width is built
-    (`kc.slim`) and timed interleaved with the full model (rounds of blocks
-    of about 5 ms, as many as fit 1.5 s; each model's latency is its fastest
-    block median, see `timing.fastest_blocks`); each group of the class gets
-    an equal share of the change. Likewise every class of identical
+    Identical prunable groups form classes (always at one width). Slim
+    variants that narrow many classes at once, each to a width of the grid
+    (`grid_widths`) or none (`width_variants`: one variant per grid width
+    narrowing every class, then a balanced random design; about 1.33 times
+    as many variants as (class, width) pairs), are built (`kc.slim`) and
+    timed interleaved with the full model (rounds of blocks of about 5 ms,
+    as many as fit 1 s; each model's latency is its fastest block median,
+    see `timing.fastest_blocks`). Each class's change at each width is the
+    least-squares fit to all variants of the table's own prediction
+    (changes scaled by their interactions, `LatencyTable.factors`), shared
+    equally among its groups; `table.fields["fit_rms_ms"]` is the fit's
+    residual. Every class of identical removable blocks is removed in one
+    variant of its own.
     removable blocks. A Keras progress bar shows the variants. The table is
     cached on disk under a key of the model's structure (its config JSON),
     the runtime, batch size, threads, the CPU model and SIMD flags, GPUs and
@@ -232,7 +307,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
         grid: fractions of each group's width to measure. Defaults to
             `(0.75, 0.5, 0.25)`.
         rounds: interleaved rounds per variant. Defaults to `None` (5 to
-            51, as many as fit 1.5 s).
+            51, as many as fit 1 s).
         jit_compile: compile the TensorFlow call with XLA: `True`, `False`
             or `"auto"` (XLA where TensorFlow has a GPU, see
             `kc.latency.timing.xla`). Defaults to `"auto"`.
@@ -281,36 +356,45 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     start = time.perf_counter()
     sizes = {g.name: g.size for g in an.groups}
     inner = removable_blocks(model, an)
-    work = [
-        (names, {n: w for n in names}, ())
-        for names in group_classes(an, prunable)
-        for w in grid_widths(sizes[names[0]], grid)
-    ] + [(names, {}, names) for names in block_classes(model, list(inner))]
+    calls = cost_calls(an, prunable)
+    groups = {n: {"size": sizes[n], "widths": [], "ms": []} for n in prunable}
+    shape = tables.LatencyTable(1.0, groups, calls=calls)  # for `factors`
+    classes = [names for names in group_classes(an, prunable)
+               if grid_widths(sizes[names[0]], grid)]
+    options = [grid_widths(sizes[names[0]], grid) for names in classes]
+    rows, x = (_full_rank_design(shape, classes, options, 0) if classes
+               else ([], np.zeros((0, 0))))
+    work = [({n: w for i, w in row.items() for n in classes[i]}, ())
+            for row in rows]
+    work += [({}, names) for names in block_classes(model, list(inner))]
     bar = keras.utils.Progbar(len(work), verbose=verbose,
                               unit_name="variant")
     timer = _Timer(model, runtime, batch_size, threads, jit_compile, rounds,
                    measure)
     deltas = []
-    for k, (names, widths, removed) in enumerate(work):
+    for k, (widths, removed) in enumerate(work):
         variant = slim(model, width_plan(model, an, widths, removed))
-        deltas.append(timer.delta(variant) / len(names))
+        deltas.append(timer.delta(variant))
         bar.update(k + 1)
     full = float(sorted(timer.fulls)[len(timer.fulls) // 2])
-    groups = {n: {"size": sizes[n], "widths": [], "ms": []} for n in prunable}
+    y = np.array(deltas[:len(rows)])
+    if classes:
+        effects = np.linalg.lstsq(x, y, rcond=None)[0]
+        fields["fit_rms_ms"] = float(np.sqrt(np.mean((x @ effects - y) ** 2)))
+        params = [(i, w) for i, o in enumerate(options) for w in o]
+        for (i, w), effect in zip(params, effects):
+            for n in classes[i]:
+                groups[n]["widths"].append(w)
+                groups[n]["ms"].append(full + float(effect))
     block_rows = {}
-    for (names, widths, removed), delta in zip(work, deltas):
-        for n in names:
-            if removed:
-                block_rows[n] = {
-                    "saving_ms": -delta, "groups": inner[n],
-                    "ops": sorted(blocks.dropped_operations(model, [n])),
-                }
-            else:
-                groups[n]["widths"].append(widths[n])
-                groups[n]["ms"].append(full + delta)
+    for (_, removed), delta in zip(work[len(rows):], deltas[len(rows):]):
+        for n in removed:
+            block_rows[n] = {
+                "saving_ms": -delta / len(removed), "groups": inner[n],
+                "ops": sorted(blocks.dropped_operations(model, [n])),
+            }
     fields["profile_seconds"] = round(time.perf_counter() - start, 1)
-    table = tables.LatencyTable(full, groups, block_rows,
-                                cost_calls(an, prunable), key=key,
+    table = tables.LatencyTable(full, groups, block_rows, calls, key=key,
                                 fields=fields)
     if measure is None:
         tables.save(folder, table)

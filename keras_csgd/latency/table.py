@@ -2,7 +2,8 @@
 
 The table holds the full model's latency and, per prunable channel group,
 the model's latency at a grid of widths with every other group at full
-width; per removable residual block, the latency its removal saves. It
+width (as `profile` estimates it: fitted to variants that narrow many groups
+at once); per removable residual block, the latency its removal saves. It
 predicts the full latency plus each group's measured change plus each
 removed block's saving. Where groups meet in one layer (a convolution from
 group `a` to group `b`), narrowing both saves less than the two changes
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: widths fitted to multi-group variants
 
 
 class LatencyTable:

@@ -232,9 +232,11 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
        made again for the prediction that the verified plans say measures
        `target` (secant steps on predicted against measured ratios, see
        `corrected_ratio`), at most `max_iterations` plans in all. The plan
-       meeting the target with the most importance is returned; if none
-       meets it, a warning says why and the fastest measured plan is
-       returned.
+       meeting the target with the most importance is returned. Where the
+       correction asks for less than the table's fastest plan, that plan is
+       timed: when it misses too, the target is unreachable (`ValueError`);
+       when the tries run out first, a warning says why and the fastest
+       measured plan is returned.
 
     Args:
         model: a functional or Sequential single-input `keras.Model`. It is
@@ -277,7 +279,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         ValueError: `target` not in (0, 1), an unknown `runtime`,
             `batch_size < 1`, a model without a prunable group, bad `scores`
             or `table`, or a target below the fastest reachable ratio (the
-            message names it).
+            message names it: measured, or the table's with
+            `verify=False`).
 
     Example:
 
@@ -318,14 +321,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         )
     values = planner.kept_values(scores)
     fastest = planner.fastest(table, values) / table.full
-    if target < fastest:
-        raise ValueError(
-            f"`target` is below the fastest reachable latency, {fastest:.3f} "
-            "of the full model's (every scored group at its narrowest "
-            "measured width and every removable block removed; frozen "
-            "groups and fixed per-op costs hold the rest). "
-            f"Received: target={target!r}"
-        )
+    if target < fastest and not verify:
+        raise ValueError(_unreachable(target, fastest))
     chosen, reason = _search(model, an, table, values, target, tolerance,
                              max_iterations, measure, verify,
                              (runtime, batch_size, threads, jit_compile))
@@ -368,22 +365,16 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
         verifier = _Verifier(model, *args, measure, folder)
         floor = planner.fastest(table, values)
         for k in range(max_iterations):
-            if budget < floor and history:
-                if history[-1]["predicted_ratio"] * table.full <= floor + 1e-9:
-                    if best is None or reason is not None:
-                        reason = (
-                            f"after {k} plans, the fastest plan the table "
-                            f"offers ({floor / table.full:.3f} predicted) "
-                            f"measures {history[-1]['measured_ratio']:.3f}"
-                            "; the runtime is slower at the narrow widths "
-                            "than the table predicts"
-                        )
-                    break
-                budget = floor  # try the fastest plan once
+            fastest = budget < floor
+            budget = max(budget, floor)  # below it: the fastest plan
             choice = planner.choose(table, values, budget)
             widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
             mark = (sorted(widths.items()), choice[1])
             if mark in tried:
+                if fastest and reason is not None:
+                    timed = history[tried.index(mark)]["measured_ratio"]
+                    raise ValueError(_unreachable(target, floor / table.full,
+                                                  timed))
                 break  # the correction lands on a plan already timed
             tried.append(mark)
             variant = slim(model, width_plan(model, an, widths, choice[1]))
@@ -401,6 +392,11 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
                 "measured_ratio": chosen["measured"],
             })
             chosen["value"] = choice[3]
+            if fastest and ratio > target * (1 + tolerance) and (
+                reason is not None
+            ):
+                raise ValueError(_unreachable(target, floor / table.full,
+                                              ratio))
             if chosen["measured"] <= target * (1 + tolerance):
                 if reason is not None or best["value"] < chosen["value"]:
                     best = chosen
@@ -427,6 +423,17 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
         )
     best["history"] = history
     return best, reason
+
+
+def _unreachable(target, predicted, measured=None) -> str:
+    how = (f"{predicted:.3f}" if measured is None else
+           f"{measured:.3f} as measured ({predicted:.3f} predicted)")
+    return (
+        f"`target` is below the fastest reachable latency, {how} of the "
+        "full model's (every scored group at its narrowest measured width "
+        "and every removable block removed; frozen groups and fixed per-op "
+        f"costs hold the rest). Received: target={target!r}"
+    )
 
 
 def corrected_ratio(points, target) -> float:
