@@ -105,8 +105,8 @@ def keras_call(model, x, jit_compile):
 
 
 def tflite_call(path, x, threads):
-    interpreter = kexport._interpreter(path, threads)
-    kexport._set_input(interpreter, x)
+    interpreter = kexport.load_interpreter(path, threads)
+    kexport.set_input(interpreter, x)
     return interpreter.invoke
 
 
@@ -143,7 +143,7 @@ def interleaved(calls, rounds, runs) -> dict:
         shift = r * len(keys) // rounds
         for key in keys[shift:] + keys[:shift]:
             blocks[key].append(
-                kexport._timings(calls[key], runs[key[2]], warmup=1)
+                kexport.time_calls(calls[key], runs[key[2]], warmup=1)
             )
     return blocks
 

@@ -75,9 +75,9 @@ def plan_from_scores(
         keep = 0.5 if keep is None else keep
         checks.fraction("keep", keep)
         checks.positive_int("round_to", round_to, allow_none=True)
-        scores = _checked_scores(scores, by_name)
+        scores = checked_scores(scores, by_name)
         clusters = {
-            name: _top(s, target_width(len(s), keep, round_to))
+            name: top_channels(s, target_width(len(s), keep, round_to))
             for name, s in scores.items()
         }
         return _bound(PruningPlan(clusters, groups=an.groups), model, an)
@@ -88,7 +88,7 @@ def plan_from_scores(
                 f"`macs_budget`. Received: {name}={value!r}"
             )
     checks.fraction("macs_budget", macs_budget)
-    scores = _checked_scores(scores, by_name)
+    scores = checked_scores(scores, by_name)
     return _bound(_global_plan(an, scores, macs_budget), model, an)
 
 
@@ -157,7 +157,18 @@ def _bound(plan: PruningPlan, model, an: graph.Analysis) -> PruningPlan:
     return plan
 
 
-def _checked_scores(scores, by_name) -> dict[str, np.ndarray]:
+def checked_scores(scores, by_name) -> dict[str, np.ndarray]:
+    """`scores` as float64 vectors, checked against the model's groups.
+
+    Args:
+        scores: `{group_name: one score per channel}`.
+        by_name: `{group_name: ChannelGroup}` of the model's analysis.
+
+    Raises:
+        TypeError: if `scores` is not a mapping.
+        ValueError: a group that is unknown or frozen, a wrong number of
+            scores, or a NaN or Inf score.
+    """
     if not isinstance(scores, Mapping):
         raise TypeError(
             "`scores` must be a dict {group_name: array}. "
@@ -188,7 +199,9 @@ def _checked_scores(scores, by_name) -> dict[str, np.ndarray]:
     return out
 
 
-def _top(s: np.ndarray, width: int) -> list[list[int]]:
+def top_channels(s: np.ndarray, width: int) -> list[list[int]]:
+    """Singleton clusters of the `width` best-scored channels, in order
+    (ties go to the lower index)."""
     kept = np.sort(np.argsort(-s, kind="stable")[:width])
     return [[int(i)] for i in kept]
 

@@ -58,6 +58,23 @@ def test_float_export_matches_keras(trained, digits, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
 
 
+@pytest.mark.parametrize("quantize", [None, "dynamic"])
+def test_direct_conversion_equals_saved_model_path(trained, digits, quantize):
+    """`saved_model=False` (latency profiling's fast path) converts the
+    same graph: the two flatbuffers compute the same outputs."""
+    _, (x_test, _) = digits
+    via_saved_model = export.tflite_flatbuffer(trained, quantize)
+    direct = export.tflite_flatbuffer(trained, quantize, saved_model=False)
+    expected = trained(x_test[:50], training=False).numpy()
+    outputs = [export.run_tflite(b, x_test[:50])
+               for b in (via_saved_model, direct)]
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    if quantize is None:
+        np.testing.assert_allclose(outputs[1], expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="`quantize` must be one of"):
+        export.tflite_flatbuffer(trained, "int4", saved_model=False)
+
+
 @pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
 def test_quantized_exports_within_stated_tolerance(
     quantize, trained, digits, float_path, tmp_path

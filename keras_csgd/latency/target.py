@@ -30,7 +30,7 @@ from keras_csgd.latency.profile import (
 )
 from keras_csgd.methods.magnitude import filter_norms
 from keras_csgd.plan import PruningPlan
-from keras_csgd.scoring import _checked_scores, _top
+from keras_csgd.scoring import checked_scores, top_channels
 from keras_csgd.surgery import slim
 
 CLUSTERS = ("prune", "kmeans")
@@ -301,7 +301,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     an = graph.analyze(model)
     prunable_groups(model, an)
     by_name = {g.name: g for g in an.groups}
-    scores = _checked_scores(
+    scores = checked_scores(
         default_scores(model, an) if scores is None else scores, by_name
     )
     threads = checks.positive_int("threads", threads, allow_none=True)
@@ -480,7 +480,7 @@ def _plan(model, an, scores, widths, remove, clusters, seed) -> PruningPlan:
             method="kmeans", seed=seed,
         ).clusters
     else:
-        chosen = {n: _top(scores[n], w) for n, w in widths.items()}
+        chosen = {n: top_channels(scores[n], w) for n, w in widths.items()}
     plan = PruningPlan(chosen, groups=an.groups, remove_blocks=remove)
     plan.analysis = (model, an)
     return plan

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import logging
 import os
 import platform
 
@@ -89,34 +88,9 @@ def versions() -> dict:
     }
 
 
-def tflite_bytes(model) -> bytes:
-    """The float32 LiteRT flatbuffer of `model`, converted fast.
-
-    The model's concrete function is frozen and converted directly, which
-    is what `kc.export_tflite` converts too, without its SavedModel round
-    trip (about 2 s instead of 9 s for a ResNet-56): profiling converts
-    dozens of variants. `plan_for_latency` verifies with `kc.export_tflite`.
-    """
-    spec = export._input_spec(model)
-    function = tf.function(
-        functools.partial(model.__call__, training=False)
-    ).get_concrete_function(spec)
-    absl = logging.getLogger("absl")  # the direct path's deprecation note
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        converter = tf.lite.TFLiteConverter.from_concrete_functions(
-            [function]
-        )
-        converter.experimental_lower_to_saved_model = False
-        return converter.convert()
-    finally:
-        absl.setLevel(level)
-
-
 def inputs(model, batch_size: int) -> np.ndarray:
     """A fixed uniform random batch for `model`'s input."""
-    shape = export._input_spec(model).shape[1:]
+    shape = export.input_spec(model).shape[1:]
     rng = np.random.default_rng(0)
     return rng.uniform(size=(batch_size, *shape)).astype(np.float32)
 
@@ -152,14 +126,17 @@ def runner(model, runtime: str, batch_size: int, threads: int,
         jit_compile: compile the TensorFlow call with XLA: `True`,
             `False` or `"auto"` (XLA on a GPU only, see `xla`).
         tflite: for `"litert"`, the flatbuffer bytes or a `.tflite` path.
-            Defaults to `None` (`tflite_bytes(model)`).
+            Defaults to `None` (converted here, without the SavedModel
+            round trip: `export.tflite_flatbuffer(model, saved_model=False)`).
     """
     x = inputs(model, batch_size)
     if runtime == "litert":
-        interpreter = export._interpreter(
-            tflite if tflite is not None else tflite_bytes(model), threads
+        interpreter = export.load_interpreter(
+            tflite if tflite is not None
+            else export.tflite_flatbuffer(model, saved_model=False),
+            threads,
         )
-        export._set_input(interpreter, x)
+        export.set_input(interpreter, x)
         return interpreter.invoke
     call = tf.function(
         functools.partial(fold_batchnorm(model), training=False),
@@ -178,7 +155,7 @@ def schedule(call, block_ms: float, budget_ms: float,
     short blocks in many rounds make the fastest block stable on a busy
     machine, at little cost for fast models.
     """
-    ms = export._timings(call, runs=3, warmup=2)["median_ms"]
+    ms = export.time_calls(call, runs=3, warmup=2)["median_ms"]
     calls = int(np.clip(round(block_ms / ms), 1, 200))
     least, most = rounds
     return calls, int(np.clip(round(budget_ms / (2 * calls * ms)), least,
@@ -204,7 +181,7 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
         for k in ((0, 1) if r % 2 == 0 else (1, 0)):
             call = (first, second)[k]
             blocks[k].append(
-                export._timings(call, runs=calls,
+                export.time_calls(call, runs=calls,
                                 warmup=int(calls > 1))["median_ms"]
             )
     return np.array(blocks[0]), np.array(blocks[1])
