@@ -10,6 +10,7 @@ names the argument in backticks, states the rule and ends with
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 
@@ -145,3 +146,45 @@ def choice(name: str, value, choices) -> object:
             f"Received: {name}={value!r}"
         )
     return value
+
+
+def renamed(config: dict, names: dict, who: str) -> dict:
+    """A saved config with arguments renamed since it was saved.
+
+    Args:
+        config: the `get_config()` dict, as loaded.
+        names: `{old_name: new_name}`.
+        who: the class, for the warning.
+
+    Returns:
+        A copy of `config` under the new names; a `DeprecationWarning`
+        names each old one found.
+
+    Raises:
+        ValueError: a config holding both an old name and its new one.
+
+    Example:
+
+    ```python
+    config = checks.renamed(config, {"keep_prob": "mask_keep"},
+                            "FilterEnsembles")
+    ```
+    """
+    config = dict(config)
+    for old, new in names.items():
+        if old not in config:
+            continue
+        if new in config:
+            raise ValueError(
+                f"A {who} config holds both `{old}` and `{new}` (its new "
+                f"name). Received: {old}={config[old]!r}, "
+                f"{new}={config[new]!r}"
+            )
+        warnings.warn(
+            f"{who} config: `{old}` is now called `{new}`; loaded as "
+            f"{new}={config[old]!r}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        config[new] = config.pop(old)
+    return config

@@ -189,6 +189,17 @@ def tflite_flatbuffer(
             representative_data, _CALIBRATION_SAMPLES, "representative_data"
         )
     call = functools.partial(model.__call__, training=False)
+    absl = logging.getLogger("absl")  # the direct path's deprecation note
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        return _convert(model, spec, call, quantize, calibration, sparse,
+                        saved_model)
+    finally:
+        absl.setLevel(level)
+
+
+def _convert(model, spec, call, quantize, calibration, sparse, saved_model):
     with tempfile.TemporaryDirectory() as saved_model_dir:
         if saved_model:
             archive = keras.export.ExportArchive()
@@ -220,13 +231,7 @@ def tflite_flatbuffer(
             converter.representative_dataset = lambda: (
                 [sample[None].astype(np.float32)] for sample in calibration
             )
-        absl = logging.getLogger("absl")  # the direct path's deprecation note
-        level = absl.level
-        absl.setLevel(logging.ERROR)
-        try:
-            return converter.convert()
-        finally:
-            absl.setLevel(level)
+        return converter.convert()
 
 
 def export_tflite(

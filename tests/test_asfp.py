@@ -327,6 +327,12 @@ def test_config_round_trip():
     assert set(config) == constructor_arguments(ASFP)
     again = ASFP.from_config(config)
     assert again.get_config() == config
+    # A config saved before `criterion` was renamed `norm` loads.
+    old = {k: v for k, v in config.items() if k != "norm"}
+    with pytest.warns(DeprecationWarning, match="`criterion` is now"):
+        assert ASFP.from_config({**old, "criterion": "l1"}).get_config() == (
+            config
+        )
     restored = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(cb)
     )

@@ -171,6 +171,13 @@ def test_errors_and_config_round_trip():
     # keras.callbacks.Callback adds no base keys.
     assert set(config) == constructor_arguments(FE) - {"data"}
     assert FE.from_config({**config, "data": data}).get_config() == config
+    # A config saved before `keep_prob` was renamed `mask_keep` loads.
+    old = {**config, "data": data, "keep_prob": 0.8}
+    del old["mask_keep"]
+    with pytest.warns(DeprecationWarning, match="`keep_prob` is now"):
+        assert FE.from_config(old).get_config() == config
+    with pytest.raises(ValueError, match="both `keep_prob` and `mask_keep`"):
+        FE.from_config({**config, "data": data, "keep_prob": 0.8})
     with pytest.raises(ValueError, match="`when` must be"):
         FE(data, when="epoch_end")
     with pytest.raises(ValueError, match="`metric` must be"):

@@ -18,7 +18,7 @@ import zoo
 from keras_csgd import graph, latency
 from keras_csgd.latency import planner, timing
 from keras_csgd.latency.profile import width_plan, width_variants
-from keras_csgd.latency.target import corrected_ratio
+from keras_csgd.latency.target import MAX_EXTRAPOLATION, corrected_ratio
 
 
 def tiny(width=8, name="tiny"):
@@ -385,6 +385,14 @@ def test_corrected_ratio_solves_an_affine_miss_in_two_steps():
     points = [(0.9, measured(0.9)), (0.3, measured(0.3))]
     np.testing.assert_allclose(
         measured(corrected_ratio(points, 0.7)), 0.7
+    )
+    # Beyond the samples, a nearly flat secant (two plans measuring alike,
+    # a ResNet-20 on LiteRT) crosses the target far away: the step from the
+    # last prediction is limited to MAX_EXTRAPOLATION proportional steps.
+    flat = [(0.490, 0.559), (0.421, 0.557)]
+    scaled_step = 0.421 - 0.421 * 0.5 / 0.557
+    assert corrected_ratio(flat, 0.5) == pytest.approx(
+        0.421 - MAX_EXTRAPOLATION * scaled_step
     )
     # Not increasing (noise): the last prediction scaled by target/measured.
     assert corrected_ratio([(0.5, 0.8), (0.4, 0.9)], 0.6) == (

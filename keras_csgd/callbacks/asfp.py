@@ -353,7 +353,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**checks.renamed(config, {"criterion": "norm"},
+                                    cls.__name__))
 
 
 class _Producer:

@@ -153,4 +153,5 @@ class FilterEnsembles(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return cls(**checks.renamed(config, {"keep_prob": "mask_keep"},
+                                    cls.__name__))
