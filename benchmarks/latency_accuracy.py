@@ -10,9 +10,11 @@ there), pruned to half its LiteRT batch-1 latency on this machine:
 
 1. *Latency plan*: `kc.plan_for_latency(base, 0.5, "litert", 1)` with the
    base's L1 filter norms, verified by timing (slim vs full, interleaved).
-2. *Uniform plan*: `kc.methods.magnitude_plan(base, keep, round_to=8)` at
-   the `keep` that measures nearest the latency plan's measured ratio (the
-   search of `benchmarks/latency_target.py`).
+2. *Uniform plans*: `kc.methods.magnitude_plan(base, keep, round_to=8)`
+   timed by the search of `benchmarks/latency_target.py` (distinct widths
+   near the latency plan's measured ratio): of those no slower than the
+   latency plan the one keeping the most importance, and the nearest
+   slower one.
 3. For every seed, each plan's slim model (the best L1 channels) is
    fine-tuned for the profile's 6 epochs (`cifar10.Context.finetune`:
    Nesterov SGD, cosine lr from 0.03) and its validation accuracy measured
@@ -57,8 +59,30 @@ TARGET = 0.5
 SETUP = ("litert", 1)
 
 
+def bracket(timed, measured_ratio) -> dict:
+    """The uniform timings on either side of `measured_ratio`: of those no
+    slower, the one keeping the most importance (round_to=8 widths do not
+    order latency: 32 channels can run faster than 24 on 16-float SIMD),
+    and of those slower, the nearest."""
+    faster = [t for t in timed if t["measured_ratio"] <= measured_ratio]
+    slower = [t for t in timed if t["measured_ratio"] > measured_ratio]
+    sides = {
+        "uniform_round_to_8_faster": max(
+            faster, key=lambda t: t["kept_importance"], default=None),
+        "uniform_round_to_8_slower": min(
+            slower, key=lambda t: t["measured_ratio"], default=None),
+    }
+    return {name: t for name, t in sides.items() if t is not None}
+
+
 def latency_plans(base, threads) -> dict:
-    """The verified latency plan and the uniform plan of equal latency."""
+    """The verified latency plan and the uniform plans nearest its latency.
+
+    The uniform search (`latency_target.uniform_row`) times distinct
+    round_to=8 widths; one faster and one slower than the latency plan are
+    fine-tuned (`bracket`), since a uniform plan's latency moves in steps
+    and one of equal latency need not exist.
+    """
     table = latency.profile(base, *SETUP, threads=threads, verbose=1)
     plan, report = kc.plan_for_latency(
         base, TARGET, *SETUP, table=table, threads=threads,
@@ -66,12 +90,6 @@ def latency_plans(base, threads) -> dict:
     )
     uniform = uniform_row(base, table, report.measured_ratio, SETUP,
                           threads, tries=4)
-    plans = {
-        "latency": plan,
-        "uniform_round_to_8": kc.methods.magnitude_plan(
-            base, keep=uniform["keep"], norm="l1", round_to=8
-        ),
-    }
     rows = {
         "latency": {
             "measured_ratio": report.measured_ratio,
@@ -81,11 +99,16 @@ def latency_plans(base, threads) -> dict:
             "remove_blocks": report.remove_blocks,
             "iterations": report.iterations,
         },
-        "uniform_round_to_8": uniform,
+        **bracket(uniform["timed_keeps"], report.measured_ratio),
     }
-    for name, p in plans.items():
-        rows[name]["widths"] = p.widths()
-    return plans, rows
+    plans = {"latency": plan}
+    for name, row in rows.items():
+        if name != "latency":
+            plans[name] = kc.methods.magnitude_plan(
+                base, keep=row["keep"], norm="l1", round_to=8
+            )
+        row["widths"] = plans[name].widths()
+    return plans, {**rows, "uniform_timings": uniform["timed_keeps"]}
 
 
 def main(argv=None):

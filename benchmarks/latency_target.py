@@ -12,7 +12,8 @@ recorded), then for each target 0.7, 0.5 and 0.35 of the full latency
 `kc.plan_for_latency` plans and verifies (slim vs full, interleaved). Next to
 each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) that
 measures the latency plan's measured ratio is searched (the table's guess,
-then secant steps on measured ratios: up to 4 timings) and
+then secant steps on measured ratios, never timing the same widths twice:
+up to 4 timings) and
 reported with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -79,13 +81,26 @@ def time_uniform(model, keep, setup, threads) -> dict:
     }
 
 
+def untimed_keep(table, keep, timed, upward) -> float | None:
+    """`keep`, or the nearest keep past it (up or down) whose round_to=8
+    widths none of `timed` has (nearby keeps round to the same widths, and
+    timing one plan twice measures only noise); None past the bounds."""
+    seen = [uniform_widths(table, t["keep"]) for t in timed]
+    while 0.05 <= keep <= 1.0:
+        if uniform_widths(table, keep) not in seen:
+            return keep
+        keep = round(keep + (0.005 if upward else -0.005), 3)
+    return None
+
+
 def uniform_row(model, table, measured_ratio, setup, threads, tries):
     """The uniform round_to=8 plan that measures nearest `measured_ratio`.
 
     The first `keep` is the table's guess; then secant steps on the
     measured ratios against `keep` (with the full model at `keep=1`,
-    `kc.latency.target.corrected_ratio`), `tries` timings in all; the
-    timing nearest `measured_ratio` is kept.
+    `kc.latency.target.corrected_ratio`), each moved on to the first keep
+    with widths not yet timed, `tries` timings in all; the timing nearest
+    `measured_ratio` is kept, and every timing listed.
     """
     keep = uniform_keep(table, measured_ratio * table.full)
     timed = []
@@ -94,14 +109,14 @@ def uniform_row(model, table, measured_ratio, setup, threads, tries):
         keep = corrected_ratio(
             [(t["keep"], t["measured_ratio"]) for t in timed], measured_ratio
         )
-        keep = float(np.clip(round(keep, 3), 0.05, 1.0))
-        if any(t["keep"] == keep for t in timed):
+        keep = untimed_keep(
+            table, float(np.clip(round(keep, 3), 0.05, 1.0)), timed,
+            upward=timed[-1]["measured_ratio"] < measured_ratio,
+        )
+        if keep is None:
             break
     best = min(timed, key=lambda t: abs(t["measured_ratio"] - measured_ratio))
-    return {**best, "timed_keeps": [
-        {"keep": t["keep"], "measured_ratio": t["measured_ratio"]}
-        for t in timed
-    ]}
+    return {**best, "timed_keeps": timed}
 
 
 def run_setup(name, setup, args):
@@ -187,8 +202,8 @@ def main(argv=None):
     )
     kexport.set_tf_threads(args.threads)
     result = {
-        "command": "python benchmarks/latency_target.py"
-        + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/latency_target.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "threads": args.threads, "targets": list(TARGETS),
         "machine": machine(),
         "uptime_at_start": uptime(),
