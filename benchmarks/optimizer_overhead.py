@@ -13,11 +13,15 @@ its ratio to SGD's fastest block):
 - `apply_ms`: `optimizer.apply_gradients` alone on fixed gradients, inside a
   `tf.function`.
 
-"XLA on" compiles the model (`jit_compile=True`) and the update functions;
-"XLA off" compiles neither (CSGD and GSM with `jit_compile=False`).
+`--xla` modes: "on" compiles the model (`jit_compile=True`) and the
+optimizers' update functions; "off" compiles neither (CSGD and GSM with
+`jit_compile=False`); "update" compiles only the update functions (the
+optimizers' default), in a model without XLA (what Keras's
+`jit_compile="auto"` gives on a machine without a GPU).
 
     python benchmarks/optimizer_overhead.py [--optimizers sgd,csgd,gsm]
-        [--depth 56] [--batch 64] [--steps 50] [--rounds 5] [--xla on,off]
+        [--depth 56] [--batch 64] [--steps 50] [--rounds 5]
+        [--xla on,off,update]
 
 Prints the ratios to SGD and writes
 benchmarks/results/optimizer_overhead.json.
@@ -26,7 +30,6 @@ benchmarks/results/optimizer_overhead.json.
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -35,11 +38,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import tensorflow as tf
+from cifar10 import machine
 
 import keras_csgd as kc
 from keras_csgd.models import resnet_cifar
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+MODES = {"on": (True, True), "off": (False, False), "update": (False, True)}
 
 
 def make_optimizer(name, model, xla):
@@ -57,7 +64,7 @@ def make_optimizer(name, model, xla):
     )
 
 
-def setups(names, args, xla):
+def setups(names, args, model_xla, update_xla):
     """One compiled model and a timed step function per optimizer."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype("float32")
@@ -66,10 +73,10 @@ def setups(names, args, xla):
     for name in names:
         keras.utils.set_random_seed(0)
         model = resnet_cifar(args.depth)
-        opt = make_optimizer(name, model, xla)
+        opt = make_optimizer(name, model, update_xla)
         model.compile(
             optimizer=opt, loss="sparse_categorical_crossentropy",
-            jit_compile=xla,
+            jit_compile=model_xla,
         )
         variables = model.trainable_variables
         grads = [
@@ -79,7 +86,7 @@ def setups(names, args, xla):
         opt.build(variables)
         out[name] = {
             "train_step_ms": train_loop(model, x, y),
-            "apply_ms": apply_loop(opt, grads, variables, xla),
+            "apply_ms": apply_loop(opt, grads, variables, model_xla),
         }
         for fn in out[name].values():
             fn(3)
@@ -114,8 +121,8 @@ def timed(fn, steps):
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def run(names, args, xla):
-    fns = setups(names, args, xla)
+def run(names, args, model_xla, update_xla):
+    fns = setups(names, args, model_xla, update_xla)
     kinds = ("train_step_ms", "apply_ms")
     samples = {k: {n: [] for n in names} for k in kinds}
     ratios = {k: {n: [] for n in names} for k in kinds}
@@ -158,7 +165,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--xla", default="on,off")
+    parser.add_argument("--xla", default="on,off,update")
     parser.add_argument(
         "--output", default=os.path.join(RESULTS, "optimizer_overhead.json")
     )
@@ -166,29 +173,21 @@ def main():
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
     if "sgd" not in names:
         names.insert(0, "sgd")
-    gpus = tf.config.list_physical_devices("GPU")
     report = {
         "command": "python benchmarks/optimizer_overhead.py "
         f"--optimizers {','.join(names)} --depth {args.depth} "
         f"--batch {args.batch} --steps {args.steps} --rounds {args.rounds} "
         f"--xla {args.xla}",
-        "device": (
-            tf.config.experimental.get_device_details(gpus[0]).get(
-                "device_name", "GPU"
-            )
-            if gpus
-            else platform.processor() or platform.machine()
-        ),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        "machine": machine(),
         "results": {},
     }
     for mode in [m.strip() for m in args.xla.split(",") if m.strip()]:
-        if mode not in ("on", "off"):
+        if mode not in MODES:
             raise ValueError(
-                f'`--xla` entries must be "on" or "off". Received: {mode!r}'
+                f'`--xla` entries must be "on", "off" or "update". '
+                f"Received: {mode!r}"
             )
-        result = run(names, args, xla=mode == "on")
+        result = run(names, args, *MODES[mode])
         report["results"][f"xla_{mode}"] = result
         for kind in ("train_step_ms", "apply_ms"):
             line = ", ".join(
@@ -197,7 +196,7 @@ def main():
                 f"x{result['ratio_of_fastest'][kind][n]:.3f})"
                 for n in names
             )
-            print(f"XLA {mode:3s} {kind:13s}: {line}")
+            print(f"XLA {mode:6s} {kind:13s}: {line}")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
