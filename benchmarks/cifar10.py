@@ -651,6 +651,12 @@ METHODS = {
 
 
 # -------------------------------------------------------------- report
+def command(script: str, argv=None) -> str:
+    """The command line that ran `benchmarks/<script>`, as a shell string."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"benchmarks/{script}", *args])
+
+
 def machine() -> dict:
     """The machine (CPU model, SIMD flags, cores, GPUs), its load, versions.
 
@@ -760,9 +766,7 @@ def main(argv=None):
         },
         "profile_settings": dataclasses.asdict(profile),
         "details": out["details"],
-        "command": shlex.join(
-            ["python", "benchmarks/cifar10.py", *argv]
-        ),
+        "command": command("cifar10.py", argv),
         "machine": info,
     }
     os.makedirs(args.results_dir, exist_ok=True)

@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from cifar10 import dump_json, machine, write_atomically  # noqa: E402
+from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import export as kexport  # noqa: E402
@@ -224,8 +224,7 @@ def main(argv=None):
     end_load = [round(v, 2) for v in os.getloadavg()]
     busy = max(info["load_average_at_start"] + end_load) > info["cores"]
     result = {
-        "command": "python benchmarks/latency.py"
-        + (" --quick" if args.quick else ""),
+        "command": command("latency.py", argv),
         "keep": args.keep,
         "threads": args.threads,
         "rounds": rounds,

@@ -43,6 +43,7 @@ from cifar10 import (  # noqa: E402
     Context,
     accuracy,
     base_model,
+    command,
     dump_json,
     load_data,
     machine,
@@ -131,9 +132,7 @@ def main(argv=None):
         test_dir=args.test_dir, seed=0, base_seed=0,
     )
     result = {
-        "command": "python benchmarks/latency_accuracy.py "
-        f"--seeds {' '.join(map(str, args.seeds))}"
-        + (" --xla" if args.xla else ""),
+        "command": command("latency_accuracy.py", argv),
         "model": "resnet20", "target": TARGET, "runtime": SETUP[0],
         "batch_size": SETUP[1], "threads": args.threads,
         "machine": machine(), "profile_settings": dataclasses.asdict(profile),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -36,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from cifar10 import dump_json, machine, write_atomically  # noqa: E402
+from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import export as kexport  # noqa: E402
@@ -202,8 +201,7 @@ def main(argv=None):
     )
     kexport.set_tf_threads(args.threads)
     result = {
-        "command": " ".join(["python benchmarks/latency_target.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("latency_target.py", argv),
         "threads": args.threads, "targets": list(TARGETS),
         "machine": machine(),
         "uptime_at_start": uptime(),
