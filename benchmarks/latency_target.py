@@ -169,6 +169,7 @@ def run_setup(name, setup, args):
         "xla": latency.timing.xla("auto") if runtime == "tensorflow"
         else None,
         "full_ms_table": table.full,
+        "fit_rms_ms": table.fields.get("fit_rms_ms"),
         "profile_seconds_cold_cache": round(seconds, 1),
         "groups": len(table.groups), "blocks": len(table.blocks),
         "rows": rows,
