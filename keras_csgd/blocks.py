@@ -3,11 +3,22 @@
 A residual block ends in a two-input `Add` of a *shortcut* and a *branch*.
 Removing the block replaces the Add by its shortcut input (layer removal);
 the branch's operations then drop out of the model.
+
+A block's *gate* is the set of variables whose zeros make its branch output
+exactly zero: the scale (and shift) of the branch's last normalization, or
+the kernel (and bias) of its last Conv/Dense, behind operations that map
+zero to zero (ReLU, dropout, pooling, ...). Methods that promise
+`slim = trained` drive the gates of a plan's removed blocks to zero
+(`kc.CSGD`, `AsymptoticSoftFilterPruning`); `kc.slim` measures what each
+removed branch still contributes (`branch_contributions`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+import keras
+import numpy as np
 
 from keras_csgd import graph, layers
 
@@ -73,3 +84,104 @@ def dropped_operations(model, names: Iterable[str]) -> set[str]:
         dropped |= branch(model, name, shortcut)[1]
         dropped.add(name)
     return dropped
+
+
+def _maps_zero_to_zero(op, tensor) -> bool:
+    """Whether a weightless one-input operation maps zeros to zeros."""
+    shape = [1 if d is None else d for d in tensor.shape]
+    zeros = keras.ops.zeros(shape, tensor.dtype or "float32")
+    try:
+        out = op(zeros, training=False)
+    except TypeError:
+        out = op(zeros)
+    return not np.any(keras.ops.convert_to_numpy(out))
+
+
+def _gate(out) -> tuple[list, str | None]:
+    """`(gate variables, None)` of a branch output, or `([], why not)`."""
+    tensor = out
+    while True:
+        op = graph.producer_of(tensor)
+        ins = graph.call_inputs(op) if isinstance(
+            op, keras.layers.Layer) else None
+        if ins is None or isinstance(op, keras.layers.InputLayer):
+            return [], f"`{op.name}` is an input or called more than once"
+        gamma = getattr(op, "gamma", None)
+        kernel = getattr(op, "kernel", None)
+        if gamma is not None:
+            return [gamma, *[v for v in (getattr(op, "beta", None),)
+                             if v is not None]], None
+        if kernel is not None and layers.handler_for(op) is not None:
+            activation = getattr(op, "activation", None)
+            if activation is not None and np.any(keras.ops.convert_to_numpy(
+                    activation(keras.ops.zeros((1,))))):
+                return [], f"`{op.name}`'s activation is not 0 at 0"
+            bias = getattr(op, "bias", None)
+            return [kernel, *([bias] if bias is not None else [])], None
+        if op.weights or len(ins) != 1:
+            return [], (f"`{op.name}` ({type(op).__name__}) can be neither "
+                        "gated nor passed")
+        if not _maps_zero_to_zero(op, ins[0]):
+            return [], f"`{op.name}` does not map 0 to 0"
+        tensor = ins[0]
+
+
+def branch_gates(model, names: Iterable[str]) -> dict[str, list[str]]:
+    """The gate variables' paths of each named block (see the module).
+
+    Args:
+        model: the functional model.
+        names: names of top-level two-input `Add` layers.
+
+    Returns:
+        `{block name: [variable path, ...]}`.
+
+    Raises:
+        ValueError: a name that is not a block, or a block whose branch has
+            no gate (it ends in an operation that is not 0 at 0, such as a
+            sigmoid, or in a layer with neither a scale nor a kernel).
+    """
+    out, missing = {}, []
+    for name, shortcut in block_shortcuts(model, names).items():
+        variables, why = _gate(branch(model, name, shortcut)[0])
+        if why:
+            missing.append(f"{name}: {why}")
+        out[name] = [v.path for v in variables]
+    if missing:
+        raise ValueError(
+            "These blocks' branches cannot be driven to zero, so removing "
+            f"them cannot be exact: {missing}. Leave them out of "
+            "`remove_blocks`, or prune with a method that recovers by "
+            "fine-tuning (`kc.fine_tune`)."
+        )
+    return out
+
+
+def branch_contributions(model, names: Iterable[str], inputs) -> dict:
+    """How much each named block's branch adds to its shortcut.
+
+    Args:
+        model: the functional model.
+        names: names of top-level two-input `Add` layers.
+        inputs: a batch of model inputs.
+
+    Returns:
+        `{block name: rms(branch) / rms(shortcut)}` on `inputs` (0 for a
+        dead branch; the shortcut's RMS floored at 1e-12).
+    """
+    shortcuts = block_shortcuts(model, names)
+    if not shortcuts:
+        return {}
+    tensors = []
+    for name, s in shortcuts.items():
+        ins = graph.call_inputs(model.get_layer(name))
+        tensors += [ins[s], ins[1 - s]]
+    probe = keras.Model(model.input, tensors)
+    values = probe(inputs, training=False)
+    values = [keras.ops.convert_to_numpy(v).astype(np.float64)
+              for v in values]
+    rms = [float(np.sqrt(np.mean(np.square(v)))) for v in values]
+    return {
+        name: rms[2 * i + 1] / max(rms[2 * i], 1e-12)
+        for i, name in enumerate(shortcuts)
+    }

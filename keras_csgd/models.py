@@ -9,6 +9,7 @@ pooling and a dense classifier.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 
@@ -36,6 +37,8 @@ def resnet_cifar(
     input_shape: tuple[int, int, int] = (32, 32, 3),
     widths: tuple[int, int, int] = (16, 32, 64),
     name: str | None = None,
+    mean=None,
+    std=None,
 ) -> keras.Model:
     """CIFAR ResNet-`depth` (20, 32, 44, 56, 110, ...), functional.
 
@@ -45,6 +48,12 @@ def resnet_cifar(
         input_shape: image shape, channels last. Defaults to `(32, 32, 3)`.
         widths: filters of the three stages. Defaults to `(16, 32, 64)`.
         name: model name. Defaults to `resnet{depth}`.
+        mean: per-channel mean of the inputs; with `std`, a
+            `Normalization` layer (`"normalize"`) first, so that the model
+            takes images as they are (e.g. in `[0, 1]`). Defaults to `None`
+            (the inputs are expected normalised).
+        std: per-channel standard deviation, with `mean`. Defaults to
+            `None`.
 
     Returns:
         An unbuilt-weights (randomly initialised) `keras.Model`.
@@ -57,9 +66,19 @@ def resnet_cifar(
             "`depth` must be 6n+2 (20, 32, 44, 56, 110). "
             f"Received: depth={depth}"
         )
+    if (mean is None) != (std is None):
+        raise ValueError(
+            "`mean` and `std` must be given together. "
+            f"Received: mean={mean}, std={std}"
+        )
     n = (depth - 2) // 6
     inputs = keras.Input(input_shape, name="image")
-    x = _conv_bn(inputs, widths[0], 3, 1, "stem")
+    x = inputs
+    if mean is not None:
+        x = layers.Normalization(
+            mean=mean, variance=np.square(std), name="normalize"
+        )(x)
+    x = _conv_bn(x, widths[0], 3, 1, "stem")
     for s, w in enumerate(widths):
         for b in range(n):
             stride = 2 if (s > 0 and b == 0) else 1

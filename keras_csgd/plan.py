@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from keras_csgd import blocks
 from keras_csgd.groups import ChannelGroup
 
 FORMAT_VERSION = 1
@@ -31,6 +32,9 @@ class PruningPlan:
         remove_blocks: names of the residual blocks' two-input `Add` layers
             whose branch `kc.slim` removes (see `kc.slim`). Defaults to
             `()`.
+        gates: `{block: [variable path, ...]}`, the variables whose zeros
+            silence each removed block's branch (`bind_blocks` finds them;
+            `kc.CSGD` drives them to zero). Defaults to `None` (unknown).
 
     Raises:
         ValueError: for an empty cluster, a group with zero clusters, a
@@ -53,6 +57,7 @@ class PruningPlan:
         | Mapping[str, ChannelGroup]
         | None = None,
         remove_blocks: Iterable[str] = (),
+        gates: Mapping[str, Iterable[str]] | None = None,
     ):
         if not isinstance(clusters, Mapping):
             raise TypeError(
@@ -73,6 +78,16 @@ class PruningPlan:
                 f"Received: remove_blocks={remove_blocks!r}"
             )
         self.remove_blocks = tuple(dict.fromkeys(remove_blocks))
+        self.gates = None if gates is None else {
+            str(b): [str(p) for p in paths] for b, paths in gates.items()
+        }
+        if self.gates is not None and set(self.gates) != set(
+                self.remove_blocks):
+            raise ValueError(
+                "`gates` must name exactly the `remove_blocks`. Received: "
+                f"gates={sorted(self.gates)}, "
+                f"remove_blocks={list(self.remove_blocks)}"
+            )
         self.groups: dict[str, ChannelGroup] | None = None
         self.analysis = None  # (model, graph.Analysis) it was made from
         if groups is not None:
@@ -130,6 +145,26 @@ class PruningPlan:
                         "model the plan was made for."
                     )
         self.groups = {name: by_name[name] for name in self.clusters}
+        return self
+
+    def bind_blocks(self, model) -> PruningPlan:
+        """Finds the gate variables of the removed blocks in `model`.
+
+        The gate of a block is what `kc.CSGD` drives to zero so that
+        `kc.slim` removes a dead branch (see `keras_csgd.blocks`); the
+        plan makers that remove blocks call this.
+
+        Args:
+            model: the model the plan is for.
+
+        Returns:
+            `self`.
+
+        Raises:
+            ValueError: a name that is not a residual block of `model`, or
+                a block whose branch cannot be driven to zero.
+        """
+        self.gates = blocks.branch_gates(model, self.remove_blocks)
         return self
 
     def require_bound(self, who: str) -> dict[str, ChannelGroup]:
@@ -198,6 +233,8 @@ class PruningPlan:
         d = {"format_version": FORMAT_VERSION, "clusters": self.clusters}
         if self.remove_blocks:
             d["remove_blocks"] = list(self.remove_blocks)
+        if self.gates:
+            d["gates"] = self.gates
         if self.groups is not None:
             d["groups"] = {n: g.to_dict() for n, g in self.groups.items()}
         return json.dumps(d, indent=indent)
@@ -226,7 +263,8 @@ class PruningPlan:
                 f"of keras_csgd reads {FORMAT_VERSION}."
             )
         groups = d.get("groups")
-        plan = cls(d["clusters"], remove_blocks=d.get("remove_blocks", ()))
+        plan = cls(d["clusters"], remove_blocks=d.get("remove_blocks", ()),
+                   gates=d.get("gates"))
         if groups is not None:
             plan.groups = {
                 n: ChannelGroup.from_dict(g) for n, g in groups.items()

@@ -24,6 +24,7 @@ from keras_csgd.plan import PruningPlan
 from keras_csgd.rebuild import rebuild, var_key
 
 SPREAD_TOLERANCE = 1e-4
+BLOCK_TOLERANCE = 1e-4  # largest branch / shortcut RMS of a removed block
 
 
 def _bound_plan(plan, model) -> tuple[PruningPlan, graph.Analysis]:
@@ -48,16 +49,20 @@ def _bound_plan(plan, model) -> tuple[PruningPlan, graph.Analysis]:
     return PruningPlan(plan.clusters, groups=an.groups), an
 
 
-def _probe_inputs(model, layers_, batch: int = 4, seed: int = 0):
-    """Input values of `layers_` (top-level, single call) on random inputs."""
+def _random_inputs(model, batch: int = 4, seed: int = 0):
+    """A batch of standard normal model inputs (unknown sizes: 32)."""
     rng = np.random.default_rng(seed)
     feeds = []
     for t in model.inputs:
         shape = [batch] + [d if d is not None else 32 for d in t.shape[1:]]
         feeds.append(rng.normal(size=shape).astype(t.dtype or "float32"))
+    return keras.tree.pack_sequence_as(model.input, feeds)
+
+
+def _probe_inputs(model, layers_):
+    """Input values of `layers_` (top-level, single call) on random inputs."""
     probe = keras.Model(model.input, [layer.input for layer in layers_])
-    outs = probe(keras.tree.pack_sequence_as(model.input, feeds),
-                 training=False)
+    outs = probe(_random_inputs(model), training=False)
     if len(layers_) == 1:
         outs = [outs]
     return [keras.ops.convert_to_numpy(o) for o in outs]
@@ -118,8 +123,32 @@ def _check_collapsed(model, plan: PruningPlan, strict: bool) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _check_dead(model, names, inputs, strict: bool) -> None:
+    """Warns (or raises) when a removed block's branch is not zero."""
+    if not names:
+        return
+    if inputs is None:
+        inputs = _random_inputs(model)
+    live = blocks.branch_contributions(model, names, inputs)
+    worst = max(live, key=live.get)
+    if live[worst] <= BLOCK_TOLERANCE:
+        return
+    message = (
+        "`slim` removes residual blocks whose branches are not zero: the "
+        f"largest branch / shortcut RMS ratio is {live[worst]:.3g} (block "
+        f"{worst!r}; tolerance {BLOCK_TOLERANCE:g}), so the slim model "
+        "will not compute what the trained one does. Train with `kc.CSGD` "
+        "or `AsymptoticSoftFilterPruning.from_plan` (they drive removed "
+        "blocks to zero), or recover the slim model by fine-tuning "
+        "(`kc.fine_tune`)."
+    )
+    if strict:
+        raise ValueError(message + " Received: strict=True")
+    warnings.warn(message, stacklevel=3)
+
+
 def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
-         strict: bool = False):
+         strict: bool = False, inputs=None):
     """Builds the slim functional model of `plan`, with merged weights.
 
     Each cluster of the plan becomes one channel: every per-channel variable
@@ -128,7 +157,10 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
     block, through Concatenate at shifted ranges). After C-SGD has collapsed
     the clusters this is exact; where clusters have not collapsed
     (`kc.cluster_spread` above 1e-4), `slim` warns, naming the worst group,
-    or raises with `strict=True`.
+    or raises with `strict=True`. Likewise for removed residual blocks: each
+    branch's output is compared with its shortcut's on `inputs` (RMS
+    ratio; `kc.CSGD` and ASFP drive a planned block's branch to exactly 0),
+    and a live branch warns, naming the worst block, or raises.
 
     A removed channel whose value does not depend on the input (its producer
     kernels are zero, as after ASFP; BN then emits
@@ -148,7 +180,10 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             the branch outputs zero, e.g. a closed block gate). Defaults to
             `()`.
         strict: raise instead of warning when merged clusters are not
-            identical. Defaults to `False`.
+            identical or a removed block's branch is not zero. Defaults to
+            `False`.
+        inputs: a batch of model inputs on which removed blocks are
+            checked. Defaults to `None` (4 standard normal inputs).
 
     Returns:
         A new, uncompiled `keras.Model` with the same input, output and
@@ -157,7 +192,8 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
     Raises:
         ValueError: the plan does not fit the model (unknown or frozen group,
             sizes differ, index out of range), bad `remove_blocks`, a
-            subclassed model, clusters not collapsed with `strict=True`.
+            subclassed model, clusters not collapsed or removed blocks not
+            dead with `strict=True`.
 
     Example:
 
@@ -178,6 +214,7 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         model, dict.fromkeys([*plan.remove_blocks, *remove_blocks])
     )
     _check_collapsed(model, local, strict)
+    _check_dead(model, list(shortcuts), inputs, strict)
     index = graph.Reindex(an, local)
     planned = set(index.ids)
     touched = [

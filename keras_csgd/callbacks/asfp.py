@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from scipy.optimize import brentq
 
-from keras_csgd import checks, graph
+from keras_csgd import blocks, checks, graph
 from keras_csgd.methods.magnitude import NORMS, row_norms
 from keras_csgd.plan import PruningPlan
 
@@ -129,7 +129,13 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         verbose: `1` prints the rate and the zeroed channels at each
             epoch end. Defaults to `1`.
         remove_blocks: residual blocks that `.plan` removes (carried from
-            a plan by `from_plan`). Defaults to `()`.
+            a plan by `from_plan`). They are soft-pruned too: at the end of
+            every epoch the gate of each block's branch (its last
+            normalization's `gamma` and `beta`, or its last Conv/Dense
+            kernel and bias; see `keras_csgd.blocks`) is scaled by
+            `1 - P(t) / rate`, so the branch fades on the filters' schedule
+            and is exactly 0 from epoch `T` on: `kc.slim(model, .plan)`
+            then equals the soft-pruned model. Defaults to `()`.
 
     Raises:
         ValueError: a bad argument; when training starts, a `skip` name that
@@ -198,6 +204,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self._groups = []
         self._all_groups = []
         self._producers = {}
+        self._gates = []
         self._zeroed = {}
         self._started = False
 
@@ -213,20 +220,31 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         Raises:
             ValueError: `epochs=None` and no `fit` has set the epoch count.
         """
-        progress = 1.0
-        if self.schedule != "constant":
-            total = self.epochs or (self.params or {}).get("epochs")
-            if not total:
-                raise ValueError(
-                    "`rate_at` needs the number of epochs: pass `epochs=` to "
-                    "AsymptoticSoftFilterPruning or call it during `fit`."
-                )
-            t = min(max(float(epoch), 0.0), float(total))
-            s = self._speed
-            progress = math.expm1(-s * t / total) / math.expm1(-s)
+        progress = self.progress_at(epoch)
         if isinstance(self.rate, dict):
             return {name: r * progress for name, r in self.rate.items()}
         return self.rate * progress
+
+    def progress_at(self, epoch):
+        """`P(t) / rate`: the schedule's progress after `epoch` epochs.
+
+        It scales the gates of the removed blocks by `1 - progress` (see
+        the class).
+
+        Raises:
+            ValueError: `epochs=None` and no `fit` has set the epoch count.
+        """
+        if self.schedule == "constant":
+            return 1.0
+        total = self.epochs or (self.params or {}).get("epochs")
+        if not total:
+            raise ValueError(
+                "`rate_at` needs the number of epochs: pass `epochs=` to "
+                "AsymptoticSoftFilterPruning or call it during `fit`."
+            )
+        t = min(max(float(epoch), 0.0), float(total))
+        s = self._speed
+        return math.expm1(-s * t / total) / math.expm1(-s)
 
     @classmethod
     def from_plan(cls, plan, **kwargs):
@@ -286,6 +304,12 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             ]
             for g in self._groups
         }
+        self._gates = [
+            graph.get_variable(self.model, path)
+            for paths in blocks.branch_gates(self.model,
+                                             self.remove_blocks).values()
+            for path in paths
+        ]
         self._zeroed = {}
         self._started = False
         self.plan = None
@@ -298,6 +322,9 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         rate = self.rate_at(epoch + 1)
         count = self._prune(rate)
+        scale = 1.0 - self.progress_at(epoch + 1)
+        for gate in self._gates:
+            gate.assign(gate * scale)
         top = (max(rate.values(), default=0.0) if isinstance(rate, dict)
                else rate)
         if logs is not None:

@@ -144,7 +144,7 @@ def _cap(model, data, args):
         plan = kc.methods.magnitude_plan(model, keep=args.keep,
                                          round_to=args.round_to)
     stats = compensation.collect_statistics(model, data, verbose=0)
-    return plan, compensation.compensate(model, plan, stats)
+    return plan, compensation.compensate(model, plan, stats, data=data)
 
 
 def _latency_plan(model, args, scores=None, clusters="prune"):

@@ -492,4 +492,8 @@ def _plan(model, an, scores, widths, remove, clusters, seed) -> PruningPlan:
         chosen = {n: top_channels(scores[n], w) for n, w in widths.items()}
     plan = PruningPlan(chosen, groups=an.groups, remove_blocks=remove)
     plan.analysis = (model, an)
+    try:  # the gates `kc.CSGD` drives to 0; without them it says why
+        plan.bind_blocks(model)
+    except ValueError:
+        pass
     return plan

@@ -28,7 +28,9 @@ class _Rule:
     `mean_H` over the entries along `axis` with equal `segments`; the sums
     run in one segment sum over all clustered variables, where entry `p`
     (row-major over the other axes) of channel `c` is segment
-    `base + segments[c] * per_channel + p`. Otherwise `g' = g + lam w`.
+    `base + segments[c] * per_channel + p`. A removed block's gate
+    (`zero`): `g' = (lam + eps) w`, the loss gradient dropped, so it
+    decays to 0. Otherwise `g' = g + lam w`.
     """
 
     lam: float
@@ -37,6 +39,7 @@ class _Rule:
     segments: np.ndarray | None = None
     inv_counts: np.ndarray | None = None
     base: int = 0
+    zero: bool = False
 
     def segment_ids(self, shape):
         """Global segment id of every entry of the variable, flattened."""
@@ -51,6 +54,8 @@ class _Rule:
 
     def gradient(self, grad, w, sums):
         """`g'` from the segment sums of `g - eps w` (see the class)."""
+        if self.zero:
+            return (self.lam + self.eps) * w
         if self.segments is None:
             return grad + self.lam * w if self.lam else grad
         mean = ops.cast(
@@ -86,9 +91,17 @@ class CSGD(Optimizer):
     members of a cluster; their differences only shrink (by
     `1 - lr * (lam + eps)` per step before momentum), so each cluster
     collapses to one point and `kc.slim(model, plan)` then removes the
-    duplicates without changing the outputs. Variables outside the plan get
-    momentum SGD with `weight_decay` on kernels only. Weight decay is part of
-    `g` above and is never applied a second time by the base class.
+    duplicates without changing the outputs.
+
+    A residual block the plan removes (`plan.remove_blocks`) is pulled to
+    zero the same way: its branch's gate (the last normalization's `gamma`
+    and `beta`, or the last Conv/Dense kernel and bias; `plan.gates`) gets
+    `g = (lam + eps) * w` with no loss gradient, so it decays like a
+    cluster's spread and the rest of the network learns without the
+    branch; once it is 0, `kc.slim` drops the block exactly. Variables
+    outside the plan get momentum SGD with `weight_decay` on kernels only.
+    Weight decay is part of `g` above and is never applied a second time by
+    the base class.
 
     The cluster means of all clustered variables come from one segment sum
     (no `n x n` matrices), computed for all variables at once (in one
@@ -199,10 +212,11 @@ class CSGD(Optimizer):
 
     def _bind(self, variables) -> tuple[_Rule, ...]:
         segments = self.plan.variable_segments()
+        gates = self._gate_paths()
         by_path = {v.path: v for v in variables}
         missing = sorted(
             p
-            for p in segments
+            for p in [*segments, *gates]
             if p not in by_path and p.rsplit("/", 1)[-1] not in _STATISTICS
         )
         if missing:
@@ -229,20 +243,40 @@ class CSGD(Optimizer):
         rules, base = [], 0
         for v in variables:
             lam = self._kernel_decay(v)
+            if v.path in gates:
+                rules.append(_Rule(lam, self._strength(v), zero=True))
+                continue
             axis, seg, num = segments.get(v.path, (0, None, 0))
             if seg is None or num == len(seg):
                 rules.append(_Rule(lam))
                 continue
-            eps = self.centripetal_strength
-            if not is_kernel(v):
-                eps *= self.vector_strength_scale
             counts = np.bincount(seg, minlength=num)[seg]
             rules.append(
-                _Rule(lam, eps, axis, seg.astype(np.int32), 1.0 / counts, base)
+                _Rule(lam, self._strength(v), axis, seg.astype(np.int32),
+                      1.0 / counts, base)
             )
             base += num * math.prod(v.shape) // len(seg)
         self._num_segments = base
         return tuple(rules)
+
+    def _gate_paths(self) -> set[str]:
+        """Paths of the removed blocks' gate variables (see the class)."""
+        if self.plan.remove_blocks and self.plan.gates is None:
+            raise ValueError(
+                "The plan removes blocks "
+                f"{list(self.plan.remove_blocks)} but does not know their "
+                "gates, the variables `CSGD` drives to zero so that the "
+                "slim model equals the trained one. Call "
+                "`plan.bind_blocks(model)` first (the plan makers that "
+                "remove blocks do)."
+            )
+        return {p for paths in (self.plan.gates or {}).values()
+                for p in paths}
+
+    def _strength(self, variable) -> float:
+        """`eps`: `centripetal_strength`, scaled on 1-D variables."""
+        eps = self.centripetal_strength
+        return eps if is_kernel(variable) else eps * self.vector_strength_scale
 
     def _effective_gradients(self, grads, values, indices):
         # `g'` of every variable (see `_Rule`), the cluster sums of all

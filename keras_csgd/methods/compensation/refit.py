@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 from keras_csgd import graph
+from keras_csgd.methods.compensation.blocks import refit_block_readers
 from keras_csgd.methods.compensation.solve import least_squares, per_entry
 from keras_csgd.plan import PruningPlan
 from keras_csgd.rebuild import rebuild
@@ -30,7 +31,7 @@ def _removed_inputs(analysis, kept_plan) -> dict[str, np.ndarray]:
     return out
 
 
-def compensate(model, plan, stats, ridge=1e-8):
+def compensate(model, plan, stats, ridge=1e-8, data=None):
     """Slims `model` by `plan` and refits each consumer by least squares.
 
     Every Conv1D/Conv2D/Dense consumer of a pruned channel with statistics
@@ -59,6 +60,13 @@ def compensate(model, plan, stats, ridge=1e-8):
     types, layers of nested models) drop their removed inputs without
     compensation, with a warning.
 
+    Residual blocks the plan removes (`plan.remove_blocks`) are compensated
+    when `data` is given: the first Conv/Dense layers that read a removed
+    block are refitted to their unpruned output from the slim model's
+    inputs (`blocks.refit_block_readers`); an identity shortcut into a kept
+    block has nothing to refit, and what passes there is lost until
+    fine-tuning.
+
     Args:
         model: the trained functional or Sequential `keras.Model`.
         plan: a `PruningPlan` for `model` (bound or not).
@@ -66,6 +74,9 @@ def compensate(model, plan, stats, ridge=1e-8):
             `collect_statistics(model, ...)`.
         ridge: ridge relative to the mean input variance. Defaults to
             `1e-8`.
+        data: inputs (any form `keras_csgd.batches` reads) on which the
+            readers of removed blocks are refitted. Defaults to `None`
+            (removed blocks are not compensated; a warning says so).
 
     Returns:
         The compensated slim `keras.Model` (`model` is left unchanged).
@@ -93,6 +104,7 @@ def compensate(model, plan, stats, ridge=1e-8):
     kept_plan = PruningPlan(
         {name: [[c[0]] for c in cl] for name, cl in plan.clusters.items()},
         groups=analysis.groups, remove_blocks=plan.remove_blocks,
+        gates=plan.gates,
     )
     removed = _removed_inputs(analysis, kept_plan)
     missing = sorted(n for n in removed if n not in stats)
@@ -121,7 +133,21 @@ def compensate(model, plan, stats, ridge=1e-8):
         full = np.zeros_like(k2d)
         full[kept] = k_new
         updates[name] = (full.reshape(kernel.shape), delta)
-    return slim(_with_updates(model, updates), kept_plan)
+    with warnings.catch_warnings():  # removed blocks are compensated next
+        warnings.filterwarnings("ignore", "`slim` removes residual blocks")
+        small = slim(_with_updates(model, updates), kept_plan)
+    if not kept_plan.remove_blocks:
+        return small
+    if data is None:
+        warnings.warn(
+            f"The plan removes blocks {list(kept_plan.remove_blocks)}; "
+            "without `data`, the layers that read them are not refitted.",
+            stacklevel=2,
+        )
+        return small
+    return _with_updates(
+        small, refit_block_readers(model, small, kept_plan, data, ridge)
+    )
 
 
 def _with_updates(model, updates):

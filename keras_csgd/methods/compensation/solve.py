@@ -42,6 +42,20 @@ def least_squares(stats: Stats, kernel: np.ndarray, kept: np.ndarray, ridge):
     return k_new, delta
 
 
+def cross_least_squares(cov, mean, kernel, ridge):
+    """Refit from other inputs: kernel rows and bias change.
+
+    `cov` and `mean` are the joint moments of `[q, p]`, `p` the `d` inputs
+    `kernel` (`(d, out)`) reads and `q` the inputs it must read instead:
+    `K_new = Cov(q, q)^-1 Cov(q, p) K`, `delta_b = E[p] K - E[q] K_new`
+    (with `q` a subset of `p`, this is `least_squares`).
+    """
+    n = len(mean) - kernel.shape[0]
+    qq = cov[:n, :n]
+    k_new = _spd_solve(qq, cov[:n, n:] @ kernel, _ridge(qq, ridge))
+    return k_new, mean[n:] @ kernel - mean[:n] @ k_new
+
+
 def per_entry(kernel_shape, values) -> np.ndarray:
     """Per-input-channel `values` repeated for every patch entry.
 

@@ -1,0 +1,181 @@
+"""Every `--latency` method on a trained model, run as a user runs it.
+
+    .venv/bin/python benchmarks/latency_methods.py \\
+        --data-dir ../shared/data/cifar10 [--targets 0.5 0.35] \\
+        [--seeds 0 1] [--methods magnitude csgd ...]
+
+Issue #22's benchmark. A CIFAR ResNet-20 that takes images in `[0, 1]`
+(a `Normalization` layer first, as a model trained elsewhere would have)
+is trained once on the quick profile of `benchmarks/cifar10.py` (20k
+training images, 15 epochs, cosine lr, flip/crop; the last 5k of a fixed
+shuffle of the 50k held out for validation) and cached under
+`benchmarks/cache/`. Then, for every target, method and seed, the
+README's flagship command runs in its own process on the first 10k
+training images:
+
+    keras-csgd prune base.keras --method M --latency T --runtime litert \\
+        --batch-size 1 --data train10k.npz --epochs 3 --out slim.keras
+
+and the slim model it wrote is evaluated on the 5k held-out images (which
+the command never sees; it holds out its own validation split of the 10k).
+Each row records the command's printed output (latency measured by the
+command, its accuracies), the held-out accuracy of the base, of the
+trained model where the method trains one, and of the slim model.
+Writes `benchmarks/results/latency_methods_quick.json` after every run,
+with the machine (CPU model, SIMD flags, load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
+
+import keras_csgd as kc  # noqa: E402
+from keras_csgd import data as kdata  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, "cache")
+RESULT = os.path.join(HERE, "results", "latency_methods_quick.json")
+METHODS = ("magnitude", "csgd", "asfp", "cap", "ensembles", "adaptive")
+BASE_IMAGES, BASE_EPOCHS, VAL_IMAGES, BATCH = 20000, 15, 5000, 64
+
+
+def split(data_dir):
+    """`(x_train, y_train), (x_val, y_val)` in `[0, 1]`, float32."""
+    x, y = kdata.load_cifar10(data_dir, cache_dir=os.path.join(CACHE,
+                                                               "images"))
+    (xt, yt), (xv, yv) = kdata.train_val_split(x, y, VAL_IMAGES, seed=0)
+    return (xt.astype("float32") / 255, yt), (xv.astype("float32") / 255, yv)
+
+
+def accuracy(model, x, y) -> float:
+    logits = model.predict(x, batch_size=250, verbose=0)
+    return float(np.mean(np.argmax(logits, -1) == y))
+
+
+def base_model(train, val):
+    """The cached base ResNet-20 (inputs in [0, 1]), trained if missing."""
+    path = os.path.join(CACHE, "resnet20_normalized_quick.keras")
+    if os.path.isfile(path):
+        return keras.saving.load_model(path, compile=False), path
+    x, y = train[0][:BASE_IMAGES], train[1][:BASE_IMAGES]
+    mean, std = kdata.channel_stats(x)
+    model = kc.models.resnet_cifar(20, mean=mean, std=std)
+    steps = BASE_EPOCHS * int(np.ceil(len(x) / BATCH))
+    optimizer = keras.optimizers.SGD(
+        keras.optimizers.schedules.CosineDecay(0.1, steps), momentum=0.9,
+        nesterov=True, weight_decay=5e-4,
+    )
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(
+        kdata.make_dataset(x, y, BATCH, shuffle=True, augment=True),
+        epochs=BASE_EPOCHS, validation_data=val, verbose=2,
+    )
+    os.makedirs(CACHE, exist_ok=True)
+    write_atomically(path, model.save)
+    return model, path
+
+
+def train_file(train, images):
+    """The `--data` file of the runs: the first `images` training images."""
+    path = os.path.join(CACHE, f"train{images // 1000}k.npz")
+    if not os.path.isfile(path):
+        np.savez(path, x=train[0][:images], y=train[1][:images])
+    return path
+
+
+def run_cli(args, method, target, seed, base_path, data_path):
+    """Runs `keras-csgd prune` alone; returns its output and slim path."""
+    out = os.path.join(CACHE, f"slim_{method}_{target:g}_s{seed}.keras")
+    cli = [
+        sys.executable, "-m", "keras_csgd.cli", "prune", base_path,
+        "--method", method, "--latency", f"{target:g}", "--runtime",
+        "litert", "--batch-size", "1", "--data", data_path, "--epochs",
+        str(args.epochs), "--seed", str(seed), "--out", out,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cli, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    return {
+        "command": " ".join(cli[2:]),
+        "returncode": proc.returncode,
+        "stdout": proc.stdout.strip().splitlines(),
+        "stderr_tail": proc.stderr.strip().splitlines()[-5:],
+        "seconds": round(seconds, 1),
+    }, out
+
+
+def measured_ratio(lines) -> float | None:
+    """The slim/full latency ratio the command printed."""
+    for line in lines:
+        found = re.search(r"slim [\d.]+ ms \(([\d.]+)%", line)
+        if found:
+            return float(found.group(1)) / 100
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--targets", type=float, nargs="+",
+                        default=[0.5, 0.35])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        default=list(METHODS))
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--base-only", action="store_true",
+                        help="train (or load) the base model and stop")
+    args = parser.parse_args(argv)
+    train, val = split(args.data_dir)
+    base, base_path = base_model(train, val)
+    result = {
+        "command": command("latency_methods.py", argv),
+        "machine": machine(),
+        "base": {"accuracy_val": accuracy(base, *val),
+                 "train_images": BASE_IMAGES, "epochs": BASE_EPOCHS},
+        "val_images": VAL_IMAGES,
+        "run_images": args.images,
+        "epochs": args.epochs,
+        "rows": [],
+    }
+    print(f"base: {result['base']['accuracy_val']:.4f} on {VAL_IMAGES} "
+          "held-out images", flush=True)
+    if args.base_only:
+        return
+    data_path = train_file(train, args.images)
+    for target in args.targets:
+        for seed in args.seeds:
+            for method in args.methods:
+                row, out = run_cli(args, method, target, seed, base_path,
+                                   data_path)
+                row.update(method=method, target=target, seed=seed)
+                if row["returncode"] == 0:
+                    slim = keras.saving.load_model(out, compile=False)
+                    row["slim_accuracy_val"] = accuracy(slim, *val)
+                    row["measured_ratio"] = measured_ratio(row["stdout"])
+                    row["macs_ratio"] = kc.count_macs(slim) / kc.count_macs(
+                        base)
+                result["rows"].append(row)
+                print(method, target, seed, row.get("slim_accuracy_val"),
+                      row.get("measured_ratio"), row["seconds"], flush=True)
+                write_atomically(RESULT, lambda tmp: dump_json(result, tmp))
+
+
+if __name__ == "__main__":
+    main()
