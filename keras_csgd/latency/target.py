@@ -380,7 +380,8 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
                                                   timed))
                 break  # the correction lands on a plan already timed
             tried.append(mark)
-            variant = slim(model, width_plan(model, an, widths, choice[1]))
+            variant = slim(model, width_plan(model, an, widths, choice[1]),
+                           check=False)
             chosen = {"widths": widths, "remove": choice[1],
                       "predicted_ms": choice[2],
                       "params": variant.count_params()}
