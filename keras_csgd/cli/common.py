@@ -15,6 +15,7 @@ import tempfile
 import keras
 
 from keras_csgd import batches, checks
+from keras_csgd.recover import compile_classifier
 
 PROG = "keras-csgd"
 
@@ -128,19 +129,6 @@ def load_data(path, model):
     they are.
     """
     return None if path is None else batches.read(path, model)
-
-
-def classifier_loss(model):
-    """Sparse cross-entropy on logits, or on probabilities after softmax."""
-    activation = getattr(model.layers[-1], "activation", None)
-    from_logits = getattr(activation, "__name__", "") != "softmax"
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-
-
-def compile_classifier(model, optimizer):
-    model.compile(
-        optimizer=optimizer, loss=classifier_loss(model), metrics=["accuracy"]
-    )
 
 
 def fit(model, data, epochs, optimizer, callbacks=()):
