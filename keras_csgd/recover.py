@@ -223,12 +223,20 @@ def _prepare(data, validation_data, validation_split, seed, model):
     return _in_memory(data, model), val
 
 
-def _evaluate(model, val, batch_size):
-    if val is None:
-        return None, None
-    result = model.evaluate(*val, batch_size=batch_size, verbose=0,
-                            return_dict=True)
-    return float(result["accuracy"]), float(result["loss"])
+def evaluate(model, x, y, batch_size=256):
+    """Accuracy and cross-entropy of a classifier on `(x, y)`.
+
+    What `model.evaluate` gives with `classifier_loss` and the accuracy
+    metric, without compiling `model`.
+
+    Returns:
+        `(accuracy, loss)` as floats.
+    """
+    outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    accuracy = float(np.mean(np.argmax(outputs, axis=-1) == np.ravel(y)))
+    loss = float(keras.ops.convert_to_numpy(
+        classifier_loss(model)(y, outputs)))
+    return accuracy, loss
 
 
 def fine_tune(
@@ -322,12 +330,10 @@ def fine_tune(
     arrays = isinstance(train, tuple)
     augmented = _resolve_augment(augment, train[0] if arrays else None,
                                  not arrays)
-    compile_classifier(model)
-    before = _evaluate(model, val, batch_size)
+    before = (None, None) if val is None else evaluate(model, *val)
     teacher_accuracy = None
     if teacher is not None and val is not None:
-        compile_classifier(teacher)
-        teacher_accuracy = _evaluate(teacher, val, batch_size)[0]
+        teacher_accuracy = evaluate(teacher, *val)[0]
     if arrays:
         steps = math.ceil(len(train[0]) / batch_size)
         pipeline = kdata.make_dataset(
@@ -345,7 +351,7 @@ def fine_tune(
         _train(model, teacher, pipeline, epochs, optimizer, temperature,
                alpha, verbose)
     compile_classifier(model, optimizer)
-    after = _evaluate(model, val, batch_size)
+    after = (None, None) if val is None else evaluate(model, *val)
     return FineTuneReport(
         accuracy_before=before[0], accuracy_after=after[0],
         loss_before=before[1], loss_after=after[1],
