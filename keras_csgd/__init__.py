@@ -19,6 +19,7 @@ from keras_csgd.optimizers.centripetal_sgd import CSGD
 from keras_csgd.optimizers.global_sparse_momentum import GSM
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
+from keras_csgd.recover import fine_tune
 from keras_csgd.scoring import plan_from_scores
 from keras_csgd.sparsity import sparsify, sparsity_report
 from keras_csgd.surgery import slim

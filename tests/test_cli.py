@@ -78,6 +78,8 @@ def _bad_inputs(files, tmp):
         ),
         (["prune", model, "--method", "csgd", "--out", out], "needs --data"),
         (mag + [model, "--epochs", "2", "--out", out], "--epochs needs --data"),
+        (mag + [model, "--val-split", "1", "--out", out],
+         "--val-split: must be a fraction in [0, 1)"),
         (
             mag + [model, "--out", str(tmp / "no" / "s.keras")],
             "does not exist or is not writable",
@@ -268,8 +270,7 @@ def test_prune_cap_compensates_the_magnitude_plan(files, tmp_path, capsys):
                                "0")
     assert plan.clusters == kc.methods.magnitude_plan(
         model, keep=0.5).clusters
-    with np.load(files["data"]) as arrays:
-        x = arrays["x"].astype("float32")
+    (x, _), _ = validation_split(files)  # CaP sees the training part
     stats = kc.methods.compensation.collect_statistics(model, x, verbose=0)
     reference = kc.methods.compensation.compensate(model, plan, stats)
     np.testing.assert_allclose(
@@ -288,6 +289,83 @@ def test_prune_adaptive_writes_a_plan_that_slims_to_the_model(
     target = kc.macs_under(model, kc.make_plan(model, keep=0.5))
     assert kc.count_macs(slim) == kc.macs_under(model, plan)
     assert target <= kc.count_macs(slim) < kc.count_macs(model)
+
+
+def validation_split(files):
+    """The `(train, val)` split `prune` makes of the module's data."""
+    with np.load(files["data"]) as arrays:
+        x, y = arrays["x"].astype("float32"), arrays["y"]
+    return kc.recover.split_validation(x, y, 0.1, seed=0)
+
+
+def printed_accuracies(stdout):
+    """`{what: accuracy}` of the line `accuracy on the N held-out ...`."""
+    line = next(line for line in stdout.splitlines()
+                if line.startswith("accuracy on the "))
+    found = {"input": r"input model ([\d.]+)%",
+             "trained": r"trained model ([\d.]+)%",
+             "slim": r"slim model ([\d.]+)%",
+             "tuned": r"fine-tuning, ([\d.]+)% after"}
+    return {name: float(m.group(1)) / 100 for name, pattern in found.items()
+            if (m := re.search(pattern, line))}
+
+
+def evaluated(model, x, y):
+    """The accuracy `model.evaluate` gives."""
+    kc.recover.compile_classifier(model)
+    return model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"]
+
+
+def test_prune_prints_the_accuracies_evaluate_gives(files, tmp_path,
+                                                    capsys):
+    out = str(tmp_path / "slim.keras")
+    code, stdout, err = run(
+        ["prune", files["model"], "--method", "magnitude", "--keep", "0.5",
+         "--data", files["data"], "--epochs", "1", "--out", out], capsys)
+    assert code == 0, err
+    model = keras.saving.load_model(files["model"])
+    plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
+    (_, _), (x_val, y_val) = validation_split(files)
+    assert f"held out {len(x_val)} of 256 samples" in stdout
+    printed = printed_accuracies(stdout)
+    expected = {
+        "input": evaluated(model, x_val, y_val),
+        "slim": evaluated(kc.slim(model, plan), x_val, y_val),
+        "tuned": evaluated(keras.saving.load_model(out), x_val, y_val),
+    }
+    assert printed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert abs(printed[name] - value) <= 5e-5, (name, stdout)
+
+
+def test_prune_csgd_prints_trained_and_slim_accuracy_and_agreement(
+        files, tmp_path, capsys):
+    out = str(tmp_path / "slim.keras")
+    code, stdout, err = run(
+        ["prune", files["model"], "--method", "csgd", "--keep", "0.5",
+         "--data", files["data"], "--epochs", "1", "--out", out], capsys)
+    assert code == 0, err
+    (_, _), (x_val, y_val) = validation_split(files)
+    printed = printed_accuracies(stdout)
+    assert printed.keys() == {"input", "trained", "slim"}
+    model = keras.saving.load_model(files["model"])
+    for name, written in (("input", model),
+                          ("slim", keras.saving.load_model(out))):
+        assert abs(printed[name] - evaluated(written, x_val, y_val)) <= 5e-5
+    agreement = re.search(r"argmax agreement ([\d.]+)%, max logit "
+                          r"difference ([\d.e+-]+)", stdout)
+    assert agreement and 0 <= float(agreement.group(1)) <= 100
+
+
+def test_ensembles_score_a_bounded_sample_and_val_split_0_skips_accuracy(
+        files, tmp_path, capsys):
+    code, stdout, err = run(
+        ["prune", files["model"], "--method", "ensembles", "--keep", "0.5",
+         "--data", files["data"], "--ensemble-images", "50", "--val-split",
+         "0", "--out", str(tmp_path / "slim.keras")], capsys)
+    assert code == 0, err
+    assert "scoring on 50 of 256 samples" in stdout
+    assert "held out" not in stdout and "accuracy on" not in stdout
 
 
 @pytest.mark.parametrize("method", sorted(cli.PLANNED))

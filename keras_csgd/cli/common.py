@@ -15,6 +15,7 @@ import tempfile
 import keras
 
 from keras_csgd import batches, checks
+from keras_csgd.recover import compile_classifier
 
 PROG = "keras-csgd"
 
@@ -65,6 +66,11 @@ def _argument_type(check, convert, rule):
 
 fraction = _argument_type(
     lambda v: checks.fraction("keep", v), float, "a fraction in (0, 1]"
+)
+split_fraction = _argument_type(
+    lambda v: checks.fraction("val_split", v, low_open=False,
+                              high_closed=False),
+    float, "a fraction in [0, 1)",
 )
 positive_int = _argument_type(
     lambda v: checks.positive_int("value", v), int, "a positive integer"
@@ -130,26 +136,13 @@ def load_data(path, model):
     return None if path is None else batches.read(path, model)
 
 
-def classifier_loss(model):
-    """Sparse cross-entropy on logits, or on probabilities after softmax."""
-    activation = getattr(model.layers[-1], "activation", None)
-    from_logits = getattr(activation, "__name__", "") != "softmax"
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-
-
-def compile_classifier(model, optimizer):
-    model.compile(
-        optimizer=optimizer, loss=classifier_loss(model), metrics=["accuracy"]
-    )
-
-
-def fit(model, data, epochs, optimizer, callbacks=()):
+def fit(model, data, epochs, optimizer, callbacks=(), verbose=0):
     """Trains on `(x, y)` arrays (batches of 64) or a `tf.data.Dataset`."""
     compile_classifier(model, optimizer)
     arrays = isinstance(data, tuple)
     x, y = data if arrays else (data, None)
     model.fit(x, y, batch_size=64 if arrays else None, epochs=epochs,
-              shuffle=arrays, callbacks=list(callbacks), verbose=0)
+              shuffle=arrays, callbacks=list(callbacks), verbose=verbose)
 
 
 def sgd(learning_rate):

@@ -81,7 +81,7 @@ def cmd_demo(args):
     fit(model, train, epochs, sgd(0.05))
     print(f"trained {model.name} for {epochs} epochs")
     options = argparse.Namespace(keep=args.keep, latency=None, round_to=None,
-                                 epochs=epochs, seed=args.seed)
+                                 epochs=epochs, seed=args.seed, verbose=0)
     plan, slim = METHODS["csgd"](model, train, options)
     print(f"C-SGD for {epochs} epochs, clusters: {plan.widths()}")
     acc_full, logits_full = _accuracy(model, x_test, y_test)

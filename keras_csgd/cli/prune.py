@@ -7,6 +7,7 @@ import os
 import keras
 
 import keras_csgd as kc
+from keras_csgd.cli import recovery
 from keras_csgd.cli.common import (
     CommandError,
     compile_classifier,
@@ -56,7 +57,8 @@ def _csgd(model, data, args):
     else:
         plan = kc.make_plan(model, keep=args.keep, method="kmeans",
                             seed=args.seed, round_to=args.round_to)
-    fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS))
+    fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS),
+        verbose=args.verbose)
     return plan, kc.slim(model, plan)
 
 
@@ -68,13 +70,14 @@ def _asfp(model, data, args):
     else:
         asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
                                                         verbose=0)
-    fit(model, data, args.epochs, sgd(0.01), [asfp])
+    fit(model, data, args.epochs, sgd(0.01), [asfp], args.verbose)
     return asfp.plan, kc.slim(model, asfp.plan)
 
 
 def _gsm(model, data, args):
     """Unstructured: `--keep` is the kept fraction of the kernel weights."""
-    fit(model, data, args.epochs, kc.GSM(density=args.keep, **GSM_SETTINGS))
+    fit(model, data, args.epochs, kc.GSM(density=args.keep, **GSM_SETTINGS),
+        verbose=args.verbose)
     kc.sparsify(model, density=args.keep)
     plan = kc.PruningPlan({}, groups=kc.channel_groups(model))
     return plan, kc.slim(model, plan)
@@ -85,7 +88,8 @@ def _adaptive(model, data, args):
     `--latency` costed by the measured latency table."""
     if args.latency is not None:
         table = kc.latency.profile(model, args.runtime, args.batch_size,
-                                   threads=args.threads, verbose=0)
+                                   threads=args.threads,
+                                   verbose=args.verbose)
         gates = AdaptiveGates(model, latency_target=args.latency,
                               latency_table=table)
     else:
@@ -94,8 +98,10 @@ def _adaptive(model, data, args):
                                 round_to=args.round_to)
         ) / kc.count_macs(model)
         gates = AdaptiveGates(model, macs_target=target)
-    fit(gates.model, data, args.epochs, sgd(0.01), [gates.callback])
+    fit(gates.model, data, args.epochs, sgd(0.01), [gates.callback],
+        args.verbose)
     folded, plan = gates.finalize()
+    args.trained = folded
     return plan, kc.slim(folded, plan)
 
 
@@ -124,8 +130,10 @@ def _functionality(model, data, args):
 def _ensembles(model, data, args):
     _needs_data(data, args)
     compile_classifier(model, "sgd")
-    scores = kc.methods.ensemble_importance(model, data, seed=args.seed,
-                                            verbose=0)
+    scores = kc.methods.ensemble_importance(
+        model, recovery.sample(data, args), seed=args.seed,
+        verbose=args.verbose,
+    )
     if args.latency is not None:
         plan = _latency_plan(model, args, scores=scores)
     else:
@@ -143,7 +151,8 @@ def _cap(model, data, args):
     else:
         plan = kc.methods.magnitude_plan(model, keep=args.keep,
                                          round_to=args.round_to)
-    stats = compensation.collect_statistics(model, data, verbose=0)
+    stats = compensation.collect_statistics(model, data,
+                                            verbose=args.verbose)
     return plan, compensation.compensate(model, plan, stats, data=data)
 
 
@@ -152,7 +161,7 @@ def _latency_plan(model, args, scores=None, clusters="prune"):
     plan, args.latency_report = kc.plan_for_latency(
         model, args.latency, args.runtime, args.batch_size, scores=scores,
         clusters=clusters, threads=args.threads, seed=args.seed,
-        return_report=True, verbose=0,
+        return_report=True, verbose=args.verbose,
     )
     return plan
 
@@ -198,11 +207,16 @@ def cmd_prune(args):
         args.epochs = 10 if trains else 0
     if args.epochs and data is None:
         raise CommandError("--epochs needs --data")
+    args.verbose = recovery.progress()
+    data, val = recovery.hold_out(data, args)
+    model_accuracy = None if val is None else kc.recover.evaluate(
+        model, *val)[0]
     before, params = kc.count_macs(model), model.count_params()
     keras.utils.set_random_seed(args.seed)
     plan, slim = METHODS[args.method](model, data, args)
+    tuned = None
     if args.epochs and not trains:
-        fit(slim, data, args.epochs, sgd(0.01))
+        tuned = recovery.fine_tune(slim, model, data, val, args)
     report = getattr(args, "latency_report", None)
     if report is not None:
         measured = (report.full_ms, report.slim_ms, report.measured_ratio)
@@ -223,6 +237,8 @@ def cmd_prune(args):
         f"{slim.count_params():,}; wrote {args.out} and "
         f"{_plan_path(args.out)}"
     )
+    trained = getattr(args, "trained", model) if trains else None
+    recovery.report(args, val, model_accuracy, slim, trained, tuned)
     if args.latency is None:
         return
     full_ms, slim_ms, ratio = measured
@@ -298,7 +314,9 @@ def add_prune(sub):
     prune.add_argument("--epochs", type=int,
                        help="training epochs (" + ", ".join(TRAINED)
                        + "; default 10) or fine-tuning epochs of the slim "
-                       "model (others; default 0)")
+                       "model (others; default 0; kc.fine_tune: cosine "
+                       "lr, distilled from the input model)")
+    recovery.add_arguments(prune)
     prune.add_argument("--round-to", type=positive_int,
                        help="round widths to a multiple of this")
     prune.add_argument("--seed", type=int, default=0)

@@ -109,7 +109,7 @@ def ensemble_importance(
     bits = np.random.default_rng(seed).random((samples, offsets[-1]))
     bits = (bits < mask_keep).astype(np.float32)
     values = np.empty(samples)
-    progbar = keras.utils.Progbar(samples) if verbose else None
+    progbar = keras.utils.Progbar(samples, verbose=verbose) if verbose else None
     try:
         for i in range(samples):
             values[i] = float(evaluate(tf.constant(bits[i])))

@@ -1,0 +1,102 @@
+"""What `keras-csgd prune` did to accuracy: its validation split, the
+fine-tuning of planned methods' slim models (`kc.fine_tune`) and the
+accuracy lines it prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from keras_csgd import recover
+from keras_csgd.cli.common import positive_int, split_fraction
+
+# Methods whose slim model computes what their trained model does.
+EXACT = ("asfp", "csgd")
+
+
+def progress() -> int:
+    """Keras verbosity: progress bars on a terminal, else a line a step."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+def hold_out(data, args):
+    """`(train, val)` of `--data` by `--val-split`; prints what it held
+    out. `val` is `None` for `--val-split 0`."""
+    if data is None:
+        return None, None
+    train, val = recover.split_validation(*data, args.val_split, args.seed)
+    if val is not None:
+        print(f"held out {len(val[0])} of {len(data[0])} samples of --data "
+              f"for validation (--val-split {args.val_split:g}, seed "
+              f"{args.seed}); the method sees the other {len(train[0])}")
+    return train, val
+
+
+def sample(data, args):
+    """At most `--ensemble-images` samples of `(x, y)`, drawn by `--seed`."""
+    x, y = data
+    if len(x) <= args.ensemble_images:
+        return data
+    keep = np.random.default_rng(args.seed).permutation(len(x))
+    keep = np.sort(keep[: args.ensemble_images])
+    print(f"ensembles: scoring on {len(keep)} of {len(x)} samples "
+          "(--ensemble-images)")
+    return x[keep], y[keep]
+
+
+def fine_tune(slim, teacher, train, val, args):
+    """`kc.fine_tune` of a planned method's slim model; its report."""
+    return recover.fine_tune(
+        slim, train, teacher=teacher if args.distill else None,
+        epochs=args.epochs, validation_split=0,
+        validation_data=val, augment="auto" if args.augment is None
+        else args.augment, seed=args.seed, verbose=args.verbose,
+    )
+
+
+def report(args, val, model_accuracy, slim, trained=None, tuned=None):
+    """Prints the validation accuracies (and the agreement of EXACT
+    methods' slim and trained models)."""
+    if val is None:
+        return
+    parts = [f"input model {model_accuracy:.2%}"]
+    if trained is not None:
+        parts.append(f"trained model {recover.evaluate(trained, *val)[0]:.2%}")
+    if tuned is None:
+        slim_part = f"slim model {recover.evaluate(slim, *val)[0]:.2%}"
+        if trained is None:
+            slim_part += " (not fine-tuned: --epochs 0)"
+    else:
+        how = " (distilled from the input model)" if tuned.distilled else ""
+        slim_part = (f"slim model {tuned.accuracy_before:.2%} before "
+                     f"fine-tuning, {tuned.accuracy_after:.2%} after "
+                     f"{tuned.epochs} epochs{how}")
+    print(f"accuracy on the {len(val[0])} held-out samples: "
+          + "; ".join(parts + [slim_part]))
+    if trained is not None and args.method in EXACT:
+        same, difference = recover.agreement(trained, slim, val[0])
+        print(f"slim vs trained model on them: argmax agreement {same:.2%}, "
+              f"max logit difference {difference:.1e} of the largest logit")
+
+
+def add_arguments(parser):
+    """The options of validation, fine-tuning and ensembles sampling."""
+    parser.add_argument("--val-split", type=split_fraction, default=0.1,
+                        help="fraction of --data held out (seeded) to "
+                        "measure accuracy on; the method and fine-tuning "
+                        "use the rest (default 0.1; 0: no accuracy)")
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="fine-tune planned methods' slim models on the "
+                        "input model's logits as well as the labels "
+                        "(default on)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                        help="random flip and crop while fine-tuning "
+                        "(default: for image inputs)")
+    parser.add_argument("--ensemble-images", type=positive_int,
+                        default=500,
+                        help="ensembles: samples of --data (drawn by "
+                        "--seed) each random mask is scored on (default "
+                        "500)")
