@@ -255,6 +255,8 @@ def fine_tune(
     batch_size=64,
     seed=0,
     verbose="auto",
+    optimizer=None,
+    callbacks=(),
 ):
     """Fine-tunes a (pruned) classifier in place and reports its accuracy.
 
@@ -291,6 +293,13 @@ def fine_tune(
         seed: validation split, shuffle and augmentation seed. Defaults to
             `0`.
         verbose: Keras `fit` verbosity. Defaults to `"auto"`.
+        optimizer: a function `learning rate (schedule) -> optimizer`, to
+            train with another optimizer on the same schedule (the command
+            line's C-SGD: `lambda lr: kc.CSGD(plan, learning_rate=lr)`).
+            Defaults to `None` (Nesterov SGD, momentum 0.9).
+        callbacks: Keras callbacks of the training; they see `model`
+            itself only without a teacher (with one, `Distiller` is the
+            model `fit` runs). Defaults to `()`.
 
     Returns:
         A `FineTuneReport`; `report.model` is `model`, trained and compiled
@@ -346,10 +355,10 @@ def fine_tune(
     rate = learning_rate if schedule == "constant" else (
         keras.optimizers.schedules.CosineDecay(learning_rate,
                                                max(1, epochs * steps)))
-    optimizer = keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+    optimizer = (optimizer or _nesterov)(rate)
     if epochs:
         _train(model, teacher, pipeline, epochs, optimizer, temperature,
-               alpha, verbose)
+               alpha, verbose, list(callbacks))
     compile_classifier(model, optimizer)
     after = (None, None) if val is None else evaluate(model, *val)
     return FineTuneReport(
@@ -363,12 +372,17 @@ def fine_tune(
     )
 
 
+def _nesterov(learning_rate):
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+
+
 def _train(model, teacher, pipeline, epochs, optimizer, temperature, alpha,
-           verbose):
+           verbose, callbacks):
     """`model.fit`, through a `Distiller` when there is a teacher."""
     if teacher is None or alpha == 0:
         compile_classifier(model, optimizer)
-        model.fit(pipeline, epochs=epochs, shuffle=False, verbose=verbose)
+        model.fit(pipeline, epochs=epochs, shuffle=False, verbose=verbose,
+                  callbacks=callbacks)
         return
     trainable = teacher.trainable
     try:
@@ -381,6 +395,6 @@ def _train(model, teacher, pipeline, epochs, optimizer, temperature, alpha,
         distiller.compile(optimizer, loss=classifier_loss(model),
                           metrics=["accuracy"])
         distiller.fit(pipeline, epochs=epochs, shuffle=False,
-                      verbose=verbose)
+                      verbose=verbose, callbacks=callbacks)
     finally:
         teacher.trainable = trainable

@@ -15,7 +15,6 @@ import tempfile
 import keras
 
 from keras_csgd import batches, checks
-from keras_csgd.recover import compile_classifier
 
 PROG = "keras-csgd"
 
@@ -134,19 +133,6 @@ def load_data(path, model):
     they are.
     """
     return None if path is None else batches.read(path, model)
-
-
-def fit(model, data, epochs, optimizer, callbacks=(), verbose=0):
-    """Trains on `(x, y)` arrays (batches of 64) or a `tf.data.Dataset`."""
-    compile_classifier(model, optimizer)
-    arrays = isinstance(data, tuple)
-    x, y = data if arrays else (data, None)
-    model.fit(x, y, batch_size=64 if arrays else None, epochs=epochs,
-              shuffle=arrays, callbacks=list(callbacks), verbose=verbose)
-
-
-def sgd(learning_rate):
-    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
 
 
 def write_atomically(writers):

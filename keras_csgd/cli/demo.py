@@ -1,66 +1,52 @@
-"""`keras-csgd demo`: train, C-SGD, slim, export and compare."""
+"""`keras-csgd demo`: the flagship flow, offline, in about two minutes.
+
+Train a small ResNet, plan to a measured LiteRT latency target
+(`kc.plan_for_latency`, widths and removed blocks), train it with C-SGD
+(clusters pulled together, removed blocks pulled to zero), `kc.slim` it
+exactly, and print the held-out accuracy of each model, the slim/trained
+agreement and the slim model's measured speed-up.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import keras
-import numpy as np
 
 import keras_csgd as kc
 from keras_csgd import data as kdata
-from keras_csgd import models
+from keras_csgd import recover
 from keras_csgd.cli.common import (
     CommandError,
-    fit,
     format_table,
-    fraction,
+    latency_fraction,
     positive_int,
-    sgd,
 )
-from keras_csgd.cli.prune import METHODS
+from keras_csgd.cli.prune import CSGD_LEARNING_RATE, CSGD_SETTINGS
+from keras_csgd.cli.recovery import progress
+
+
+def _upscaled(x, size):
+    return keras.ops.convert_to_numpy(keras.ops.image.resize(x, (size, size)))
 
 
 def _demo_data(args):
-    """`(model, train, (x_test, y_test), test_label)`.
-
-    `train` is `(x, y)` arrays (digits) or an augmented `tf.data.Dataset`
-    (CIFAR-10); `x_test` an array or a dataset of normalised batches.
-    """
+    """`((x, y), (x_test, y_test), test label, depth)`, images in [0, 1]."""
     if args.dataset == "digits":
-        train, test = kdata.load_digits_images()
-        return models.small_resnet(), train, test, "test split (450 digits)"
+        (x, y), (xt, yt) = kdata.load_digits_images()
+        return ((_upscaled(x, args.size), y), (_upscaled(xt, args.size), yt),
+                "held-out digits (450)", 14)
     try:
         x, y = kdata.load_cifar10(args.data_dir)
     except RuntimeError as error:
         raise CommandError(str(error)) from None
-    (x_train, y_train), (x_val, y_val) = kdata.train_val_split(x, y, 5000)
-    if args.train_samples:
-        x_train, y_train = x_train[: args.train_samples], y_train[
-            : args.train_samples
-        ]
-    mean, std = kdata.channel_stats(x_train)
-    train = kdata.make_dataset(
-        x_train, y_train, 128, shuffle=True, augment=True, mean=mean, std=std,
-        seed=args.seed,
-    )
-    val = kdata.make_dataset(x_val, y_val, 256, mean=mean, std=std)
-    return (
-        models.resnet_cifar(20),
-        train,
-        (val, y_val),
-        (
-            "validation split: the last 5,000 of a fixed shuffle of the "
-            "training folder"
-        ),
-    )
-
-
-def _accuracy(model, x, y):
-    logits = model.predict(x, batch_size=256, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == y)), logits
+    (x, y), (xt, yt) = kdata.train_val_split(x, y, 5000)
+    x = x[: args.train_samples] if args.train_samples else x
+    y = y[: len(x)]
+    return ((x.astype("float32") / 255, y),
+            (xt.astype("float32") / 255, yt),
+            "validation split (the last 5,000 of a fixed shuffle)", 20)
 
 
 def cmd_demo(args):
@@ -71,114 +57,98 @@ def cmd_demo(args):
         raise CommandError("--data-dir needs --dataset cifar10")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise CommandError(f"--data-dir {args.data_dir!r} is not a folder")
-    start = time.perf_counter()
-    keras.utils.set_random_seed(args.seed)
-    model, train, (x_test, y_test), test_label = _demo_data(args)
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise CommandError(f"--out {out!r} is not writable")
-    epochs = args.epochs or (20 if args.dataset == "digits" else 10)
-    fit(model, train, epochs, sgd(0.05))
-    print(f"trained {model.name} for {epochs} epochs")
-    options = argparse.Namespace(keep=args.keep, latency=None, round_to=None,
-                                 epochs=epochs, seed=args.seed, verbose=0)
-    plan, slim = METHODS["csgd"](model, train, options)
-    print(f"C-SGD for {epochs} epochs, clusters: {plan.widths()}")
-    acc_full, logits_full = _accuracy(model, x_test, y_test)
-    acc_slim, logits_slim = _accuracy(slim, x_test, y_test)
-    paths = {}
-    for name, m in (("trained", model), ("slim", slim)):
-        paths[name] = os.path.join(out, f"{name}.keras")
-        m.save(paths[name])
-        kc.export_tflite(m, os.path.join(out, f"{name}.tflite"))
+    start, verbose = time.perf_counter(), progress()
+    keras.utils.set_random_seed(args.seed)
+    train, test, test_label, depth = _demo_data(args)
+    mean, std = kdata.channel_stats(train[0])
+    model = kc.models.resnet_cifar(depth, input_shape=train[0].shape[1:],
+                                   num_classes=10, mean=mean, std=std)
+    augment = args.dataset == "cifar10"  # no flipped digits
+    base = recover.fine_tune(
+        model, train, epochs=args.epochs, validation_data=test,
+        learning_rate=0.05, batch_size=32, augment=augment,
+        seed=args.seed, verbose=verbose,
+    ).accuracy_after
+    print(f"1. trained {model.name}: {base:.2%} on the {test_label}")
+    plan, report = kc.plan_for_latency(
+        model, args.latency, "litert", 1, clusters="kmeans",
+        grid=(0.5, 0.25), threads=args.threads, seed=args.seed,
+        return_report=True, verbose=verbose,
+    )
+    print(f"2. planned for {args.latency:.0%} of its LiteRT batch-1 latency"
+          f": {report}")
+    teacher = keras.models.clone_model(model)
+    teacher.set_weights(model.get_weights())
+    recover.fine_tune(
+        model, train, teacher=teacher, epochs=args.epochs,
+        validation_split=0, learning_rate=CSGD_LEARNING_RATE, batch_size=32,
+        augment=augment, seed=args.seed, verbose=verbose,
+        optimizer=lambda rate: kc.CSGD(plan, learning_rate=rate,
+                                       **CSGD_SETTINGS),
+    )
+    print(f"3. C-SGD for {args.epochs} epochs (distilled from the trained "
+          f"model): clusters to {plan.widths()}, removed blocks "
+          f"{list(plan.remove_blocks)} pulled to zero")
+    slim = kc.slim(model, plan, inputs=test[0][:256])
+    same, difference = recover.agreement(model, slim, test[0])
+    full_ms, slim_ms, ratio = kc.latency.time_against_full(
+        teacher, slim, "litert", 1, threads=args.threads
+    )
+    slim.save(os.path.join(out, "slim.keras"))
+    kc.export_tflite(slim, os.path.join(out, "slim.tflite"))
     with open(os.path.join(out, "plan.json"), "w") as f:
         f.write(plan.to_json())
-    rows = [["", "trained", "slim", "slim/trained"]]
-
-    def add(label, full, small, fmt="{:,}", ratio=True):
-        rows.append(
-            [label, fmt.format(full), fmt.format(small)]
-            + [f"{small / full:.2f}" if ratio else ""]
-        )
-
-    add("accuracy (%)", 100 * acc_full, 100 * acc_slim, "{:.2f}", False)
-    rows.append(
-        [
-            "max |logit difference|",
-            "",
-            f"{np.max(np.abs(logits_full - logits_slim)):.1e}",
-            "",
-        ]
-    )
-    add("MACs", kc.count_macs(model), kc.count_macs(slim))
-    add("params", model.count_params(), slim.count_params())
-    latency = {
-        name: {
-            "Keras": kc.benchmark_latency(
-                m, threads=args.threads, runs=args.runs
-            ),
-            "TFLite": kc.benchmark_latency(
-                os.path.join(out, f"{name}.tflite"),
-                threads=args.threads,
-                runs=args.runs,
-            ),
-        }
-        for name, m in (("trained", model), ("slim", slim))
-    }
-    for engine in ("Keras", "TFLite"):
-        for batch in (1, 64):
-            add(
-                f"{engine} latency, batch {batch} (ms)",
-                latency["trained"][engine][batch]["median_ms"],
-                latency["slim"][engine][batch]["median_ms"],
-                "{:.3f}",
-            )
-    for suffix in (".keras", ".tflite"):
-        add(
-            f"{suffix} file (KiB)",
-            os.path.getsize(os.path.join(out, "trained" + suffix)) / 1024,
-            os.path.getsize(os.path.join(out, "slim" + suffix)) / 1024,
-            "{:.1f}",
-        )
+    rows = [["", "trained", "C-SGD", "slim"]]
+    rows.append(["accuracy (%)", f"{100 * base:.2f}",
+                 f"{100 * recover.evaluate(model, *test)[0]:.2f}",
+                 f"{100 * recover.evaluate(slim, *test)[0]:.2f}"])
+    rows.append(["MACs", f"{kc.count_macs(teacher):,}", "",
+                 f"{kc.count_macs(slim):,}"])
+    rows.append(["params", f"{teacher.count_params():,}", "",
+                 f"{slim.count_params():,}"])
+    rows.append(["LiteRT batch 1 (ms)", f"{full_ms:.3f}", "",
+                 f"{slim_ms:.3f}"])
     print()
     print(format_table(rows))
     print(
-        f"\naccuracy on the {test_label}; latency: median of {args.runs} "
-        f"runs, {args.threads} threads; files in {out}; "
+        f"\n4. slim vs C-SGD model on the {test_label}: argmax agreement "
+        f"{same:.2%}, max logit difference {difference:.1e} of the largest"
+        f" logit; the slim model runs in {ratio:.1%} of the trained model's"
+        f" LiteRT time (batch 1, {args.threads} threads, interleaved) and "
+        f"is in {out} (.keras, .tflite, plan.json); "
         f"{time.perf_counter() - start:.0f} s"
     )
-    if args.dataset == "digits":
-        print(
-            "The digits model is tiny: per-call overhead dominates its "
-            "latency, so the MACs saving shows in size more than in time."
-        )
 
 
 def add_demo(sub):
     demo = sub.add_parser(
         "demo",
-        help="train, C-SGD to about half the MACs, slim, export, compare",
-        description="Trains a small residual CNN on scikit-learn's digits "
-        "(or ResNet-20 on CIFAR-10), runs C-SGD to about half the MACs, "
-        "slims it, exports TFLite and prints accuracy, MACs, params, "
-        "latency and file sizes of the trained and the slim model.",
+        help="the flagship flow: latency target, C-SGD, exact slim, speed-up",
+        description="Trains a small ResNet on scikit-learn's digits "
+        "(upscaled; or ResNet-20 on CIFAR-10), plans it to a measured "
+        "LiteRT latency target, trains it with C-SGD (removed blocks pulled "
+        "to zero), slims it exactly and prints accuracy, agreement, MACs, "
+        "params and the measured speed-up.",
     )
     demo.add_argument("--dataset", choices=("digits", "cifar10"),
                       default="digits")
     demo.add_argument("--data-dir", help="CIFAR-10 image folder (else tfds)")
-    demo.add_argument("--epochs", type=positive_int,
+    demo.add_argument("--epochs", type=positive_int, default=8,
                       help="epochs of training and of C-SGD each "
-                      "(default 20 digits, 10 cifar10)")
-    demo.add_argument("--keep", type=fraction, default=0.67,
-                      help="kept fraction of every channel group "
-                      "(default 0.67: about half the MACs)")
+                      "(default 8)")
+    demo.add_argument("--latency", type=latency_fraction, default=0.5,
+                      help="the slim model's LiteRT batch-1 latency as a "
+                      "fraction of the trained model's (default 0.5)")
+    demo.add_argument("--size", type=positive_int, default=32,
+                      help="digits: image size after upscaling (default 32)")
     demo.add_argument("--out", default="demo_out",
                       help="output folder (default ./demo_out)")
     demo.add_argument("--train-samples", type=positive_int,
                       help="cifar10: use only this many training images")
     demo.add_argument("--threads", type=positive_int, default=2)
-    demo.add_argument("--runs", type=positive_int, default=30,
-                      help="timed runs per latency (default 30)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     return demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 
@@ -10,9 +11,7 @@ import keras_csgd as kc
 from keras_csgd.cli import recovery
 from keras_csgd.cli.common import (
     CommandError,
-    compile_classifier,
     existing_file,
-    fit,
     format_table,
     fraction,
     latency_fraction,
@@ -20,25 +19,30 @@ from keras_csgd.cli.common import (
     load_model,
     output_path,
     positive_int,
-    sgd,
     write_atomically,
     write_text,
 )
 from keras_csgd.methods import compensation
 from keras_csgd.methods.adaptive import AdaptiveGates
+from keras_csgd.recover import compile_classifier
 
-# C-SGD settings for short schedules (the demo, `prune --method csgd`): a
-# strong centripetal pull, the same on kernels and on 1-D variables, so the
-# clusters collapse to float precision within a few hundred steps.
+# The trained methods' settings for short schedules (`prune --epochs`, the
+# demo), each trained by `kc.fine_tune`'s recipe (cosine learning rate from
+# `learning_rate`, flip/crop for images). C-SGD: a centripetal pull that
+# collapses the clusters (and silences removed blocks) within a few hundred
+# steps, chosen by `benchmarks/csgd_settings.py` (README, "Removed blocks").
+CSGD_LEARNING_RATE = 0.03
 CSGD_SETTINGS = {
-    "learning_rate": 0.03,
     "momentum": 0.9,
     "centripetal_strength": 0.3,
     "vector_strength_scale": 1.0,
     "weight_decay": 1e-4,
 }
 # GSM as in its paper's CIFAR runs (`prune --method gsm`).
-GSM_SETTINGS = {"learning_rate": 5e-3, "momentum": 0.98, "weight_decay": 1e-4}
+GSM_LEARNING_RATE = 5e-3
+GSM_SETTINGS = {"momentum": 0.98, "weight_decay": 1e-4}
+# ASFP and adaptive gates: Nesterov SGD from this learning rate.
+SGD_LEARNING_RATE = 0.01
 
 
 def _needs_data(data, args):
@@ -57,8 +61,9 @@ def _csgd(model, data, args):
     else:
         plan = kc.make_plan(model, keep=args.keep, method="kmeans",
                             seed=args.seed, round_to=args.round_to)
-    fit(model, data, args.epochs, kc.CSGD(plan, **CSGD_SETTINGS),
-        verbose=args.verbose)
+    recovery.train(model, data, args, CSGD_LEARNING_RATE,
+                   lambda rate: kc.CSGD(plan, learning_rate=rate,
+                                        **CSGD_SETTINGS), distill=True)
     return plan, kc.slim(model, plan)
 
 
@@ -70,14 +75,15 @@ def _asfp(model, data, args):
     else:
         asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
                                                         verbose=0)
-    fit(model, data, args.epochs, sgd(0.01), [asfp], args.verbose)
+    recovery.train(model, data, args, SGD_LEARNING_RATE, callbacks=[asfp])
     return asfp.plan, kc.slim(model, asfp.plan)
 
 
 def _gsm(model, data, args):
     """Unstructured: `--keep` is the kept fraction of the kernel weights."""
-    fit(model, data, args.epochs, kc.GSM(density=args.keep, **GSM_SETTINGS),
-        verbose=args.verbose)
+    recovery.train(model, data, args, GSM_LEARNING_RATE,
+                   lambda rate: kc.GSM(density=args.keep, learning_rate=rate,
+                                       **GSM_SETTINGS), distill=True)
     kc.sparsify(model, density=args.keep)
     plan = kc.PruningPlan({}, groups=kc.channel_groups(model))
     return plan, kc.slim(model, plan)
@@ -98,8 +104,8 @@ def _adaptive(model, data, args):
                                 round_to=args.round_to)
         ) / kc.count_macs(model)
         gates = AdaptiveGates(model, macs_target=target)
-    fit(gates.model, data, args.epochs, sgd(0.01), [gates.callback],
-        args.verbose)
+    recovery.train(gates.model, data, args, SGD_LEARNING_RATE,
+                   callbacks=[gates.callback])
     folded, plan = gates.finalize()
     args.trained = folded
     return plan, kc.slim(folded, plan)
@@ -213,7 +219,12 @@ def cmd_prune(args):
         model, *val)[0]
     before, params = kc.count_macs(model), model.count_params()
     keras.utils.set_random_seed(args.seed)
-    plan, slim = METHODS[args.method](model, data, args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        plan, slim = METHODS[args.method](model, data, args)
+    for w in caught:  # slim's checks: clusters not collapsed, live blocks
+        if str(w.message).startswith("`slim`"):
+            print(f"warning: {w.message}")
     tuned = None
     if args.epochs and not trains:
         tuned = recovery.fine_tune(slim, model, data, val, args)

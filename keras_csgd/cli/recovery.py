@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import keras
 import numpy as np
 
 from keras_csgd import recover
@@ -46,13 +47,36 @@ def sample(data, args):
     return x[keep], y[keep]
 
 
+def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
+          distill=False):
+    """Trains a trained method's model on `--data` by `kc.fine_tune`'s
+    recipe (cosine lr from `learning_rate`, flip/crop for images), with its
+    `optimizer` (a function of the lr schedule) and `callbacks`; distilled
+    from a copy of the input model when `distill` and `--distill` (not with
+    callbacks, which must see the model itself)."""
+    teacher = None
+    if distill and args.distill:
+        teacher = keras.models.clone_model(model)
+        teacher.set_weights(model.get_weights())
+    return recover.fine_tune(
+        model, data, teacher=teacher, epochs=args.epochs,
+        validation_split=0, learning_rate=learning_rate,
+        augment=_augment(args), seed=args.seed, verbose=args.verbose,
+        optimizer=optimizer, callbacks=callbacks,
+    )
+
+
+def _augment(args):
+    return "auto" if args.augment is None else args.augment
+
+
 def fine_tune(slim, teacher, train, val, args):
     """`kc.fine_tune` of a planned method's slim model; its report."""
     return recover.fine_tune(
         slim, train, teacher=teacher if args.distill else None,
         epochs=args.epochs, validation_split=0,
-        validation_data=val, augment="auto" if args.augment is None
-        else args.augment, seed=args.seed, verbose=args.verbose,
+        validation_data=val, augment=_augment(args), seed=args.seed,
+        verbose=args.verbose,
     )
 
 
