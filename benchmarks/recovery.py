@@ -20,9 +20,11 @@ at a time:
 
 Accuracies are on 5,000 validation images held out of the training folder
 (the last of a fixed shuffle, seed 0; `cifar10.load_data`). Writes
-`benchmarks/results/recovery_quick_s<seed>.json` (or `--out`) with the
-machine, after every variant; variants already in that file with the same
-settings are kept, so `--variants` adds to it (`commands` lists each run).
+`benchmarks/results/recovery_quick_s<seed>.json` (other settings than the
+defaults named before `_s`, e.g. `recovery_quick_a0.9_s0.json`; or
+`--out`) with the machine, after every variant; variants already in that
+file with the same settings are kept, so `--variants` adds to it
+(`commands` lists each run).
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ def base_and_data(args):
     return base, info, data
 
 
+def settings_suffix(args) -> str:
+    """`_a0.9_t2` etc. for the settings that differ from the defaults."""
+    return "".join(
+        f"_{key}{value:g}" for key, value, default in (
+            ("a", args.alpha, kc.recover.ALPHA),
+            ("t", args.temperature, kc.recover.TEMPERATURE),
+            ("lr", args.learning_rate, kc.recover.LEARNING_RATE),
+            ("e", args.epochs, 3),
+        ) if value != default
+    )
+
+
 def unit(x):
     return x.astype(np.float32) / 255.0
 
@@ -111,7 +125,8 @@ def main(argv=None):
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(
-        HERE, "results", f"recovery_quick_s{args.seed}.json")
+        HERE, "results", f"recovery_quick{settings_suffix(args)}"
+        f"_s{args.seed}.json")
     result = {"commands": [command("recovery.py", argv)],
               "machine": machine()}
     base, info, data = base_and_data(args)
