@@ -51,8 +51,8 @@ def fine_tune(slim, teacher, train, val, args):
     return recover.fine_tune(
         slim, train, teacher=teacher if args.distill else None,
         epochs=args.epochs, validation_split=0,
-        validation_data=val, augment="auto" if args.augment is None
-        else args.augment, seed=args.seed, verbose=args.verbose,
+        validation_data=val, augment="auto" if args.augment else False,
+        seed=args.seed, verbose=args.verbose,
     )
 
 
@@ -93,8 +93,10 @@ def add_arguments(parser):
                         "input model's logits as well as the labels "
                         "(default on)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                        help="random flip and crop while fine-tuning "
-                        "(default: for image inputs)")
+                        default=False,
+                        help="random flip and crop of image inputs while "
+                        "fine-tuning (default off: it cost half a point in "
+                        "3 epochs on CIFAR-10)")
     parser.add_argument("--ensemble-images", type=positive_int,
                         default=500,
                         help="ensembles: samples of --data (drawn by "
