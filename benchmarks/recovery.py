@@ -15,18 +15,23 @@ at a time:
 2. + cosine decay of the learning rate;
 3. + random flip and pad-4 random crop;
 4. + distillation from the base (KL divergence of the tempered softmax,
-   `--temperature`, `--alpha`).
+   `--temperature`, `--alpha`);
+5. cosine and distillation without flip/crop.
 
 Accuracies are on 5,000 validation images held out of the training folder
 (the last of a fixed shuffle, seed 0; `cifar10.load_data`). Writes
-`benchmarks/results/recovery_quick.json` (or `--out`) with the machine,
-after every variant.
+`benchmarks/results/recovery_quick_s<seed>.json` (other settings than the
+defaults named before `_s`, e.g. `recovery_quick_a0.9_s0.json`; or
+`--out`) with the machine, after every variant; variants already in that
+file with the same settings are kept, so `--variants` adds to it
+(`commands` lists each run).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
@@ -54,6 +59,8 @@ VARIANTS = {
     "+ cosine lr": {"augment": False},
     "+ flip/crop": {"augment": True},
     "+ distillation": {"augment": True, "distil": True},
+    "cosine + distillation, no flip/crop": {"augment": False,
+                                            "distil": True},
 }
 
 
@@ -80,6 +87,18 @@ def base_and_data(args):
     return base, info, data
 
 
+def settings_suffix(args) -> str:
+    """`_a0.9_t2` etc. for the settings that differ from the defaults."""
+    return "".join(
+        f"_{key}{value:g}" for key, value, default in (
+            ("a", args.alpha, kc.recover.ALPHA),
+            ("t", args.temperature, kc.recover.TEMPERATURE),
+            ("lr", args.learning_rate, kc.recover.LEARNING_RATE),
+            ("e", args.epochs, 3),
+        ) if value != default
+    )
+
+
 def unit(x):
     return x.astype(np.float32) / 255.0
 
@@ -101,10 +120,15 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         default=list(VARIANTS))
     parser.add_argument("--cache-dir", default=os.path.join(HERE, "cache"))
-    parser.add_argument("--out", default=os.path.join(
-        HERE, "results", "recovery_quick.json"))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="fine-tuning seed (shuffle, augmentation)")
+    parser.add_argument("--out")
     args = parser.parse_args(argv)
-    result = {"command": command("recovery.py", argv), "machine": machine()}
+    args.out = args.out or os.path.join(
+        HERE, "results", f"recovery_quick{settings_suffix(args)}"
+        f"_s{args.seed}.json")
+    result = {"commands": [command("recovery.py", argv)],
+              "machine": machine()}
     base, info, data = base_and_data(args)
     train = (unit(data.x_train), data.y_train)
     val = (unit(data.x_val), data.y_val)
@@ -122,19 +146,25 @@ def main(argv=None):
         "settings": {"epochs": args.epochs,
                      "learning_rate": args.learning_rate,
                      "temperature": args.temperature, "alpha": args.alpha,
-                     "batch_size": 64, "seed": 0},
+                     "batch_size": 64, "seed": args.seed},
         "variants": {},
     })
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            previous = json.load(f)
+        if previous["settings"] == result["settings"]:
+            result["commands"] = previous["commands"] + result["commands"]
+            result["variants"] = previous["variants"]
     for name in args.variants:
         options = dict(VARIANTS[name])
         teacher = base if options.pop("distil", False) else None
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(args.seed)
         report = kc.fine_tune(
             kc.slim(base, plan), train, teacher=teacher,
             validation_data=val, epochs=args.epochs,
             learning_rate=args.learning_rate,
-            temperature=args.temperature, alpha=args.alpha, verbose=2,
-            **options,
+            temperature=args.temperature, alpha=args.alpha, seed=args.seed,
+            verbose=2, **options,
         )
         result["variants"][name] = report.as_dict()
         write_atomically(args.out, lambda tmp: dump_json(result, tmp))

@@ -232,3 +232,21 @@ def test_interleaved_times_every_call_in_every_round():
     assert blocks[keys[2]][0]["runs"] == 2
     # one untimed warm-up call, then per round one warm-up + `runs` calls
     assert counts == {keys[0]: 16, keys[1]: 16, keys[2]: 10}
+
+
+def test_recovery_variants_fine_tune_and_add_to_their_file(folder, tmp_path):
+    recovery = _load("recovery")
+    argv = ["--data-dir", str(folder), "--train-size", "32",
+            "--base-epochs", "1", "--epochs", "1", "--cache-dir",
+            str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
+    recovery.main([*argv, "--variants", "+ cosine lr"])
+    result = recovery.main([*argv, "--variants", "+ distillation"])
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert list(result["variants"]) == ["+ cosine lr", "+ distillation"]
+    assert len(result["commands"]) == 2 and result["machine"]["cores"]
+    cosine, distilled = result["variants"].values()
+    assert not cosine["distilled"] and distilled["distilled"]
+    assert distilled["augmented"] and not cosine["augmented"]
+    assert distilled["teacher_accuracy"] == result["base"]["val_accuracy"]
+    assert cosine["accuracy_before"] == distilled["accuracy_before"]
+    assert cosine["validation_samples"] == result["data"]["val_images"] == 8

@@ -139,11 +139,14 @@ def test_augmentation_only_for_images(digits):
     x, y = digits
     flat = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
     report = kc.fine_tune(flat, (x.reshape(-1, 64), y), epochs=1,
-                          verbose=0)
+                          augment="auto", verbose=0)
     assert not report.augmented
     with pytest.raises(ValueError, match="`augment=True` needs images"):
         kc.fine_tune(flat, (x.reshape(-1, 64), y), augment=True, verbose=0)
     report = kc.fine_tune(cnn(), (x, y), epochs=1, verbose=0)
+    assert not report.augmented
+    report = kc.fine_tune(cnn(), (x, y), epochs=1, augment="auto",
+                          verbose=0)
     assert report.augmented and "flip/crop" in str(report)
 
 
