@@ -28,7 +28,7 @@ from keras_csgd.recover import compile_classifier
 
 # The trained methods' settings for short schedules (`prune --epochs`, the
 # demo), each trained by `kc.fine_tune`'s recipe (cosine learning rate from
-# `learning_rate`, flip/crop for images). C-SGD: a centripetal pull that
+# `learning_rate`; flip/crop with --augment). C-SGD: a centripetal pull that
 # collapses the clusters (and silences removed blocks) within a few hundred
 # steps, chosen by `benchmarks/csgd_settings.py` (README, "Removed blocks").
 CSGD_LEARNING_RATE = 0.03

@@ -50,10 +50,10 @@ def sample(data, args):
 def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
           distill=False):
     """Trains a trained method's model on `--data` by `kc.fine_tune`'s
-    recipe (cosine lr from `learning_rate`, flip/crop for images), with its
-    `optimizer` (a function of the lr schedule) and `callbacks`; distilled
-    from a copy of the input model when `distill` and `--distill` (not with
-    callbacks, which must see the model itself)."""
+    recipe (cosine lr from `learning_rate`; flip/crop with `--augment`),
+    with its `optimizer` (a function of the lr schedule) and `callbacks`;
+    distilled from a copy of the input model when `distill` and
+    `--distill` (not with callbacks, which must see the model itself)."""
     teacher = None
     if distill and args.distill:
         teacher = keras.models.clone_model(model)
