@@ -52,8 +52,8 @@ from cifar10 import (  # noqa: E402
 from latency_target import uniform_row  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = 0.5
@@ -125,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(
         HERE, "results", "latency_accuracy_quick.json"))
     args = parser.parse_args(argv)
-    kexport.set_tf_threads(args.threads)
+    set_tf_threads(args.threads)
     profile = dataclasses.replace(PROFILES["quick"], jit_compile=args.xla)
     base_args = argparse.Namespace(
         model="resnet20", profile="quick", data_dir=args.data_dir,

@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
 from keras_csgd.clusters import target_width  # noqa: E402
 from keras_csgd.latency.target import corrected_ratio  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = (0.7, 0.5, 0.35)
@@ -200,7 +200,7 @@ def main(argv=None):
         HERE, "results",
         "latency_target_quick.json" if args.quick else "latency_target.json",
     )
-    kexport.set_tf_threads(args.threads)
+    set_tf_threads(args.threads)
     result = {
         "command": command("latency_target.py", argv),
         "threads": args.threads, "targets": list(TARGETS),
