@@ -21,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import tempfile
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -90,13 +91,16 @@ def _configure(converter, options):
 
 
 @contextlib.contextmanager
-def _quiet_absl():
-    """absl at errors only: the direct path's deprecation note."""
+def _quiet_converter():
+    """absl at errors only (the direct path's deprecation note), and no
+    warning that int8 inputs have no statistics (they stay float32)."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Statistics for quantized")
+            yield
     finally:
         absl.setLevel(level)
 
@@ -134,7 +138,7 @@ def write_tflite(model, path, quantize=None, representative_data=None,
             input.
     """
     options = _options(model, quantize, representative_data, sparse)
-    with _quiet_absl():
+    with _quiet_converter():
         model.export(os.fspath(path), format="litert", verbose=False,
                      input_signature=[input_spec(model)], **options)
 
@@ -164,7 +168,7 @@ def tflite_flatbuffer(model, quantize=None, representative_data=None,
                 return f.read()
     options = _options(model, quantize, representative_data, sparse)
     call = functools.partial(model.__call__, training=False)
-    with _quiet_absl():
+    with _quiet_converter():
         function = tf.function(call).get_concrete_function(input_spec(model))
         converter = tf.lite.TFLiteConverter.from_concrete_functions(
             [function])
