@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 from test_cli import run
+from test_latency import macs_ms, tiny
 
 import keras_csgd as kc
 from keras_csgd import graph, latency, runtimes
@@ -34,25 +35,10 @@ STATED = {
 }
 
 
-def small(width=8, name="small"):
-    """stem -> one residual block (inner group `b_conv1`) -> head."""
-    x = keras.Input((8, 8, 3))
-    h = keras.layers.Conv2D(width, 3, padding="same", name="stem")(x)
-    h = keras.layers.BatchNormalization(name="stem_bn")(h)
-    h = keras.layers.ReLU(name="stem_relu")(h)
-    b = keras.layers.Conv2D(width, 3, padding="same", name="b_conv1")(h)
-    b = keras.layers.BatchNormalization(name="b_bn1")(b)
-    b = keras.layers.ReLU(name="b_relu")(b)
-    b = keras.layers.Conv2D(width, 3, padding="same", name="b_conv2")(b)
-    h = keras.layers.Add(name="b_add")([h, b])
-    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
-    return keras.Model(x, keras.layers.Dense(3, name="head")(h), name=name)
-
-
 @pytest.fixture(scope="module")
 def model():
     keras.utils.set_random_seed(0)
-    m = small(8)
+    m = tiny(8)
     # Non-trivial BatchNormalization statistics, so folding them counts.
     for layer in m.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -139,11 +125,6 @@ def test_a_missing_package_is_named_with_its_extra(
                         path_for(tmp_path, fmt)], capsys)
     assert code == 2 and re.search(message, err)
     assert sorted(os.listdir(tmp_path)) == ["m.keras"]
-
-
-def macs_ms(model):
-    """A deterministic 'runtime': 1 ms plus 1 ms per 100k MACs."""
-    return 1.0 + kc.count_macs(model) / 1e5
 
 
 class FakeTimer:
