@@ -3,7 +3,9 @@
 Channel groups (`channel_groups`), pruning plans (`PruningPlan`,
 `make_plan`), optimizers (`CSGD`, `GSM`), callbacks (`callbacks`), methods for
 pre-trained models (`methods`) and surgery (`slim`) that builds the narrower
-model with merged weights.
+model with merged weights; `export` writes it for a runtime (`runtimes`:
+LiteRT float32 or int8, ONNX Runtime, OpenVINO, TensorFlow) and `latency`
+plans to a latency measured on one.
 """
 
 from keras_csgd import (
