@@ -3,30 +3,31 @@
 TensorFlow prints its start-up lines (oneDNN, CUDA, absl) while it is
 imported, before any setting of `TF_CPP_MIN_LOG_LEVEL` made after the
 process started can reach its C++ logger. Importing `keras_csgd` imports
-TensorFlow, so this launcher lives outside the package: it points stderr at
-`os.devnull` for the import only (an import error is still reported: it is
-raised once stderr is back), then hands over to `keras_csgd.cli.main`.
+TensorFlow, so this launcher first loads the library's stderr silencing
+(`keras_csgd/runtimes/quiet.py`, standard library only) from its file,
+without the package, points stderr at `os.devnull` for the import only (an
+import error is still reported: it is raised once stderr is back), then
+hands over to `keras_csgd.cli.main`.
 """
 
-import contextlib
+import importlib.util
 import os
 
 
-@contextlib.contextmanager
-def silenced_stderr():
-    """Points file descriptor 2 at `os.devnull` (C++ logs included)."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+def _quiet():
+    """`keras_csgd/runtimes/quiet.py`, loaded without importing the
+    package (its `__init__` imports TensorFlow)."""
+    package = importlib.util.find_spec("keras_csgd")
+    path = os.path.join(package.submodule_search_locations[0], "runtimes",
+                        "quiet.py")
+    spec = importlib.util.spec_from_file_location("keras_csgd_quiet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with silenced_stderr():
+    with _quiet().silenced_stderr():
         from keras_csgd import cli
     return cli.main()

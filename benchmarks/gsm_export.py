@@ -31,9 +31,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import keras_csgd as kc
-from keras_csgd.export import run_tflite
 from keras_csgd.latency import timing
 from keras_csgd.models import lenet_300_100, resnet_cifar
+from keras_csgd.runtimes.litert import run_tflite
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DENSITY = 0.1

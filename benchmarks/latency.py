@@ -35,8 +35,10 @@ import tensorflow as tf  # noqa: E402
 from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
+from keras_csgd.latency.timing import time_calls  # noqa: E402
 from keras_csgd.models import resnet_cifar  # noqa: E402
+from keras_csgd.runtimes import litert  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROUND_TO = (None, 4, 8, 16)
@@ -105,8 +107,8 @@ def keras_call(model, x, jit_compile):
 
 
 def tflite_call(path, x, threads):
-    interpreter = kexport.load_interpreter(path, threads)
-    kexport.set_input(interpreter, x)
+    interpreter = litert.load_interpreter(path, threads)
+    litert.set_input(interpreter, x)
     return interpreter.invoke
 
 
@@ -143,7 +145,7 @@ def interleaved(calls, rounds, runs) -> dict:
         shift = r * len(keys) // rounds
         for key in keys[shift:] + keys[:shift]:
             blocks[key].append(
-                kexport.time_calls(calls[key], runs[key[2]], warmup=1)
+                time_calls(calls[key], runs[key[2]], warmup=1)
             )
     return blocks
 
@@ -159,7 +161,7 @@ def main(argv=None):
         "--out", default=os.path.join(HERE, "results", "latency.json")
     )
     args = parser.parse_args(argv)
-    kexport.set_tf_threads(args.threads)
+    set_tf_threads(args.threads)
     info = machine()
     rounds, runs1, runs64 = SETTINGS["quick" if args.quick else "full"]
     models = variants(args.keep)

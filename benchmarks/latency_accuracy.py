@@ -19,6 +19,10 @@ there), pruned to half its LiteRT batch-1 latency on this machine:
    fine-tuned for the profile's 6 epochs (`cifar10.Context.finetune`:
    Nesterov SGD, cosine lr from 0.03) and its validation accuracy measured
    (and the test folder's, with `--test-dir`).
+4. Each fine-tuned slim model is exported (`kc.export`) as float32 LiteRT
+   and as full-integer int8 LiteRT (post-training quantization calibrated
+   on 100 training images) and its validation accuracy measured in the
+   LiteRT interpreter: issue #25 asks for int8 within 1 point of float.
 
 Training runs without XLA unless `--xla` (the quick profile's setting):
 on this 2-core CPU XLA training is about 2.3x slower than TensorFlow's
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,8 +57,8 @@ from cifar10 import (  # noqa: E402
 from latency_target import uniform_row  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGET = 0.5
@@ -112,6 +117,20 @@ def latency_plans(base, threads) -> dict:
     return plans, {**rows, "uniform_timings": uniform["timed_keeps"]}
 
 
+def runtime_accuracy(model, data, fmt, threads) -> float:
+    """Validation accuracy of `model` exported as `fmt` and run by its
+    runtime (int8 calibrated on the first 100 training images)."""
+    runtime = kc.runtimes.for_format(fmt)
+    with tempfile.TemporaryDirectory() as folder:
+        path = kc.export(model, os.path.join(folder, f"m{runtime.suffix}"),
+                         fmt, data=data.calibration(100)).path
+        program = runtime.load(path, threads)
+        correct = sum(
+            int(np.sum(program.run(x.numpy()).argmax(-1) == y.numpy()))
+            for x, y in data.plain(data.x_val, data.y_val))
+    return correct / len(data.x_val)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -121,14 +140,20 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--xla", action="store_true")
+    parser.add_argument("--profile", choices=list(PROFILES), default="quick",
+                        help="cifar10.py's profile (smoke: only checks "
+                        "that the script runs)")
     parser.add_argument("--cache-dir", default=os.path.join(HERE, "cache"))
-    parser.add_argument("--out", default=os.path.join(
-        HERE, "results", "latency_accuracy_quick.json"))
+    parser.add_argument("--out", help="default benchmarks/results/"
+                        "latency_accuracy_<profile>.json")
     args = parser.parse_args(argv)
-    kexport.set_tf_threads(args.threads)
-    profile = dataclasses.replace(PROFILES["quick"], jit_compile=args.xla)
+    args.out = args.out or os.path.join(
+        HERE, "results", f"latency_accuracy_{args.profile}.json")
+    set_tf_threads(args.threads)
+    profile = dataclasses.replace(PROFILES[args.profile],
+                                  jit_compile=args.xla)
     base_args = argparse.Namespace(
-        model="resnet20", profile="quick", data_dir=args.data_dir,
+        model="resnet20", profile=args.profile, data_dir=args.data_dir,
         test_dir=args.test_dir, seed=0, base_seed=0,
     )
     result = {
@@ -160,10 +185,16 @@ def main(argv=None):
             row["seconds"] = round(time.perf_counter() - start, 1)
             if data.x_test is not None:
                 row["test"] = accuracy(small, data, "test")
+            for fmt in ("litert", "litert-int8"):
+                row[fmt] = runtime_accuracy(small, data, fmt, args.threads)
             runs[name].append(row)
             result["runs"] = runs
             result["mean_finetuned"] = {
                 n: float(np.mean([r["finetuned"] for r in rs]))
+                for n, rs in runs.items() if rs
+            }
+            result["int8_minus_float"] = {
+                n: float(np.mean([r["litert-int8"] - r["litert"] for r in rs]))
                 for n, rs in runs.items() if rs
             }
             write_atomically(args.out, lambda tmp: dump_json(result, tmp))

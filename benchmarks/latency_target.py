@@ -1,15 +1,17 @@
 """Latency-targeted pruning: measured latency against the target.
 
-    .venv/bin/python benchmarks/latency_target.py [--quick]
+    .venv/bin/python benchmarks/latency_target.py [--quick] [--setups ...]
 
 For a CIFAR ResNet-56 and keras.applications MobileNetV2 (128x128, random
-weights: latency does not depend on them), in LiteRT at batch 1 and in
-TensorFlow at batch 64 (BN folded; XLA only where there is a GPU,
-`jit_compile="auto"`: XLA's CPU kernels are slower, see
-`kc.latency.timing.xla`), with `--threads` threads: the
-latency table is profiled with a cold cache (`kc.latency.profile`, its time
-recorded), then for each target 0.7, 0.5 and 0.35 of the full latency
-`kc.plan_for_latency` plans and verifies (slim vs full, interleaved). Next to
+weights: latency does not depend on them), on every runtime: LiteRT float32
+and full-integer int8, ONNX Runtime and OpenVINO at batch 1, TensorFlow at
+batch 64 (BN folded; XLA only where there is a GPU, `jit_compile="auto"`:
+XLA's CPU kernels are slower, see `kc.runtimes.tensorflow.xla`), with
+`--threads` threads: the latency table is profiled with a cold cache
+(`kc.latency.profile`, its time and self-checks recorded), then for each
+target 0.7, 0.5 and 0.35 of the full latency `kc.plan_for_latency` plans
+and verifies (slim vs full, interleaved), and the two exported files are
+re-timed each alone in its own process (`timing_protocol.retime`). Next to
 each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) that
 measures the latency plan's measured ratio is searched (the table's guess,
 then secant steps on measured ratios, never timing the same widths twice:
@@ -17,8 +19,10 @@ up to 4 timings) and
 reported with the importance (L1 filter norms, see
 `kc.latency.kept_importance`) each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
-model, SIMD flags, cores) and the load average, after every model and
-runtime. `--quick` verifies at most 4 plans (else 6).
+model, SIMD flags, cores), the runtimes' versions and the load average,
+after every model and runtime. `--quick` verifies at most 4 plans (else 6).
+`--smoke` only checks that the script runs (ResNet-20, one target, a
+one-width grid, one round per variant; its numbers mean nothing).
 The accuracy row of issue #13 (ResNet-20, CIFAR quick) is
 `benchmarks/latency_accuracy.py`.
 """
@@ -36,17 +40,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
+from timing_protocol import retime  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd import latency  # noqa: E402
 from keras_csgd.clusters import target_width  # noqa: E402
 from keras_csgd.latency.target import corrected_ratio  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads, xla  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = (0.7, 0.5, 0.35)
-SETUPS = {"litert_b1": ("litert", 1), "tensorflow_b64": ("tensorflow", 64)}
+SETUPS = {"litert_b1": ("litert", 1), "litert-int8_b1": ("litert-int8", 1),
+          "onnxruntime_b1": ("onnxruntime", 1), "openvino_b1": ("openvino", 1),
+          "tensorflow_b64": ("tensorflow", 64)}
 MODELS = {
+    "resnet20": lambda: kc.models.resnet_cifar(20),
     "resnet56": lambda: kc.models.resnet_cifar(56),
     "mobilenetv2_128": lambda: keras.applications.MobileNetV2(
         input_shape=(128, 128, 3), weights=None
@@ -121,20 +129,22 @@ def uniform_row(model, table, measured_ratio, setup, threads, tries):
 def run_setup(name, setup, args):
     model = MODELS[name]()
     runtime, batch = setup
+    smoke = {"grid": (0.5,), "rounds": 1} if args.smoke else {}
     with tempfile.TemporaryDirectory() as cold:
         start = time.perf_counter()
         table = latency.profile(
             model, runtime, batch, threads=args.threads, cache_dir=cold,
-            verbose=1,
+            verbose=1, **smoke,
         )
         seconds = time.perf_counter() - start
     rows = []
-    for target in TARGETS:
+    for target in args.targets:
         row = {"target": target}
         try:
-            _, report = kc.plan_for_latency(
+            plan, report = kc.plan_for_latency(
                 model, target, runtime, batch, table=table,
-                threads=args.threads, max_iterations=4 if args.quick else 6,
+                threads=args.threads,
+                max_iterations=1 if args.smoke else 4 if args.quick else 6,
                 return_report=True, verbose=0,
             )
         except ValueError as e:
@@ -153,11 +163,19 @@ def run_setup(name, setup, args):
             widths=report.widths, iterations=report.iterations,
             reason=report.reason,
         )
+        row["separate_processes"] = retime(
+            model, kc.slim(model, plan), runtime, batch, args.threads,
+            processes=1 if args.smoke else 3,
+            seconds=0.5 if args.smoke else 3.0)
+        row["separate_minus_library"] = (
+            row["separate_processes"]["ratio"] - report.measured_ratio)
         row["uniform_round_to_8"] = uniform_row(
             model, table, report.measured_ratio, setup, args.threads,
-            tries=4,
+            tries=1 if args.smoke else 4,
         )
         print(f"{name} {runtime} b{batch} target {target}: {report}; "
+              "re-timed in separate processes "
+              f"{row['separate_processes']['ratio']:.3f}; "
               f"uniform keep {row['uniform_round_to_8']['keep']} measures "
               f"{row['uniform_round_to_8']['measured_ratio']:.3f}, "
               f"importance {report.kept_importance:.3f} vs "
@@ -166,10 +184,11 @@ def run_setup(name, setup, args):
         rows.append(row)
     return {
         "model": name, "runtime": runtime, "batch_size": batch,
-        "xla": latency.timing.xla("auto") if runtime == "tensorflow"
-        else None,
+        "xla": xla("auto") if runtime == "tensorflow" else None,
+        "versions": table.fields["versions"],
         "full_ms_table": table.full,
         "fit_rms_ms": table.fields.get("fit_rms_ms"),
+        "checks": table.fields["checks"],
         "profile_seconds_cold_cache": round(seconds, 1),
         "groups": len(table.groups), "blocks": len(table.blocks),
         "rows": rows,
@@ -189,27 +208,33 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+",
-                        default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        help="default resnet56 mobilenetv2_128 (--smoke: "
+                        "resnet20)")
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS),
                         default=list(SETUPS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    args.targets = TARGETS[1:2] if args.smoke else TARGETS
+    args.models = args.models or (
+        ["resnet20"] if args.smoke else ["resnet56", "mobilenetv2_128"])
     out = args.out or os.path.join(
         HERE, "results",
         "latency_target_quick.json" if args.quick else "latency_target.json",
     )
-    kexport.set_tf_threads(args.threads)
+    set_tf_threads(args.threads)
     result = {
         "command": command("latency_target.py", argv),
-        "threads": args.threads, "targets": list(TARGETS),
+        "threads": args.threads, "targets": list(args.targets),
         "machine": machine(),
         "uptime_at_start": uptime(),
         "statistic": "full_ms, slim_ms: fastest block median of each over "
         "interleaved rounds (one run; kc.latency.timing.fastest_blocks); "
         "measured_ratio: slim_ms / full_ms; predicted_ratio: the latency "
-        "table's prediction",
+        "table's prediction; separate_processes: each exported file timed "
+        "alone in its own process (benchmarks/timing_protocol.py)",
         "accuracy_row": "benchmarks/latency_accuracy.py",
         "setups": [],
     }

@@ -22,8 +22,8 @@ import keras  # noqa: E402
 from cifar10 import dump_json, machine, write_atomically  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
-from keras_csgd import export as kexport  # noqa: E402
 from keras_csgd.latency import timing  # noqa: E402
+from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results",
                                                       "xla_cpu.json"))
     args = parser.parse_args(argv)
-    kexport.set_tf_threads(args.threads)
+    set_tf_threads(args.threads)
     result = {
         "command": "python benchmarks/xla_cpu.py", "threads": args.threads,
         "batch_size": args.batch_size, "machine": machine(),

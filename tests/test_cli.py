@@ -172,7 +172,7 @@ def test_prune_magnitude_then_export_and_bench(files, tmp_path, capsys):
     code, stdout, _ = run(["export", out, "--out", tflite], capsys)
     assert code == 0 and "max relative error" in stdout
     np.testing.assert_allclose(
-        kc.export.run_tflite(tflite, files["x"][:20]),
+        kc.runtimes.litert.run_tflite(tflite, files["x"][:20]),
         slim.predict(files["x"][:20], verbose=0),
         atol=1e-4,
     )

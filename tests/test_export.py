@@ -1,4 +1,4 @@
-"""Tests for keras_csgd.export: TFLite export, its check, latency timing."""
+"""Tests for LiteRT export (`kc.export_tflite`), its check, latency timing."""
 
 import logging
 import os
@@ -9,9 +9,10 @@ import pytest
 import tensorflow as tf
 
 import keras_csgd as kc
-from keras_csgd import export
 from keras_csgd.data import load_digits_images
+from keras_csgd.latency import timing
 from keras_csgd.models import small_resnet
+from keras_csgd.runtimes import litert
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_float_export_matches_keras(trained, digits, tmp_path):
     assert result.max_error <= 1e-4
     # Independent of the built-in check: other inputs, other batch size.
     expected = trained(x_test[:50], training=False).numpy()
-    actual = export.run_tflite(path, x_test[:50])
+    actual = litert.run_tflite(path, x_test[:50])
     np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
 
@@ -66,20 +67,20 @@ def test_direct_conversion_equals_saved_model_path(
     """`saved_model=False` (latency profiling's fast path) converts the
     same graph: the two flatbuffers compute the same outputs."""
     _, (x_test, _) = digits
-    via_saved_model = export.tflite_flatbuffer(trained, quantize)
+    via_saved_model = litert.tflite_flatbuffer(trained, quantize)
     with caplog.at_level(logging.WARNING, logger="absl"):
-        direct = export.tflite_flatbuffer(trained, quantize,
+        direct = litert.tflite_flatbuffer(trained, quantize,
                                           saved_model=False)
     # Its deprecation note (no trackable_obj) is not shown to users.
     assert not [r for r in caplog.records if r.name == "absl"]
     expected = trained(x_test[:50], training=False).numpy()
-    outputs = [export.run_tflite(b, x_test[:50])
+    outputs = [litert.run_tflite(b, x_test[:50])
                for b in (via_saved_model, direct)]
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     if quantize is None:
         np.testing.assert_allclose(outputs[1], expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="`quantize` must be one of"):
-        export.tflite_flatbuffer(trained, "int4", saved_model=False)
+        litert.tflite_flatbuffer(trained, "int4", saved_model=False)
 
 
 @pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
@@ -93,10 +94,10 @@ def test_quantized_exports_within_stated_tolerance(
         quantize=quantize,
         representative_data=x_train,
     )
-    assert result.max_error <= export.TOLERANCES[quantize]
+    assert result.max_error <= litert.TOLERANCES[quantize]
     expected = trained(x_test[:200], training=False).numpy()
-    actual = export.run_tflite(result.path, x_test[:200])
-    assert _relative_error(actual, expected) <= export.TOLERANCES[quantize]
+    actual = litert.run_tflite(result.path, x_test[:200])
+    assert _relative_error(actual, expected) <= litert.TOLERANCES[quantize]
     agreement = np.mean(actual.argmax(1) == expected.argmax(1))
     assert agreement >= 0.97
     # Kernels shrink from 4 bytes per weight to 2 (float16) or 1 (int8).
@@ -114,7 +115,7 @@ def test_int8_accepts_a_dataset_of_labelled_batches(trained, digits, tmp_path):
     result = kc.export_tflite(
         trained, tmp_path / "q.tflite", "int8", representative_data=dataset
     )
-    assert result.max_error <= export.TOLERANCES["int8"]
+    assert result.max_error <= litert.TOLERANCES["int8"]
 
 
 def test_bad_arguments_write_nothing(trained, tmp_path):
@@ -141,7 +142,7 @@ def test_bad_arguments_write_nothing(trained, tmp_path):
 def test_failed_check_leaves_previous_file(trained, tmp_path, monkeypatch):
     path = tmp_path / "m.tflite"
     path.write_bytes(b"previous")
-    monkeypatch.setitem(export.TOLERANCES, None, -1.0)
+    monkeypatch.setitem(litert.TOLERANCES, None, -1.0)
     with pytest.raises(RuntimeError, match="differs from the Keras model"):
         kc.export_tflite(trained, path)
     assert path.read_bytes() == b"previous"
@@ -151,7 +152,7 @@ def test_failed_check_leaves_previous_file(trained, tmp_path, monkeypatch):
 
 
 class _Clock:
-    """Stands in for `time` in `keras_csgd.export`: timed call k lasts k ms.
+    """Stands in for `time` in `keras_csgd.latency.timing`: call k lasts k ms.
 
     `perf_counter` is read twice per timed call (start, end), never for the
     warm-up calls.
@@ -185,7 +186,7 @@ def _check_timings(results, clock, batch_sizes, runs):
 def _timed(monkeypatch, *args, **kwargs):
     """`kc.benchmark_latency(*args, warmup=1, **kwargs)` on a `_Clock`."""
     clock = _Clock()
-    monkeypatch.setattr(export, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
     return kc.benchmark_latency(*args, warmup=1, **kwargs), clock
 
 
@@ -212,7 +213,7 @@ def test_benchmark_bad_arguments(trained, tmp_path):
         kc.benchmark_latency(trained, runs=0)
     with pytest.raises(ValueError, match="`batch_sizes`"):
         kc.benchmark_latency(trained, batch_sizes=(0,))
-    with pytest.raises(ValueError, match="existing .tflite file"):
+    with pytest.raises(ValueError, match="existing .tflite"):
         kc.benchmark_latency(str(tmp_path / "missing.tflite"))
 
 

@@ -16,9 +16,10 @@ import tensorflow as tf
 import keras_csgd as kc
 import zoo
 from keras_csgd import graph, latency
-from keras_csgd.latency import planner, timing
-from keras_csgd.latency.profile import width_plan, width_variants
+from keras_csgd.latency import planner
+from keras_csgd.latency.design import width_plan, width_variants
 from keras_csgd.latency.target import MAX_EXTRAPOLATION, corrected_ratio
+from keras_csgd.runtimes.tensorflow import xla
 
 
 def tiny(width=8, name="tiny"):
@@ -402,10 +403,10 @@ def test_corrected_ratio_solves_an_affine_miss_in_two_steps():
 
 def test_jit_compile_auto_is_xla_on_a_gpu_only():
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    assert timing.xla("auto") is has_gpu
-    assert timing.xla(True) is True and timing.xla(False) is False
+    assert xla("auto") is has_gpu
+    assert xla(True) is True and xla(False) is False
     with pytest.raises(ValueError, match="jit_compile"):
-        timing.xla("yes")
+        xla("yes")
 
 
 def test_a_transformer_is_planned_to_a_latency_target():

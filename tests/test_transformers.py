@@ -11,7 +11,7 @@ import pytest
 from keras import layers as L
 
 import keras_csgd as kc
-from keras_csgd import export
+from keras_csgd.runtimes import litert
 from utils import collapse, relative_error
 from zoo import randomize, vit
 
@@ -294,5 +294,5 @@ def test_litert_export_of_a_slim_transformer(quantize, tmp_path):
     result = kc.export_tflite(small, tmp_path / "vit.tflite",
                               quantize=quantize, representative_data=x)
     expected = small(x[:16]).numpy()
-    actual = export.run_tflite(result.path, x[:16])
-    assert relative_error(actual, expected) <= export.TOLERANCES[quantize]
+    actual = litert.run_tflite(result.path, x[:16])
+    assert relative_error(actual, expected) <= litert.TOLERANCES[quantize]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from keras_csgd import export as kexport
 from keras_csgd.cli.common import PROG, CommandError, Parser, quiet_tensorflow
 from keras_csgd.cli.demo import add_demo
 from keras_csgd.cli.prune import (
@@ -22,6 +21,7 @@ from keras_csgd.cli.prune import (
     add_prune,
 )
 from keras_csgd.cli.tools import add_bench, add_export
+from keras_csgd.runtimes.tensorflow import set_tf_threads
 
 __all__ = [
     "LATENCY_METHODS", "METHODS", "PLANNED", "PROG", "SUBCOMMANDS", "TRAINED",
@@ -34,7 +34,8 @@ def build_parser():
     parser = Parser(
         prog=PROG,
         description="Structured pruning for Keras 3: C-SGD and friends, "
-        "slimming and LiteRT export.",
+        "slimming, export and timing on LiteRT, ONNX Runtime, OpenVINO "
+        "and TensorFlow.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
@@ -52,10 +53,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     threads = getattr(args, "threads", None)
     if threads:
-        kexport.set_tf_threads(threads)
+        set_tf_threads(threads)
     try:
         args.func(args)
-    except (CommandError, ValueError, TypeError, OSError) as error:
+    except (CommandError, ValueError, TypeError, OSError,
+            ImportError) as error:
         lines = str(error).strip().splitlines() or [repr(error)]
         print(f"{PROG}: error: {lines[0]}", file=sys.stderr)
         return 2

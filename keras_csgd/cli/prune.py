@@ -293,8 +293,9 @@ def cmd_profile(args):
 def _add_runtime(parser):
     parser.add_argument("--runtime", choices=kc.latency.RUNTIMES,
                         default="litert",
-                        help="litert (float32 interpreter) or tensorflow "
-                        "(compiled, BN folded); default litert")
+                        help="litert (float32), litert-int8 (full "
+                        "integer), onnxruntime, openvino, tensorflow "
+                        "(compiled, BN folded), ...; default litert")
     parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="batch size timed (default 1)")
     parser.add_argument("--threads", type=positive_int, default=2,

@@ -123,7 +123,7 @@ def choose(table, values: Mapping[str, np.ndarray], budget_ms: float,
     candidates, factors, seen = [quick], None, set()
     for _ in range(MAX_ROUNDS):
         choice = _solve(items(table, values, factors),
-                        budget_ms - table.full, max_states)
+                        table.additive(budget_ms) - table.full, max_states)
         if choice is None:
             break
         mark = (tuple(sorted(choice[0].items())), tuple(choice[1]))

@@ -27,7 +27,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-FORMAT_VERSION = 2  # 2: widths fitted to multi-group variants
+FORMAT_VERSION = 3  # 2: widths fitted to multi-group variants; 3: checked
+# Below this share of the full latency, predictions are `floored`.
+FLOOR = 0.05
 
 
 class LatencyTable:
@@ -200,8 +202,8 @@ class LatencyTable:
         """Predicted latency (ms) at the given group widths and blocks.
 
         `full + sum((group_ms(g, w) - full) * factor[g]) - sum(saving)`
-        (see `factors`); the groups inside a removed block's
-        branch do not count.
+        (see `factors`), `floored` (never negative); the groups inside a
+        removed block's branch do not count.
 
         Args:
             widths: `{group_name: width}` (fractional widths interpolate);
@@ -231,10 +233,24 @@ class LatencyTable:
             if name not in gone:
                 ms += delta * factors[name]
         ms -= sum(self.blocks[b]["saving_ms"] for b in remove_blocks)
-        # Not clipped at 0: where measured changes overlap they can sum
-        # below it, and a clip would make every plan past that point look
-        # alike to the planner (MobileNetV2 on LiteRT at 2 threads).
-        return ms
+        return self.floored(ms)
+
+    def floored(self, ms: float) -> float:
+        """An additive sum of changes as a latency: never negative.
+
+        Where measured changes overlap they can sum below 0. A clip would
+        make every plan past that point look alike to the planner
+        (MobileNetV2 on LiteRT at 2 threads), so below `FLOOR` of the full
+        latency the sum is mapped to `floor * exp(ms / floor - 1)`: positive,
+        increasing, and equal to `ms` (with its slope) at the floor.
+        """
+        floor = FLOOR * self.full
+        return ms if ms >= floor else floor * math.exp(ms / floor - 1)
+
+    def additive(self, ms: float) -> float:
+        """The additive sum that `floored` maps to the latency `ms` > 0."""
+        floor = FLOOR * self.full
+        return ms if ms >= floor else floor * (1 + math.log(ms / floor))
 
     def shares(self) -> dict[str, float]:
         """Each group's and block's share of the full latency.

@@ -2,8 +2,9 @@
 
 Profile (or take) the latency table, choose widths and removed blocks that
 keep the most importance within `target` times the full latency
-(`planner.choose`), then verify: slim, export (LiteRT) or fold and compile
-(TensorFlow), and time slim against full, interleaved. A miss of more than
+(`planner.choose`), then verify: slim, export for the runtime (`kc.export`;
+TensorFlow: fold and compile) and time slim against full, interleaved
+(`verify.Verifier`). A miss of more than
 `tolerance` re-plans for the prediction that the verified plans say
 measures the target (secant steps: the table's error near the chosen
 point), a bounded number of times.
@@ -11,204 +12,31 @@ point), a bounded number of times.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import tempfile
 import warnings
 
 import numpy as np
 
-from keras_csgd import checks, export, flops, graph
+from keras_csgd import checks, flops, graph
 from keras_csgd.clusters import make_plan
 from keras_csgd.latency import planner, timing
-from keras_csgd.latency.profile import (
-    GRID,
-    profile,
-    prunable_groups,
-    removable_blocks,
-    width_plan,
+from keras_csgd.latency.design import GRID, prunable_groups, width_plan
+from keras_csgd.latency.profile import profile
+from keras_csgd.latency.report import (
+    LatencyReport,
+    default_scores,
+    kept_importance,
 )
-from keras_csgd.methods.magnitude import filter_norms
+from keras_csgd.latency.verify import Verifier
 from keras_csgd.plan import PruningPlan
+from keras_csgd.runtimes.tensorflow import xla
 from keras_csgd.scoring import checked_scores, top_channels
 from keras_csgd.surgery import slim
 
 CLUSTERS = ("prune", "kmeans")
-# Blocks of about 10 ms in as many rounds (9 to 101) as fit in 6 s.
 # Largest step past the verified plans, in steps of the proportional
 # correction (see `corrected_ratio`).
 MAX_EXTRAPOLATION = 3.0
-VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
-
-
-@dataclasses.dataclass
-class LatencyReport:
-    """What `plan_for_latency` chose and measured.
-
-    Attributes:
-        target: the target, a fraction of the full model's latency.
-        runtime: `"litert"` or `"tensorflow"`.
-        batch_size: the batch size timed.
-        full_ms: the full model's measured latency, its fastest block
-            median interleaved with the slim one (the table's when not
-            verified).
-        slim_ms: the slim model's measured latency, likewise, or `None`.
-        measured_ratio: `slim_ms / full_ms`, or `None`.
-        predicted_ms: the table's prediction for the plan (additive: it
-            can fall below 0 where measured changes overlap).
-        predicted_ratio: `predicted_ms / table.full`.
-        met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
-            when not verified).
-        macs: `(full, slim)` multiply-accumulates.
-        params: `(full, slim)` parameter counts.
-        widths: `{group: (width, size)}` of every planned group.
-        remove_blocks: the removed blocks' Add layer names.
-        kept_importance: kept share of the total importance (see
-            `kept_importance`).
-        iterations: one dict per verified plan: budget, predicted and
-            measured ratios.
-        reason: why the target was not met, or `None`.
-    """
-
-    target: float
-    runtime: str
-    batch_size: int
-    full_ms: float
-    slim_ms: float | None
-    measured_ratio: float | None
-    predicted_ms: float
-    predicted_ratio: float
-    met: bool | None
-    macs: tuple[int, int]
-    params: tuple[int, int]
-    widths: dict
-    remove_blocks: list
-    kept_importance: float
-    iterations: list
-    reason: str | None = None
-
-    def to_dict(self) -> dict:
-        """The report as JSON-ready builtins."""
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        measured = (
-            f"measured {self.slim_ms:.3f} ms of {self.full_ms:.3f} ms "
-            f"({self.measured_ratio:.3f})"
-            if self.measured_ratio is not None else "not measured"
-        )
-        return (
-            f"{self.runtime} batch {self.batch_size}, target "
-            f"{self.target:g}: predicted {self.predicted_ratio:.3f}, "
-            f"{measured}; MACs {self.macs[1] / self.macs[0]:.3f}, params "
-            f"{self.params[1] / self.params[0]:.3f} of the full model; "
-            f"{len(self.remove_blocks)} blocks removed"
-        )
-
-
-def default_scores(model, an: graph.Analysis) -> dict[str, np.ndarray]:
-    """L1 filter norms of every prunable group (`filter_norms`)."""
-    return {g.name: filter_norms(model, g, "l1")
-            for g in an.groups if g.prunable}
-
-
-def kept_importance(model, plan: PruningPlan, scores=None) -> float:
-    """Share of the total importance a plan keeps.
-
-    Each group's scores are divided by their largest; a group keeps the sum
-    of its `width` best scores (all of them when unplanned, none when it
-    lies inside a removed block); the result is the kept sum over the sum of
-    all scores.
-
-    Args:
-        model: the model the plan is for.
-        plan: a `PruningPlan` (its removed blocks count).
-        scores: `{group: per-channel scores}`. Defaults to `None` (L1
-            filter norms of every prunable group).
-
-    Returns:
-        A fraction in [0, 1].
-    """
-    an = graph.analyze(model)
-    scores = default_scores(model, an) if scores is None else scores
-    values = planner.kept_values(scores)
-    inner = removable_blocks(model, an)
-    gone = {g for b in plan.remove_blocks for g in inner.get(b, ())}
-    kept = planner.value_of(values, plan.widths(), gone)
-    return kept / planner.value_of(values, {})
-
-
-class _Verifier:
-    """Times slim variants against the full model, interleaved."""
-
-    def __init__(self, model, runtime, batch_size, threads, jit_compile,
-                 measure, folder):
-        self.model, self.measure, self.folder = model, measure, folder
-        self.args = (runtime, batch_size, threads, jit_compile)
-        self.full = None
-
-    def _runner(self, model, name):
-        tflite = None
-        if self.args[0] == "litert":
-            tflite = export.export_tflite(
-                model, os.path.join(self.folder, f"{name}.tflite")
-            ).path
-        return timing.runner(model, *self.args, tflite=tflite)
-
-    def __call__(self, variant, name) -> tuple[float, float, float]:
-        """`(full_ms, slim_ms, ratio)`, fastest block medians (see
-        `timing.fastest_blocks`)."""
-        if self.measure is not None:
-            full, ms = float(self.measure(self.model)), float(
-                self.measure(variant))
-            return full, ms, ms / full
-        if self.full is None:
-            self.full = self._runner(self.model, "full")
-            self.calls, self.rounds = timing.schedule(
-                self.full, **VERIFY_TIMING
-            )
-        stats = timing.fastest_blocks(*timing.interleaved(
-            self.full, self._runner(variant, name), self.rounds, self.calls
-        ))
-        return stats["first_ms"], stats["second_ms"], stats["ratio"]
-
-
-def time_against_full(model, variant, runtime="litert", batch_size=1, *,
-                      threads=None, jit_compile="auto"):
-    """Times `variant` against `model`, interleaved, on `runtime`.
-
-    LiteRT runs the files `kc.export_tflite` writes; TensorFlow a compiled
-    call of each model with BatchNormalization folded. Blocks of about 10
-    ms, in as many rounds (9 to 101) as fit 6 s (`VERIFY_TIMING`).
-
-    Args:
-        model: the full model.
-        variant: its slim model (or any model of the same input).
-        runtime: `"litert"` or `"tensorflow"`. Defaults to `"litert"`.
-        batch_size: batch size of the calls. Defaults to `1`.
-        threads: LiteRT threads. Defaults to `None` (the usable cores).
-        jit_compile: XLA for TensorFlow (`True`, `False` or `"auto"`: on
-            a GPU only). Defaults to `"auto"`.
-
-    Returns:
-        `(full_ms, variant_ms, ratio)`: each model's fastest block median
-        over the rounds (see `timing.fastest_blocks`), and their ratio.
-
-    Example:
-
-    ```python
-    small = kc.slim(model, plan)
-    full_ms, slim_ms, ratio = kc.latency.time_against_full(model, small)
-    ```
-    """
-    checks.choice("runtime", runtime, timing.RUNTIMES)
-    checks.positive_int("batch_size", batch_size)
-    threads = checks.positive_int("threads", threads, allow_none=True)
-    threads = timing.cores() if threads is None else threads
-    with tempfile.TemporaryDirectory() as folder:
-        verifier = _Verifier(model, runtime, batch_size, threads,
-                             jit_compile, None, folder)
-        return verifier(variant, "variant")
 
 
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
@@ -228,10 +56,11 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
        divided by their largest, summed over kept channels; a removed block
        loses its inner groups) within the predicted budget
        `target * table.full`: an exact multiple-choice knapsack.
-    3. *Verify*: the slim model is exported (`kc.export_tflite`, LiteRT)
-       or folded and compiled (TensorFlow) and timed against the full model,
-       interleaved. Where `slim / full` misses `target` by more than
-       `tolerance` (relative; slower, or faster than needed), the plan is
+    3. *Verify*: the slim model is exported for the runtime (`kc.export`,
+       checked against Keras) or folded and compiled (TensorFlow) and timed
+       against the full model, interleaved. Where `slim / full` misses
+       `target` by more than `tolerance` (relative; slower, or faster than
+       needed), the plan is
        made again for the prediction that the verified plans say measures
        `target` (secant steps on predicted against measured ratios, see
        `corrected_ratio`), at most `max_iterations` plans in all. The plan
@@ -246,8 +75,10 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
             not changed.
         target: the slim latency as a fraction of the full model's, in
             (0, 1).
-        runtime: `"litert"` or `"tensorflow"` (see `kc.latency.profile`).
-            Defaults to `"litert"`.
+        runtime: one of `kc.latency.RUNTIMES` (`"litert"`,
+            `"litert-int8"`, `"onnxruntime"`, `"openvino"`,
+            `"tensorflow"`, ...; see `kc.latency.profile`). Defaults to
+            `"litert"`.
         batch_size: batch size of the timed calls. Defaults to `1`.
         scores: `{group_name: per-channel scores}` from any method
             (`kc.methods.ensemble_importance`, CaP, ...); only scored groups
@@ -259,7 +90,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
             plain pruning, `kc.slim` at once or after fine-tuning) or
             `"kmeans"` (k-means clusters of the producer filters at the
             chosen widths, for `kc.CSGD`). Defaults to `"prune"`.
-        threads: LiteRT threads. Defaults to `None` (the usable cores).
+        threads: the runtime's threads. Defaults to `None` (the usable
+            cores).
         grid: width fractions profiled. Defaults to `(0.75, 0.5, 0.25)`.
         tolerance: allowed relative miss of the measured ratio. Defaults to
             `0.05`.
@@ -300,7 +132,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     checks.positive_int("max_iterations", max_iterations)
     checks.choice("runtime", runtime, timing.RUNTIMES)
     checks.positive_int("batch_size", batch_size)
-    jit_compile = timing.xla(jit_compile)
+    jit_compile = xla(jit_compile)
     an = graph.analyze(model)
     prunable_groups(model, an)
     by_name = {g.name: g for g in an.groups}
@@ -365,7 +197,7 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
     budget, history, best, tried = target * table.full, [], None, []
     reason = "no plan was verified"
     with tempfile.TemporaryDirectory() as folder:
-        verifier = _Verifier(model, *args, measure, folder)
+        verifier = Verifier(model, *args, measure, folder)
         floor = planner.fastest(table, values)
         for k in range(max_iterations):
             fastest = budget < floor

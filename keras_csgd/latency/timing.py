@@ -1,9 +1,10 @@
 """Runtimes and interleaved timing: what a latency is measured on.
 
-A *runtime* turns a Keras model into a zero-argument call that runs one
-batch: `"litert"` (the float32 flatbuffer in a LiteRT interpreter, with
-XNNPACK) or `"tensorflow"` (a compiled `tf.function` of the model with its
-BatchNormalization folded, on the device TensorFlow places it on). Two calls
+A *runtime* (`keras_csgd.runtimes`) turns a Keras model into a
+zero-argument call that runs one batch: `"litert"` (a float32 flatbuffer in
+a LiteRT interpreter, with XNNPACK), `"litert-int8"` and the other LiteRT
+quantizations, `"onnxruntime"`, `"openvino"` or `"tensorflow"` (a compiled
+`tf.function` of the model with its BatchNormalization folded). Two calls
 are timed *interleaved*: rounds alternate between them, each round times a
 block of calls per model (its median), and each model's latency is its
 fastest block median, the one other processes disturbed least.
@@ -11,19 +12,18 @@ fastest block median, the one other processes disturbed least.
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import os
 import platform
+import time
 
 import numpy as np
 import tensorflow as tf
 
 import keras_csgd
-from keras_csgd import export
-from keras_csgd.fold import fold_batchnorm
+from keras_csgd import runtimes
+from keras_csgd.runtimes.base import random_inputs
 
-RUNTIMES = ("litert", "tensorflow")
+RUNTIMES = tuple(runtimes.RUNTIMES)
 # /proc/cpuinfo flags that change which kernels a runtime picks.
 SIMD_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
@@ -72,78 +72,58 @@ def machine() -> dict:
     }
 
 
-def versions() -> dict:
-    """Versions of the libraries a latency depends on."""
+def versions(runtime: str = "litert") -> dict:
+    """Versions of the libraries a latency on `runtime` depends on: Keras,
+    keras_csgd, and the runtime's own (`Runtime.versions`)."""
     import keras
 
-    try:
-        litert = importlib.metadata.version("ai-edge-litert")
-    except importlib.metadata.PackageNotFoundError:
-        litert = None
-    return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "ai_edge_litert": litert,
-        "keras_csgd": keras_csgd.__version__,
-    }
-
-
-def inputs(model, batch_size: int) -> np.ndarray:
-    """A fixed uniform random batch for `model`'s input."""
-    shape = export.input_spec(model).shape[1:]
-    rng = np.random.default_rng(0)
-    return rng.uniform(size=(batch_size, *shape)).astype(np.float32)
-
-
-def xla(jit_compile) -> bool:
-    """Whether the TensorFlow runtime compiles with XLA.
-
-    `"auto"` means XLA where TensorFlow has a GPU, TensorFlow's graph
-    kernels on a CPU: XLA's CPU convolutions are slower than TensorFlow's
-    oneDNN kernels (`benchmarks/xla_cpu.py` on a 2-core AVX-512 Xeon at
-    batch 64: 1.85x for a CIFAR ResNet-56, 22.6x for MobileNetV2 at
-    128x128, whose depthwise convolutions XLA's CPU backend runs slowly).
-    """
-    if jit_compile == "auto":
-        return bool(tf.config.list_physical_devices("GPU"))
-    if not isinstance(jit_compile, bool):
-        raise ValueError(
-            "`jit_compile` must be True, False or 'auto'. "
-            f"Received: jit_compile={jit_compile!r}"
-        )
-    return jit_compile
+    return {"keras": keras.__version__, "keras_csgd": keras_csgd.__version__,
+            **runtimes.get(runtime).versions()}
 
 
 def runner(model, runtime: str, batch_size: int, threads: int,
-           jit_compile="auto", tflite=None):
+           jit_compile="auto", path=None):
     """A zero-argument call that runs `model` on one batch in `runtime`.
 
     Args:
         model: a single-input Keras model.
-        runtime: `"litert"` or `"tensorflow"`.
+        runtime: one of `RUNTIMES`.
         batch_size: the batch size.
-        threads: LiteRT interpreter threads.
+        threads: the runtime's threads (TensorFlow keeps its process-wide
+            setting).
         jit_compile: compile the TensorFlow call with XLA: `True`,
-            `False` or `"auto"` (XLA on a GPU only, see `xla`).
-        tflite: for `"litert"`, the flatbuffer bytes or a `.tflite` path.
-            Defaults to `None` (converted here, without the SavedModel
-            round trip: `export.tflite_flatbuffer(model, saved_model=False)`).
+            `False` or `"auto"` (XLA on a GPU only, see
+            `keras_csgd.runtimes.tensorflow.xla`).
+        path: a file `kc.export` wrote of `model` for `runtime`. Defaults
+            to `None`: compiled here the quickest way (`Runtime.compile`:
+            LiteRT converts without the SavedModel round trip).
     """
-    x = inputs(model, batch_size)
-    if runtime == "litert":
-        interpreter = export.load_interpreter(
-            tflite if tflite is not None
-            else export.tflite_flatbuffer(model, saved_model=False),
-            threads,
-        )
-        export.set_input(interpreter, x)
-        return interpreter.invoke
-    call = tf.function(
-        functools.partial(fold_batchnorm(model), training=False),
-        jit_compile=xla(jit_compile),
-    )
-    x = tf.constant(x)
-    return lambda: call(x).numpy()
+    rt = runtimes.get(runtime)
+    program = (rt.compile(model, threads, jit_compile) if path is None
+               else rt.load(path, threads, jit_compile))
+    return program.bind(random_inputs(model, batch_size))
+
+
+def time_calls(fn, runs, warmup):
+    """Wall-clock times of `runs` calls of `fn` after `warmup` untimed ones.
+
+    Returns:
+        `{"median_ms", "p10_ms", "p90_ms", "runs"}`.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    p10, median, p90 = np.percentile(times, [10, 50, 90])
+    return {
+        "median_ms": float(median),
+        "p10_ms": float(p10),
+        "p90_ms": float(p90),
+        "runs": runs,
+    }
 
 
 def schedule(call, block_ms: float, budget_ms: float,
@@ -155,7 +135,7 @@ def schedule(call, block_ms: float, budget_ms: float,
     short blocks in many rounds make the fastest block stable on a busy
     machine, at little cost for fast models.
     """
-    ms = export.time_calls(call, runs=3, warmup=2)["median_ms"]
+    ms = time_calls(call, runs=3, warmup=2)["median_ms"]
     calls = int(np.clip(round(block_ms / ms), 1, 200))
     least, most = rounds
     return calls, int(np.clip(round(budget_ms / (2 * calls * ms)), least,
@@ -181,7 +161,7 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
         for k in ((0, 1) if r % 2 == 0 else (1, 0)):
             call = (first, second)[k]
             blocks[k].append(
-                export.time_calls(call, runs=calls,
+                time_calls(call, runs=calls,
                                 warmup=int(calls > 1))["median_ms"]
             )
     return np.array(blocks[0]), np.array(blocks[1])

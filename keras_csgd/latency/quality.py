@@ -1,0 +1,60 @@
+"""Checks a fresh latency table makes on itself before it is cached.
+
+On a busy machine timing noise can fit a table that predicts the full
+model's latency badly, says that a narrower width is slower than a wider
+one, or that removing a block costs time; every later plan of that
+structure would use it. `problems` lists what is wrong with a table, each
+test against a share of the full latency (`max_error`):
+
+- *fit*: the RMS residual of the least-squares fit
+  (`fields["fit_rms_ms"]`) is at most `max_error` of the full latency;
+- *held-out*: the RMS error of its predictions for variants the fit did
+  not see is at most twice that;
+- *order*: no group measures slower at a width than at a wider one (the
+  full width included) by more than `max_error`;
+- *sign*: no block's removal costs more than `max_error`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_ERROR = 0.03
+
+
+def problems(table, held_out=(), max_error: float = MAX_ERROR) -> list[str]:
+    """What is wrong with `table`, as sentences (empty when clean).
+
+    Args:
+        table: a `LatencyTable` with `fields["fit_rms_ms"]` (when fitted).
+        held_out: `(widths, measured change in ms)` of variants the fit did
+            not use. Defaults to `()`.
+        max_error: the share of the full latency each test allows.
+            Defaults to `0.03`.
+
+    Returns:
+        One sentence per failed test.
+    """
+    full, out = table.full, []
+    fit = table.fields.get("fit_rms_ms")
+    if fit is not None and fit > max_error * full:
+        out.append(f"the fit's RMS residual is {fit:.3g} ms, "
+                   f"{fit / full:.1%} of the full {full:.3g} ms")
+    if len(held_out):
+        errors = [table.predict(w) - full - delta for w, delta in held_out]
+        rms = float(np.sqrt(np.mean(np.square(errors))))
+        if rms > 2 * max_error * full:
+            out.append(f"predictions for {len(errors)} held-out variants "
+                       f"miss by {rms:.3g} ms RMS, {rms / full:.1%} of full")
+    for name in table.groups:
+        widths, ms = table.points(name)
+        worse = ms - np.minimum.accumulate(ms)  # above a wider width's time
+        k = int(np.argmax(worse))
+        if worse[k] > max_error * full:
+            out.append(f"group {name!r} measures {worse[k]:.3g} ms slower "
+                       f"at width {widths[k]} than at a wider width")
+    for name, b in table.blocks.items():
+        if -b["saving_ms"] > max_error * full:
+            out.append(f"removing block {name!r} costs "
+                       f"{-b['saving_ms']:.3g} ms")
+    return out

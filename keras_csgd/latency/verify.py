@@ -1,0 +1,99 @@
+"""Timing a slim model against the full one on a runtime, interleaved,
+each from the file its runtime deploys (`kc.export`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from keras_csgd import checks
+from keras_csgd.latency import timing
+from keras_csgd.runtimes import get
+from keras_csgd.runtimes.exporter import export
+
+# Blocks of about 10 ms in as many rounds (9 to 101) as fit in 6 s.
+VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
+
+
+class Verifier:
+    """Times slim variants against the full model, interleaved.
+
+    Args:
+        model: the full model.
+        runtime, batch_size, threads, jit_compile: the timed calls'.
+        measure: a function `model -> ms` used instead, or `None`.
+        folder: where the exported files go.
+    """
+
+    def __init__(self, model, runtime, batch_size, threads, jit_compile,
+                 measure, folder):
+        self.model, self.measure, self.folder = model, measure, folder
+        self.args = (runtime, batch_size, threads, jit_compile)
+        self.full = None
+
+    def _runner(self, model, name):
+        """The call of `model`'s checked file (TensorFlow: compiled in
+        process, the way it is served)."""
+        runtime, path = get(self.args[0]), None
+        if runtime.name != "tensorflow":
+            path = export(model, os.path.join(
+                self.folder, f"{name}{runtime.suffix}"), runtime.format).path
+        return timing.runner(model, *self.args, path=path)
+
+    def __call__(self, variant, name) -> tuple[float, float, float]:
+        """`(full_ms, slim_ms, ratio)`, fastest block medians (see
+        `timing.fastest_blocks`)."""
+        if self.measure is not None:
+            full, ms = float(self.measure(self.model)), float(
+                self.measure(variant))
+            return full, ms, ms / full
+        if self.full is None:
+            self.full = self._runner(self.model, "full")
+            self.calls, self.rounds = timing.schedule(
+                self.full, **VERIFY_TIMING
+            )
+        stats = timing.fastest_blocks(*timing.interleaved(
+            self.full, self._runner(variant, name), self.rounds, self.calls
+        ))
+        return stats["first_ms"], stats["second_ms"], stats["ratio"]
+
+
+def time_against_full(model, variant, runtime="litert", batch_size=1, *,
+                      threads=None, jit_compile="auto"):
+    """Times `variant` against `model`, interleaved, on `runtime`.
+
+    Each model is written by `kc.export` for the runtime (checked against
+    Keras) and its file loaded; TensorFlow runs a compiled call of each
+    model with BatchNormalization folded. Blocks of about 10 ms, in as many
+    rounds (9 to 101) as fit 6 s (`VERIFY_TIMING`), alternating which
+    model goes first; each model's latency is its fastest block median.
+
+    Args:
+        model: the full model.
+        variant: its slim model (or any model of the same input).
+        runtime: one of `kc.latency.RUNTIMES`. Defaults to `"litert"`.
+        batch_size: batch size of the calls. Defaults to `1`.
+        threads: the runtime's threads. Defaults to `None` (the usable
+            cores).
+        jit_compile: XLA for TensorFlow (`True`, `False` or `"auto"`: on
+            a GPU only). Defaults to `"auto"`.
+
+    Returns:
+        `(full_ms, variant_ms, ratio)`: each model's fastest block median
+        over the rounds (see `timing.fastest_blocks`), and their ratio.
+
+    Example:
+
+    ```python
+    small = kc.slim(model, plan)
+    full_ms, slim_ms, ratio = kc.latency.time_against_full(model, small)
+    ```
+    """
+    checks.choice("runtime", runtime, timing.RUNTIMES)
+    checks.positive_int("batch_size", batch_size)
+    threads = checks.positive_int("threads", threads, allow_none=True)
+    threads = timing.cores() if threads is None else threads
+    with tempfile.TemporaryDirectory() as folder:
+        verifier = Verifier(model, runtime, batch_size, threads,
+                             jit_compile, None, folder)
+        return verifier(variant, "variant")

@@ -1,0 +1,94 @@
+"""TensorFlow: a compiled call of the model with BatchNormalization folded,
+in process (profiling), or its SavedModel (Keras's exporter) loaded."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import tensorflow as tf
+
+from keras_csgd.fold import fold_batchnorm
+from keras_csgd.runtimes.base import Program, Runtime, input_spec
+
+# Folding BatchNormalization only reorders float32 arithmetic.
+TOLERANCE = 1e-4
+
+
+def xla(jit_compile) -> bool:
+    """Whether the TensorFlow runtime compiles with XLA.
+
+    `"auto"` means XLA where TensorFlow has a GPU, TensorFlow's graph
+    kernels on a CPU: XLA's CPU convolutions are slower than TensorFlow's
+    oneDNN kernels (`benchmarks/xla_cpu.py` on a 2-core AVX-512 Xeon at
+    batch 64: 1.85x for a CIFAR ResNet-56, 22.6x for MobileNetV2 at
+    128x128, whose depthwise convolutions XLA's CPU backend runs slowly).
+    """
+    if jit_compile == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    if not isinstance(jit_compile, bool):
+        raise ValueError(
+            "`jit_compile` must be True, False or 'auto'. "
+            f"Received: jit_compile={jit_compile!r}"
+        )
+    return jit_compile
+
+
+def set_tf_threads(threads):
+    """Pins TensorFlow's intra-op threads; warns once TF has started."""
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    if current == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        warnings.warn(
+            f"TensorFlow is already initialised with {current or 'all'} "
+            f"intra-op threads; `threads={threads}` applies only to the "
+            "other runtimes. Set threads before running any TensorFlow op "
+            "to pin Keras threads too.",
+            stacklevel=2,
+        )
+
+
+def _program(function, shape, jit_compile) -> Program:
+    call = tf.function(function, jit_compile=xla(jit_compile))
+
+    def bind(x):
+        x = tf.constant(x, tf.float32)
+        return lambda: call(x).numpy()
+
+    return Program(lambda x: bind(x)(), bind, shape, TOLERANCE)
+
+
+class TensorFlow(Runtime):
+    """TensorFlow on the device it places the model on; intra-op threads
+    are TensorFlow's process-wide setting (`set_tf_threads`)."""
+
+    name = "tensorflow"
+    format = "saved_model"
+    keras_format = "tf_saved_model"
+
+    def versions(self):
+        return {"tensorflow": tf.__version__}
+
+    def write(self, model, path, data=None, sparse=False):
+        super().write(fold_batchnorm(model), path)
+
+    def load(self, path, threads=None, jit_compile="auto"):
+        loaded = tf.saved_model.load(os.fspath(path))
+        serve = loaded.signatures["serving_default"]
+        name, spec = next(iter(serve.structured_input_signature[1].items()))
+        output = next(iter(serve.structured_outputs))
+
+        def function(x):  # keeps `loaded`, which owns the variables
+            return loaded.signatures["serving_default"](**{name: x})[output]
+
+        return _program(function, spec.shape[1:], jit_compile)
+
+    def compile(self, model, threads=None, jit_compile="auto"):
+        folded = fold_batchnorm(model)
+        return _program(functools.partial(folded, training=False),
+                        input_spec(model).shape[1:], jit_compile)
