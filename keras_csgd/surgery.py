@@ -12,6 +12,7 @@ the plan's removed blocks).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -21,7 +22,7 @@ import numpy as np
 from keras_csgd import blocks, graph, layers
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
-from keras_csgd.rebuild import rebuild, var_key
+from keras_csgd.rebuild import rebuild, var_key, with_bias
 
 SPREAD_TOLERANCE = 1e-4
 
@@ -192,13 +193,16 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         name: {k: graph.layout_size(an.root(lay), index.new)
                for k, lay in keys.items()}
         for name, keys in an.widths.items()
+        if layers.attribute(an.layers[name], "replaces")
+        or any(planned.intersection(graph.leaves(an.root(lay)))
+               for lay in keys.values())
     }
 
     def configure(name, layer, config):
+        if name in folds and not layer.use_bias:
+            config = with_bias(layer, config)
         if name in widths:
             config = layers.handler_for(layer).rebuild(config, widths[name])
-        if name in folds and not layer.use_bias:
-            config["use_bias"] = True
         return config
 
     def call(name, layer, args, kwargs):
@@ -212,8 +216,9 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             return None
         return [graph.layout_size(an.root(lay), index.new) for lay in lays]
 
-    return rebuild(model, configure, call if shortcuts else None, values,
-                   input_widths)
+    edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
+    return rebuild(model, edits,
+                   call if shortcuts else None, values, input_widths)
 
 
 def _segment_sum(w, assign, n_new, axis):
