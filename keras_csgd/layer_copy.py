@@ -7,9 +7,11 @@ layers among them), and an unchanged layer has no reason to be re-created.
 
 The copy shares nothing mutable with the original: each layer of its tree
 (the layer and its sub-layers) is a new object of the same class, and each
-variable is new, holding the same value. Training one model leaves the
-other as it was. What is immutable or has no state (dtype policies,
-initializers, activation functions, modules, Keras tensors) is shared.
+variable is new, holding the same value; methods and closures kept on the
+instance (Keras's `build` wrapper) are re-bound to the copy. Training one
+model leaves the other as it was. What is immutable or has no state
+(dtype policies, initializers, activation functions, modules, Keras
+tensors) is shared.
 The copy has not been called: it has no nodes until `rebuild` calls it on
 the new model's tensors.
 """
@@ -79,6 +81,8 @@ def _copy(obj, memo: dict):
         )
     if isinstance(obj, types.MethodType) and id(obj.__self__) in memo:
         return types.MethodType(obj.__func__, memo[id(obj.__self__)])
+    if isinstance(obj, types.FunctionType) and obj.__closure__:
+        return _copy_closure(obj, memo)
     if isinstance(obj, (keras.Operation, tracking.Tracker,
                         keras.random.SeedGenerator)):
         new = _shell(obj, memo)
@@ -87,6 +91,27 @@ def _copy(obj, memo: dict):
             new.__dict__[key] = [] if fresh else _copy(value, memo)
         return new
     return obj
+
+
+def _copy_closure(fn, memo: dict):
+    """`fn` over copies of what its closure holds.
+
+    Keras wraps each layer's `build` in a closure over the layer, kept on
+    the instance: the copy's must build the copy.
+    """
+    cells = []
+    for cell in fn.__closure__:
+        try:
+            cells.append(types.CellType(_copy(cell.cell_contents, memo)))
+        except ValueError:  # an empty cell
+            cells.append(types.CellType())
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__,
+                             fn.__defaults__, tuple(cells))
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    memo[id(fn)] = new
+    new.__dict__.update({k: _copy(v, memo) for k, v in fn.__dict__.items()})
+    return new
 
 
 def _shell(obj, memo: dict):

@@ -25,16 +25,21 @@ pytest.importorskip("keras_hub")
 # Prunable groups each family has at least.
 MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "DeepLabV3": 6}
-# Families whose `.keras` file does not load back, and why: keras_hub's own
-# layer configs (the original model fails the same way).
+# Families whose slim model does not save or load back as `.keras` although
+# the original does (a gap, issue 23): the original saves as its Backbone
+# class, by the Backbone's constructor arguments; the slim model is a
+# functional model whose layers save one by one, and these keras_hub 0.32
+# layer configs do not round-trip:
 NOT_LOADABLE = {
-    "DeiT": "DeiTEmbeddings' config has derived sizes its __init__ rejects",
+    "DeiT": "DeiTEncoder.get_config reads a missing `key_dim`",
+    "Swin": "Swin's get_config calls LayerNormalization.get_config unbound",
+    "Llama": "LlamaTransformerDecoder.get_config reads a missing attribute",
     "MiT": "HierarchicalTransformerEncoder's config does not load back",
     "SegFormer": "HierarchicalTransformerEncoder's config does not load "
                  "back",
-    "Swin": "SwinTransformer layers' get_config is broken",
-    "Llama": "LlamaTransformerDecoder lacks an attribute its config reads",
     "Qwen3": "Qwen3TransformerDecoder's config does not load back",
+    "D-FINE": "a decoder layer builds from a list where it wants a tuple",
+    "DeepLabV3": "a layer builds from a list where it wants a tuple",
 }
 
 
@@ -72,10 +77,10 @@ def test_identity_plan_is_exact_and_macs_are_honest(name):
     assert _error(small(x), model(x)) == 0.0
     macs, uncounted = _macs(model, family)
     reference = reference_macs(model, inputs(model, family.kind, n=1))
-    if uncounted:
-        assert macs < reference
-    else:
-        assert macs == pytest.approx(reference, rel=0.05)
+    # Within 5% of the reference, or short of it with a warning naming
+    # what is not counted.
+    within = macs == pytest.approx(reference, rel=0.05)
+    assert within or (uncounted and macs < reference)
     assert _macs(small, family)[0] == _macs(model, family, plan)[0] == macs
 
 
@@ -93,6 +98,15 @@ def test_collapsed_family_slims_exactly(name):
     assert slim_macs < _macs(model, family)[0]
 
 
+def _reloaded(model, path):
+    """`model` saved to `.keras` and loaded back, or the error raised."""
+    try:
+        model.save(path)
+        return keras.saving.load_model(path)
+    except (TypeError, ValueError, AttributeError) as e:
+        return e
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_slim_model_keras_round_trip(name, tmp_path):
@@ -101,12 +115,11 @@ def test_slim_model_keras_round_trip(name, tmp_path):
     plan = kc.make_plan(model, keep=0.5, method="kmeans") if (
         name in MIN_GROUPS) else kc.PruningPlan({})
     small = kc.slim(model, plan)
-    path = tmp_path / "slim.keras"
-    small.save(path)
-    if name in NOT_LOADABLE:
-        with pytest.raises((TypeError, ValueError, AttributeError)):
-            keras.saving.load_model(path)
-        return
+    loaded = _reloaded(small, tmp_path / "slim.keras")
     x = inputs(model, family.kind)
-    loaded = keras.saving.load_model(path)
+    if name in NOT_LOADABLE:
+        assert isinstance(loaded, Exception)
+        original = _reloaded(model, tmp_path / "full.keras")
+        assert _error(original(x), model(x)) == 0.0
+        return
     assert _error(loaded(x), small(x)) == 0.0

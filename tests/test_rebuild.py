@@ -69,6 +69,24 @@ def test_copy_layer_has_its_own_variables_and_sub_layers():
     assert [v.path for v in twin.weights] == [v.path for v in odd.weights]
 
 
+class Lazy(keras.layers.Layer):
+    """A layer whose sub-layer is built at its first call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add = L.Add()
+
+    def call(self, x):
+        return self.add([x, x])
+
+
+def test_copy_of_an_unbuilt_sub_layer_builds_itself_not_the_original():
+    lazy = Lazy()
+    twin = copy_layer(lazy)
+    twin(np.ones((2, 3), "float32"))
+    assert twin.add.built and not lazy.add.built
+
+
 def test_copy_layer_refuses_a_functional_model():
     with pytest.raises(TypeError, match="functional or Sequential"):
         copy_layer(ZOO["nested"]())
