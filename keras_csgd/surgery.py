@@ -222,10 +222,16 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
 
 
 def _segment_sum(w, assign, n_new, axis):
+    """`w`'s slices along `axis` summed into `n_new` by `assign` (-1:
+    dropped)."""
     w0 = np.moveaxis(w, axis, 0)
     out = np.zeros((n_new,) + w0.shape[1:], w.dtype)
-    keep = assign >= 0
-    np.add.at(out, assign[keep], w0[keep])
+    keep = np.flatnonzero(assign >= 0)
+    order = keep[np.argsort(assign[keep], kind="stable")]
+    if len(order):
+        ids = assign[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        out[ids[starts]] = np.add.reduceat(w0[order], starts, axis=0)
     return np.moveaxis(out, 0, axis)
 
 

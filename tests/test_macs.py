@@ -107,3 +107,13 @@ def test_nested_model_with_dynamic_shapes_counts_on_the_outer_input():
     model = keras.Model(inp, L.Dense(2, name="head")(x))
     assert kc.count_macs(model) == 6 * 6 * 27 * 4 + 4 * 2
     assert graph.call_inputs(inner.get_layer("ic")) is not None
+
+
+def test_nested_sequential_with_dynamic_shapes_counts():
+    seq = keras.Sequential([keras.Input((None, None, 3)),
+                            L.Conv2D(4, 1, name="sc")], name="seq")
+    inp = keras.Input((5, 5, 3))
+    x = L.GlobalAveragePooling2D()(seq(inp))
+    model = keras.Model(inp, L.Dense(2, name="head")(x))
+    assert kc.count_macs(model) == 25 * 3 * 4 + 4 * 2
+    assert graph.call_inputs(seq.get_layer("sc")) is not None

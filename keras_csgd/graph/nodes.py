@@ -206,9 +206,12 @@ def static_inputs(model, input_shape):
         if is_graph_model(layer):
             inner = [keras.Input(batch_shape=t.shape, dtype=t.dtype)
                      for t in keras.tree.flatten(args[0])]
+            # Keras clones a Sequential model without a call function.
+            nested = {} if isinstance(layer, keras.Sequential) else {
+                "call_function": call_function}
             layer = keras.models.clone_model(
                 layer, keras.tree.pack_sequence_as(layer.input, inner),
-                clone_function=lambda op: op, call_function=call_function,
+                clone_function=lambda op: op, **nested,
             )
         return layer(*args, **kwargs)
 
@@ -231,7 +234,7 @@ def static_inputs(model, input_shape):
 def _operations(model) -> list:
     """Every operation of `model` and of its nested models."""
     out = []
-    for op in model.operations:
+    for op in getattr(model, "operations", None) or model.layers:
         out.append(op)
         if is_graph_model(op):
             out.extend(_operations(op))
