@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from keras_csgd import graph, layers
-from keras_csgd.rebuild import rebuild
+from keras_csgd.rebuild import rebuild, with_bias
 
 
 def _channel_axis(layer, rank: int) -> int:
@@ -116,11 +116,6 @@ def fold_batchnorm(model):
     pairs = _foldable_pairs(model)
     skipped = set(pairs.values())
 
-    def configure(name, layer, config):
-        if name in pairs:
-            config["use_bias"] = True
-        return config
-
     def call(name, layer, args, kwargs):
         return args[0] if name in skipped else NotImplemented
 
@@ -128,4 +123,4 @@ def fold_batchnorm(model):
         p: _folded_weights(model.get_layer(p), model.get_layer(b))
         for p, b in pairs.items()
     }
-    return rebuild(model, configure, call, values)
+    return rebuild(model, dict.fromkeys(pairs, with_bias), call, values)

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import keras
+import numpy as np
 
 from keras_csgd import graph
+from keras_csgd.layer_copy import copy_layer
 
 
 def var_key(layer, variable) -> str:
@@ -29,19 +31,26 @@ def var_key(layer, variable) -> str:
 
 def rebuild(
     model,
-    configure: Callable[[str, keras.layers.Layer, dict], dict] | None = None,
+    configure: Mapping[str, Callable] | None = None,
     call: Callable | None = None,
     values: Mapping[str, Mapping[str, object]] | None = None,
     input_widths: Callable[[str, keras.Model], list | None] | None = None,
 ):
     """A new functional model with edited layers and copied weights.
 
+    Only what changes is re-created from its config: a layer named in
+    `configure`, or one given `values` of another shape than its variables
+    (a consumer of narrowed channels). Every other layer is copied as it
+    is (`copy_layer`: same class, new variables, no config round trip), so
+    a layer whose config does not load back never makes `rebuild` fail,
+    and the new model shares no layer or variable with `model`.
+
     Args:
         model: a functional or Sequential `keras.Model`.
-        configure: `(qualified name, old layer, config) -> config` for the
-            new layer, or the new (unbuilt) layer itself when it is of
-            another class (a handler's `rebuild` may return one). Defaults
-            to `None` (configs unchanged).
+        configure: `{qualified name: edit}`, `edit(old layer, config) ->
+            config` for the new layer, or the new (unbuilt) layer itself
+            when it is of another class (a handler's `rebuild` may return
+            one). Defaults to `None` (no layer edited).
         call: `(qualified name, new layer, args, kwargs) -> outputs` that
             replaces the call of a top-level layer, or returns
             `NotImplemented` for the plain call. Defaults to `None`.
@@ -56,9 +65,9 @@ def rebuild(
     Returns:
         A new, uncompiled model with the same names, built and weighted.
     """
-    configure = configure or (lambda name, layer, config: config)
+    configure = configure or {}
     values = values or {}
-    clones: dict[str, tuple] = {}  # name -> (old, new)
+    clones: dict[str, tuple] = {}  # name -> (old, new), rebuilt layers
     name_of: dict[int, str] = {}  # id(new layer) -> name
 
     def clone(source, prefix):
@@ -67,15 +76,17 @@ def rebuild(
         widths = widths or [None] * len(source.inputs)
         tensors = [graph.input_like(t, w)
                    for t, w in zip(source.inputs, widths)]
+
         def clone_function(layer):
             name = prefix + layer.name
             if graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
             else:
-                new = configure(name, layer, layer.get_config())
-                if not isinstance(new, keras.layers.Layer):
-                    new = layer.__class__.from_config(new)
-            clones[name] = (layer, new)
+                edit = configure.get(name)
+                new = None if edit else _copied(layer, values.get(name, {}))
+                if new is None:
+                    new = _configured(layer, edit)
+                    clones[name] = (layer, new)
             name_of[id(new)] = name
             return new
 
@@ -103,10 +114,45 @@ def rebuild(
     finally:
         model.compiled = compiled
     for name, (old, new) in clones.items():
-        if graph.is_graph_model(new) or not getattr(new, "weights", ()):
-            continue
-        new.set_weights(_weights(old, new, values.get(name, {})))
+        if getattr(new, "weights", ()):
+            new.set_weights(_weights(old, new, values.get(name, {})))
     return new_model
+
+
+def with_bias(layer, config: dict) -> dict:
+    """A `configure` edit: the layer's config with a bias."""
+    return {**config, "use_bias": True}
+
+
+def _configured(layer, edit):
+    """A new layer from `layer`'s config, edited by `edit` if given."""
+    config = layer.get_config()
+    new = edit(layer, config) if edit else config
+    if isinstance(new, keras.layers.Layer):
+        return new
+    return layer.__class__.from_config(new)
+
+
+def _copied(layer, given):
+    """`copy_layer(layer)` holding the `given` values, or `None`.
+
+    `None` when a given value has another shape than its variable (the
+    layer reads narrowed channels: its config rebuilds it at the new
+    width), or when the layer holds a functional model.
+    """
+    weights = getattr(layer, "weights", ())
+    shapes = {var_key(layer, v): tuple(v.shape) for v in weights}
+    if any(np.shape(value) != shapes.get(key)
+           for key, value in given.items()):
+        return None
+    try:
+        new = copy_layer(layer)
+    except TypeError:
+        return None
+    for v in getattr(new, "weights", ()):
+        if var_key(new, v) in given:
+            v.assign(given[var_key(new, v)])
+    return new
 
 
 def _weights(old, new, given) -> list:

@@ -12,6 +12,7 @@ the plan's removed blocks).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -21,7 +22,7 @@ import numpy as np
 from keras_csgd import blocks, graph, layers
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
-from keras_csgd.rebuild import rebuild, var_key
+from keras_csgd.rebuild import rebuild, var_key, with_bias
 
 SPREAD_TOLERANCE = 1e-4
 BLOCK_TOLERANCE = 1e-4  # largest branch / shortcut RMS of a removed block
@@ -233,13 +234,16 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         name: {k: graph.layout_size(an.root(lay), index.new)
                for k, lay in keys.items()}
         for name, keys in an.widths.items()
+        if layers.attribute(an.layers[name], "replaces")
+        or any(planned.intersection(graph.leaves(an.root(lay)))
+               for lay in keys.values())
     }
 
     def configure(name, layer, config):
+        if name in folds and not layer.use_bias:
+            config = with_bias(layer, config)
         if name in widths:
             config = layers.handler_for(layer).rebuild(config, widths[name])
-        if name in folds and not layer.use_bias:
-            config["use_bias"] = True
         return config
 
     def call(name, layer, args, kwargs):
@@ -253,15 +257,22 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             return None
         return [graph.layout_size(an.root(lay), index.new) for lay in lays]
 
-    return rebuild(model, configure, call if shortcuts else None, values,
-                   input_widths)
+    edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
+    return rebuild(model, edits,
+                   call if shortcuts else None, values, input_widths)
 
 
 def _segment_sum(w, assign, n_new, axis):
+    """`w`'s slices along `axis` summed into `n_new` by `assign` (-1:
+    dropped)."""
     w0 = np.moveaxis(w, axis, 0)
     out = np.zeros((n_new,) + w0.shape[1:], w.dtype)
-    keep = assign >= 0
-    np.add.at(out, assign[keep], w0[keep])
+    keep = np.flatnonzero(assign >= 0)
+    order = keep[np.argsort(assign[keep], kind="stable")]
+    if len(order):
+        ids = assign[order]
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        out[ids[starts]] = np.add.reduceat(w0[order], starts, axis=0)
     return np.moveaxis(out, 0, axis)
 
 

@@ -271,8 +271,8 @@ def test_unsupported_layer_freezes_its_group():
 def test_dynamic_spatial_shape_macs():
     inp = keras.Input((None, None, 3))
     m = keras.Model(inp, L.Conv2D(4, 3)(inp))
-    with pytest.raises(ValueError, match=r"`count_macs` needs static spatial "
-                       r"shapes"):
+    with pytest.raises(ValueError, match=r"Counting MACs needs static shapes.*"
+                       r"input_shape=\(128,\)"):
         kc.count_macs(m)
 
 

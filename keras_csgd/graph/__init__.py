@@ -26,6 +26,7 @@ from keras_csgd.graph.layout import (
     map_leaves,
 )
 from keras_csgd.graph.nodes import (
+    NODE_LISTS,
     ancestors,
     call_arguments,
     call_inputs,
@@ -38,6 +39,7 @@ from keras_csgd.graph.nodes import (
     producer_name,
     producer_of,
     sole_reader,
+    static_inputs,
     successors,
     topological_nodes,
 )
@@ -48,11 +50,12 @@ from keras_csgd.graph.variables import (
 )
 
 __all__ = [
-    "Analysis", "Call", "Context", "Cost", "Entry", "Reindex", "analyze",
+    "NODE_LISTS", "Analysis", "Call", "Context", "Cost", "Entry", "Reindex",
+    "analyze",
     "ancestors", "call_arguments", "call_inputs", "channel_groups",
     "channels", "check_functional", "flat_channels", "following_batchnorm",
     "get_variable", "input_like", "is_graph_model", "layout_size", "leaves",
     "map_leaves", "operations_between", "producer_filters", "producer_name",
-    "producer_of", "short_name", "sole_reader", "successors",
+    "producer_of", "short_name", "sole_reader", "static_inputs", "successors",
     "topological_nodes",
 ]

@@ -65,6 +65,8 @@ class Analysis:
     widths: dict[str, dict[str, tuple]]  # layer -> {config key: layout}
     nested: dict[str, list]  # qualified nested-model name -> input layouts
     costs: list[Cost]
+    # Calls the registry does not know: their MACs are not in `costs`.
+    uncounted: list[str] = dataclasses.field(default_factory=list)
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
@@ -136,6 +138,7 @@ class Context:
         self.widths: dict[str, dict[str, tuple]] = {}
         self.nested: dict[str, list] = {}
         self.costs: list[Cost] = []
+        self.uncounted: list[str] = []
         self.calls: dict[int, int] = {}
 
     # ------------------------------------------------------ for handlers
@@ -193,6 +196,11 @@ class Context:
             self.freeze(lay, reason)
         return [self.new_group(channels(t), call.name, reason)
                 for t in call.outputs]
+
+    def uncounted_call(self, call: Call, why: str) -> list:
+        """`unknown`, for a call whose MACs nobody records."""
+        self.uncounted.append(call.name)
+        return self.unknown(call, why)
 
     def unify(self, a, b) -> bool:
         """Makes two layouts the same channel space; False if impossible."""
@@ -275,7 +283,7 @@ class Context:
         self.calls[id(op)] = self.calls.get(id(op), 0) + 1
         if isinstance(op, keras.Model):
             if not is_graph_model(op):
-                return self.unknown(call, "subclassed model")
+                return self.uncounted_call(call, "subclassed model")
             if self.calls[id(op)] == 1:
                 self.nested[lname] = call.layouts
                 return self.run_model(op, call.layouts, lname + "/")
@@ -283,17 +291,17 @@ class Context:
             for e in self.entries:
                 if e.lname.startswith(lname + "/"):
                     self.freeze(e.layout, reason)
-            return self.unknown(call, "shared model")
+            return self.uncounted_call(call, "shared model")
         handler = layers.handler_for(op)
         if handler is None:
-            return self.unknown(call, "unsupported layer")
+            return self.uncounted_call(call, "unsupported layer")
         start, costs = len(self.entries), len(self.costs)
         try:
             outs = handler.channels(self, call)
         except Exception as e:  # a handler's failure freezes, never slims
             del self.entries[start:], self.costs[costs:]
             self.widths.pop(lname, None)
-            return self.unknown(call, f"handler failed ({e})")
+            return self.uncounted_call(call, f"handler failed ({e})")
         if self.calls[id(op)] > 1:
             reason = f"layer `{lname}` is shared (called twice)"
             for e in self.entries:
@@ -348,7 +356,7 @@ class Context:
         return Analysis(
             groups, gid_of, self.entries, self.layers, roots,
             {r: self.size[r] for r in set(roots.values())}, self.widths,
-            self.nested, self.costs,
+            self.nested, self.costs, self.uncounted,
         )
 
 

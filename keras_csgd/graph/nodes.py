@@ -6,10 +6,15 @@ The only code of the package that reads Keras's private node structure
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras.src.models.functional import Functional
 
 from keras_csgd import layers
+
+# Where an operation keeps the nodes of its calls (a copy starts empty).
+NODE_LISTS = ("_inbound_nodes", "_outbound_nodes")
 
 
 def channels(t) -> int:
@@ -168,3 +173,93 @@ def check_functional(model) -> None:
             "cannot be read. Rebuild it with the functional API "
             "(keras.Input -> layers -> keras.Model)."
         )
+
+
+@contextlib.contextmanager
+def static_inputs(model, input_shape):
+    """`model` called on inputs of static shape, for as long as needed.
+
+    Every layer is called again, nested models included (each rebuilt on
+    static inputs under its own name), so every tensor of the returned
+    model has the static shapes that follow from `input_shape`. The layers
+    are `model`'s own (no copy, no weights moved); the nodes these calls
+    add to them are removed on exit, leaving `model` as it was.
+
+    Args:
+        model: a functional or Sequential `keras.Model`.
+        input_shape: the shape of one example (no batch axis), for every
+            input alike (`(128,)`: token ids and a padding mask of 128),
+            or a list of them in `model.inputs` order, or a dict by input
+            name. `None` entries keep the model's own dimension.
+
+    Yields:
+        A functional model of `model`'s layers on static-shape inputs.
+
+    Raises:
+        ValueError: a shape does not fit its input.
+    """
+    shapes = _input_shapes(model, input_shape)
+    marks = [(op, [len(getattr(op, n)) for n in NODE_LISTS])
+             for op in _operations(model)]
+
+    def call_function(layer, *args, **kwargs):
+        if is_graph_model(layer):
+            inner = [keras.Input(batch_shape=t.shape, dtype=t.dtype)
+                     for t in keras.tree.flatten(args[0])]
+            # Keras clones a Sequential model without a call function.
+            nested = {} if isinstance(layer, keras.Sequential) else {
+                "call_function": call_function}
+            layer = keras.models.clone_model(
+                layer, keras.tree.pack_sequence_as(layer.input, inner),
+                clone_function=lambda op: op, **nested,
+            )
+        return layer(*args, **kwargs)
+
+    if isinstance(model, keras.Sequential):
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    inputs = [keras.Input(batch_shape=(1, *s), dtype=t.dtype,
+                          name=producer_name(t))
+              for t, s in zip(model.inputs, shapes)]
+    try:
+        yield keras.models.clone_model(
+            model, keras.tree.pack_sequence_as(model.input, inputs),
+            clone_function=lambda op: op, call_function=call_function,
+        )
+    finally:
+        for op, lengths in marks:
+            for name, n in zip(NODE_LISTS, lengths):
+                del getattr(op, name)[n:]
+
+
+def _operations(model) -> list:
+    """Every operation of `model` and of its nested models."""
+    out = []
+    for op in getattr(model, "operations", None) or model.layers:
+        out.append(op)
+        if is_graph_model(op):
+            out.extend(_operations(op))
+    return out
+
+
+def _input_shapes(model, input_shape) -> list[tuple]:
+    """One full example shape per model input (see `static_inputs`)."""
+    given = input_shape
+    if isinstance(given, dict):
+        given = [given.get(producer_name(t)) for t in model.inputs]
+    elif not (given and isinstance(given[0], (list, tuple))):
+        given = [given] * len(model.inputs)
+    shapes = []
+    for t, shape in zip(model.inputs, given):
+        own = tuple(t.shape[1:])
+        shape = own if shape is None else tuple(shape)
+        fits = len(shape) == len(own) and all(
+            d is None or s is None or d == s for d, s in zip(own, shape))
+        if len(given) != len(model.inputs) or not fits:
+            raise ValueError(
+                "`input_shape` must give every model input a shape of its "
+                f"rank without the batch axis (inputs: "
+                f"{[tuple(x.shape[1:]) for x in model.inputs]}), matching "
+                f"its static dimensions. Received: input_shape={input_shape!r}"
+            )
+        shapes.append(tuple(o if g is None else g for g, o in zip(shape, own)))
+    return shapes

@@ -136,7 +136,7 @@ class MultiHeadAttentionHandler(LayerHandler):
         layer = call.layer
         out_shape = layer._output_shape
         if isinstance(out_shape, (list, tuple)) and len(out_shape) != 1:
-            return ctx.unknown(call, "multi-axis `output_shape`")
+            return ctx.uncounted_call(call, "multi-axis `output_shape`")
         args, kwargs = graph.call_arguments(call)
         bound = dict(zip(("query", "value", "key"), args))
         bound.update(kwargs)
@@ -185,7 +185,7 @@ class EinsumDenseHandler(LayerHandler):
     def channels(self, ctx, call):
         why = _einsum_dense_spec(call.layer)
         if why:
-            return ctx.unknown(call, why)
+            return ctx.uncounted_call(call, why)
         layer, (lay,) = call.layer, call.layouts
         ctx.consumer(call, layer.kernel, 0, lay)
         out = ctx.produce(call, layer.kernel, 1, layer.kernel.shape[1],

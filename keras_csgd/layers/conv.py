@@ -27,9 +27,9 @@ class _ConvFamily(LayerHandler):
     def channels(self, ctx, call):
         layer = call.layer
         if getattr(layer, "data_format", None) == "channels_first":
-            return ctx.unknown(call, "channels_first layer")
+            return ctx.uncounted_call(call, "channels_first layer")
         if getattr(layer, "groups", 1) != 1:
-            return ctx.unknown(call, "grouped convolution")
+            return ctx.uncounted_call(call, "grouped convolution")
         return self.conv_channels(ctx, call, layer, call.layouts[0])
 
 

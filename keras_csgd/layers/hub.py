@@ -154,10 +154,12 @@ class MLPHandler(LayerHandler):
 class PatchingHandler(LayerHandler):
     """ViT's patch embedding: a patch Conv2D, class token, positions."""
 
+    replaces = True  # keras_hub's class does not load back
+
     def channels(self, ctx, call):
         layer, (lay,) = call.layer, call.layouts
         if layer.data_format == "channels_first":
-            return ctx.unknown(call, "channels_first layer")
+            return ctx.uncounted_call(call, "channels_first layer")
         conv = layer.patch_embedding
         ctx.consumer(call, conv.kernel, 2, lay)
         out = ctx.produce(call, conv.kernel, 3, layer.hidden_dim,

@@ -53,10 +53,15 @@ class LayerHandler:
             multiply: `"conv"` (every window of a convolution), `"dense"`
             (every vector along the last axis), or `None`: the layer cannot
             be compensated.
+        replaces: `slim` always rebuilds the layer through `rebuild`, even
+            at unchanged widths (its own class does not load back from its
+            config; `rebuild` returns one that does). Otherwise a layer
+            whose widths do not change is copied as it is.
     """
 
     normalizes = False
     patches = None
+    replaces = False
 
     def channels(self, ctx, call):
         """Declares the call's channel structure; returns output layouts."""
@@ -143,7 +148,8 @@ def mixes_channels(activation) -> bool:
 
 
 def attribute(layer, name: str) -> bool:
-    """A handler flag (`normalizes`, `sums`) of `layer`; False if unknown."""
+    """A handler flag (`normalizes`, `sums`, `replaces`) of `layer`, or
+    False for an unknown layer."""
     return bool(getattr(handler_for(layer), name, False))
 
 

@@ -10,7 +10,7 @@ from keras_csgd import graph
 from keras_csgd.methods.compensation.blocks import refit_block_readers
 from keras_csgd.methods.compensation.solve import least_squares, per_entry
 from keras_csgd.plan import PruningPlan
-from keras_csgd.rebuild import rebuild
+from keras_csgd.rebuild import rebuild, with_bias
 from keras_csgd.surgery import slim
 
 
@@ -175,10 +175,6 @@ def _with_updates(model, updates):
                 bn.moving_mean.dtype
             )
 
-    def configure(name, layer, config):
-        if name in new_bias:
-            config["use_bias"] = True
-        return config
-
-    return rebuild(model, configure=configure, values=values)
+    return rebuild(model, configure=dict.fromkeys(new_bias, with_bias),
+                   values=values)
 

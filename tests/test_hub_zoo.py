@@ -1,0 +1,125 @@
+"""keras_hub's zoo, family by family (issue 23): what holds today.
+
+Every family of `hub_zoo.FAMILIES` is built small with random weights and
+checked for what must hold whatever the analysis sees: the identity plan
+(every prunable group kept whole; empty where nothing is prunable yet)
+slims exactly, MACs are honest (equal to an independent count of every
+Conv/Dense/EinsumDense call within 5%, or a warning names what is not
+counted), and the slim model's MACs equal `macs_under`. Families with
+prunable groups are collapsed at keep=0.5 and slimmed exactly. The tables
+below are the expectations as they stand: they may only grow.
+"""
+
+import warnings
+
+import keras
+import pytest
+
+import keras_csgd as kc
+from hub_zoo import FAMILIES, inputs
+from mac_reference import reference_macs
+from utils import collapse, relative_error
+
+pytest.importorskip("keras_hub")
+
+# Prunable groups each family has at least.
+MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
+              "DeepLabV3": 6}
+# Families whose slim model does not save or load back as `.keras` although
+# the original does (a gap, issue 23): the original saves as its Backbone
+# class, by the Backbone's constructor arguments; the slim model is a
+# functional model whose layers save one by one, and these keras_hub 0.32
+# layer configs do not round-trip:
+NOT_LOADABLE = {
+    "DeiT": "DeiTEncoder.get_config reads a missing `key_dim`",
+    "Swin": "Swin's get_config calls LayerNormalization.get_config unbound",
+    "Llama": "LlamaTransformerDecoder.get_config reads a missing attribute",
+    "MiT": "HierarchicalTransformerEncoder's config does not load back",
+    "SegFormer": "HierarchicalTransformerEncoder's config does not load "
+                 "back",
+    "Qwen3": "Qwen3TransformerDecoder's config does not load back",
+    "D-FINE": "a decoder layer builds from a list where it wants a tuple",
+    "DeepLabV3": "a layer builds from a list where it wants a tuple",
+}
+
+
+def _error(a, b):
+    return max(keras.tree.flatten(keras.tree.map_structure(
+        relative_error, a, b)))
+
+
+def _macs(model, family, plan=None):
+    """(`count_macs` or `macs_under`, names it warned were not counted)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shape = family.input_shape
+        macs = (kc.count_macs(model, input_shape=shape) if plan is None
+                else kc.macs_under(model, plan, input_shape=shape))
+    return macs, [str(w.message) for w in caught
+                  if "not counted" in str(w.message)]
+
+
+def _identity_plan(model):
+    groups = kc.channel_groups(model)
+    return kc.PruningPlan(
+        {g.name: [[i] for i in range(g.size)] for g in groups if g.prunable},
+        groups=groups)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_identity_plan_is_exact_and_macs_are_honest(name):
+    family = FAMILIES[name]
+    model = family.build()
+    plan = _identity_plan(model)
+    assert len(plan.clusters) >= MIN_GROUPS.get(name, 0)
+    x = inputs(model, family.kind)
+    small = kc.slim(model, plan)
+    assert _error(small(x), model(x)) == 0.0
+    macs, uncounted = _macs(model, family)
+    reference = reference_macs(model, inputs(model, family.kind, n=1))
+    # Within 5% of the reference, or short of it with a warning naming
+    # what is not counted.
+    within = macs == pytest.approx(reference, rel=0.05)
+    assert within or (uncounted and macs < reference)
+    assert _macs(small, family)[0] == _macs(model, family, plan)[0] == macs
+
+
+@pytest.mark.parametrize("name", sorted(MIN_GROUPS))
+def test_collapsed_family_slims_exactly(name):
+    family = FAMILIES[name]
+    model = family.build()
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    collapse(model, plan)
+    x = inputs(model, family.kind)
+    small = kc.slim(model, plan)
+    assert _error(small(x), model(x)) < 1e-4
+    slim_macs = _macs(small, family)[0]
+    assert slim_macs == _macs(model, family, plan)[0]
+    assert slim_macs < _macs(model, family)[0]
+
+
+def _reloaded(model, path):
+    """`model` saved to `.keras` and loaded back, or the error raised."""
+    try:
+        model.save(path)
+        return keras.saving.load_model(path)
+    except (TypeError, ValueError, AttributeError) as e:
+        return e
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_slim_model_keras_round_trip(name, tmp_path):
+    family = FAMILIES[name]
+    model = family.build()
+    plan = kc.make_plan(model, keep=0.5, method="kmeans") if (
+        name in MIN_GROUPS) else kc.PruningPlan({})
+    small = kc.slim(model, plan)
+    loaded = _reloaded(small, tmp_path / "slim.keras")
+    x = inputs(model, family.kind)
+    if name in NOT_LOADABLE:
+        assert isinstance(loaded, Exception)
+        original = _reloaded(model, tmp_path / "full.keras")
+        assert _error(original(x), model(x)) == 0.0
+        return
+    assert _error(loaded(x), small(x)) == 0.0
