@@ -33,6 +33,7 @@ def rebuild(
     call: Callable | None = None,
     values: Mapping[str, Mapping[str, object]] | None = None,
     input_widths: Callable[[str, keras.Model], list | None] | None = None,
+    expand: Mapping[str, keras.Model] | None = None,
 ):
     """A new functional model with edited layers and copied weights.
 
@@ -52,12 +53,17 @@ def rebuild(
         input_widths: `(qualified name or "", model) -> widths` of the
             inputs of the (nested) model, `None` for unchanged. Defaults to
             `None`.
+        expand: `{qualified name: functional model}`: layers rebuilt as
+            the given model (a composite layer's traced graph,
+            `graph.trace`), called on the layer's input tensors. Defaults to
+            `None`.
 
     Returns:
         A new, uncompiled model with the same names, built and weighted.
     """
     configure = configure or (lambda name, layer, config: config)
     values = values or {}
+    expand = expand or {}
     clones: dict[str, tuple] = {}  # name -> (old, new)
     name_of: dict[int, str] = {}  # id(new layer) -> name
 
@@ -69,7 +75,9 @@ def rebuild(
                    for t, w in zip(source.inputs, widths)]
         def clone_function(layer):
             name = prefix + layer.name
-            if graph.is_graph_model(layer):
+            if name in expand:
+                new = clone(expand[name], name + "/")
+            elif graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
             else:
                 new = configure(name, layer, layer.get_config())
@@ -80,9 +88,14 @@ def rebuild(
             return new
 
         kwargs = {}
-        if call is not None and not prefix:
+        if expand or (call is not None and not prefix):
             def call_function(layer, *args, **kw):
-                out = call(name_of[id(layer)], layer, args, kw)
+                name = name_of.get(id(layer))
+                if name in expand:
+                    return layer(_tensors(args, kw))
+                out = NotImplemented
+                if call is not None and not prefix:
+                    out = call(name, layer, args, kw)
                 return layer(*args, **kw) if out is NotImplemented else out
 
             kwargs["call_function"] = call_function
@@ -107,6 +120,13 @@ def rebuild(
             continue
         new.set_weights(_weights(old, new, values.get(name, {})))
     return new_model
+
+
+def _tensors(args, kwargs):
+    """The Keras tensors of a call, as a traced graph takes them."""
+    flat = [a for a in keras.tree.flatten((args, kwargs))
+            if isinstance(a, keras.KerasTensor)]
+    return flat if len(flat) > 1 else flat[0]
 
 
 def _weights(old, new, given) -> list:

@@ -212,8 +212,17 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             return None
         return [graph.layout_size(an.root(lay), index.new) for lay in lays]
 
+    changed = {e.lname for e in touched} | {
+        name for name, keys in an.widths.items()
+        if any(planned.intersection(graph.leaves(an.root(lay)))
+               for lay in keys.values())
+    }
+    expand = {
+        name: traced for name, traced in an.traced.items()
+        if any(c.startswith(name + "/") for c in changed)
+    }
     return rebuild(model, configure, call if shortcuts else None, values,
-                   input_widths)
+                   input_widths, expand)
 
 
 def _segment_sum(w, assign, n_new, axis):

@@ -30,13 +30,17 @@ def get_variable(model, path: str):
 def producer_filters(model, group: ChannelGroup) -> np.ndarray:
     """The group's producer filters, one row per channel.
 
-    Each producer kernel is moved to `(channels, -1)` and the producers are
-    concatenated along the features.
+    Each producer kernel is moved to `(channels, -1)`, its rows taken in
+    the order of the group's channels (a producer split into groups holds
+    other groups' rows too), and the producers are concatenated along the
+    features.
     """
-    rows = [
-        np.moveaxis(get_variable(model, path).numpy(), axis, 0).reshape(
-            group.size, -1
-        )
-        for _, path, axis in group.producers
-    ]
+    rows = []
+    for _, path, axis in group.producers:
+        w = np.moveaxis(get_variable(model, path).numpy(), axis, 0)
+        first = {}
+        for i, c in enumerate(group.channel_map(path)):
+            first.setdefault(int(c), i)
+        order = [first[c] for c in range(group.size)]
+        rows.append(w[order].reshape(group.size, -1))
     return np.concatenate(rows, axis=1)

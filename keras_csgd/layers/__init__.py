@@ -11,6 +11,7 @@ from keras_csgd.layers import (
     dense,
     elementwise,
     normalization,
+    ops,
     structure,
 )
 from keras_csgd.layers.registry import (
