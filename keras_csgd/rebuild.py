@@ -79,6 +79,8 @@ def rebuild(
                 new = clone(expand[name], name + "/")
             elif graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
+            elif _stateless_without_config(layer):
+                new = _stateless_copy(layer)
             else:
                 new = configure(name, layer, layer.get_config())
                 if not isinstance(new, keras.layers.Layer):
@@ -120,6 +122,27 @@ def rebuild(
             continue
         new.set_weights(_weights(old, new, values.get(name, {})))
     return new_model
+
+
+def _stateless_without_config(layer) -> bool:
+    """A layer with no weights whose config cannot be read (keras's
+    `Identity(dtype=policy)` inside keras_hub's blocks)."""
+    if getattr(layer, "weights", None):
+        return False
+    try:
+        layer.get_config()
+    except NotImplementedError:
+        return True
+    return False
+
+
+def _stateless_copy(layer):
+    """A layer like `layer` (stateless, without config): a new `Identity`,
+    else `layer` itself (it holds nothing the copy could differ in)."""
+    if type(layer) is keras.layers.Identity:
+        return keras.layers.Identity(name=layer.name,
+                                     dtype=layer.dtype_policy.name)
+    return layer
 
 
 def _tensors(args, kwargs):

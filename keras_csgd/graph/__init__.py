@@ -43,6 +43,7 @@ from keras_csgd.graph.nodes import (
 )
 from keras_csgd.graph.variables import (
     get_variable,
+    group_rows,
     producer_filters,
     short_name,
 )
@@ -51,7 +52,8 @@ __all__ = [
     "Analysis", "Call", "Context", "Cost", "Entry", "Reindex", "analyze",
     "ancestors", "call_arguments", "call_inputs", "channel_groups",
     "channels", "check_functional", "flat_channels", "following_batchnorm",
-    "get_variable", "input_like", "is_graph_model", "layout_size", "leaves",
+    "get_variable", "group_rows", "input_like", "is_graph_model",
+    "layout_size", "leaves",
     "map_leaves", "operations_between", "producer_filters", "producer_name",
     "producer_of", "short_name", "sole_reader", "successors",
     "topological_nodes",
