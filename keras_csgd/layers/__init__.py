@@ -10,6 +10,7 @@ from keras_csgd.layers import (
     conv,
     dense,
     elementwise,
+    embedding,
     normalization,
     ops,
     structure,
