@@ -87,8 +87,34 @@ def hgnetv2():
     )
 
 
+def _encoder():
+    return keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 32, 32, 32],
+        stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2],
+        block_type="basic_block", image_shape=(32, 32, 3),
+    )
+
+
+def retinanet():
+    """A feature pyramid (a composite layer) over a ResNet."""
+    return keras_hub.models.RetinaNetBackbone(
+        image_encoder=_encoder(), min_level=3, max_level=5, use_p5=False,
+        image_shape=(32, 32, 3),
+    )
+
+
+def deeplabv3():
+    """Spatial pyramid pooling (a composite layer with `Resizing`)."""
+    return keras_hub.models.DeepLabV3Backbone(
+        image_encoder=_encoder(), spatial_pyramid_pooling_key="P4",
+        upsampling_size=4, dilation_rates=[2, 4], low_level_feature_key="P2",
+        projection_filters=16, image_shape=(32, 32, 3),
+    )
+
+
 MODELS = {f.__name__: f for f in (mobilenetv3, efficientnetv2, cspnet,
-                                  resnetv2, hgnetv2)}
+                                  resnetv2, hgnetv2, retinanet, deeplabv3)}
 
 
 def _error(a, b):
