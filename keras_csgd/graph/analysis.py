@@ -1,6 +1,7 @@
 """Channel-group analysis of a functional Keras model.
 
-The model's own node structure is read (no tracing): every tensor gets a
+The model's own node structure is read, and that of the composite layers it
+calls (`trace`: their `call` run on Keras tensors): every tensor gets a
 *layout*, the structure of its last (channel) axis in terms of channel groups:
 
 - `("leaf", gid)`: the channels of group `gid`, in order;
@@ -10,9 +11,10 @@ The model's own node structure is read (no tracing): every tensor gets a
 
 Producers (Conv*, Dense, SeparableConv pointwise, Conv*Transpose) start a new
 group; per-channel layers (BatchNormalization, DepthwiseConv, PReLU) add their
-variables to it; merges (Add, Multiply, ...) unify groups; consumers record
-the layout of their input axis. A group that reaches a model output, an
-unknown layer or an unmappable reshape is frozen with a reason.
+variables to it; merges (Add, Multiply, ...) unify groups, splits cut them
+into parts (`spaces`); consumers record the layout of their input axis. A
+group that reaches a model output, an untraceable layer, an unknown
+operation or an unmappable reshape is frozen with a reason.
 """
 
 from __future__ import annotations
