@@ -3,9 +3,10 @@
 The model's own node structure is read, and that of the composite layers
 it calls, traced on Keras tensors (`trace`): every tensor gets a *layout*
 (`layout`), the structure of its channel axis in terms of channel groups
-(`spaces`: merged and split). Each layer or `keras.ops` call is handed to its handler in the layer registry
-(`keras_csgd.layers`), which declares through a `Context` how the call's
-variables read, produce or carry channels (`analysis`). `nodes` holds the
+(`spaces`: merged and split). Each layer or `keras.ops` call is handed to
+its handler in the layer registry (`keras_csgd.layers`), which declares
+through a `Context` how the call's variables read, produce or carry
+channels (`analysis`). `nodes` holds the
 queries on the node graph, the only code that reads Keras's private node
 structure.
 """
