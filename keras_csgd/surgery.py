@@ -217,9 +217,13 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         if any(planned.intersection(graph.leaves(an.root(lay)))
                for lay in keys.values())
     }
+    # A narrowed traced layer is built as its graph, and so is every traced
+    # layer inside it (no config round trip for keras_hub's classes).
+    narrowed = [name for name in an.traced
+                if any(c.startswith(name + "/") for c in changed)]
     expand = {
         name: traced for name, traced in an.traced.items()
-        if any(c.startswith(name + "/") for c in changed)
+        if any(name == n or name.startswith(n + "/") for n in narrowed)
     }
     return rebuild(model, configure, call if shortcuts else None, values,
                    input_widths, expand)

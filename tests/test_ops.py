@@ -200,6 +200,26 @@ def test_lambda_of_ops_is_seen_through():
     assert _groups(keras.Model(inp, L.Dense(2)(x)))["c1"].prunable
 
 
+class BatchScaled(L.Layer):
+    """Reads the batch size in Python: its trace would bake in `None`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(4, 1, name="conv")
+
+    def call(self, x):
+        return self.conv(x) * float(x.shape[0] or 1)
+
+
+def test_traced_graph_that_computes_something_else_freezes():
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="c1")(x)
+    x = L.GlobalAveragePooling2D()(BatchScaled(name="odd")(x))
+    g = _groups(keras.Model(inp, L.Dense(2)(x)))["c1"]
+    assert not g.prunable
+    assert "its traced graph computes something else" in g.reason
+
+
 class OwnScale(L.Layer):
     """Uses a variable of its own in its call: not traced."""
 

@@ -11,16 +11,21 @@ place when the plan narrows it.
 
 A layer is not traced when its `call` cannot be replayed as a graph of its
 sub-layers: it owns variables itself (they would enter the graph as
-constants, and the flat model would not carry them), or the call fails on
-symbolic tensors (Python branching on values, a dynamic shape it needs).
-Those layers freeze the channels they touch, with the reason.
+constants, and the flat model would not carry them), the call fails on
+symbolic tensors (Python branching on values, a dynamic shape it needs),
+or the traced graph does not compute what the layer does on random inputs
+(checked on every trace: a size read while tracing is a constant of the
+graph). Those layers freeze the channels they touch, with the reason.
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import keras
+import numpy as np
+from keras.src.ops.numpy import Reshape
 
 from keras_csgd.graph.nodes import call_arguments
 
@@ -70,7 +75,55 @@ def _trace(call):
     )
     try:
         outputs = layer.call(*args, **kwargs)
-        return keras.Model(inputs if len(inputs) > 1 else inputs[0],
-                           outputs, name=layer.name)
+        model = keras.Model(inputs if len(inputs) > 1 else inputs[0],
+                            outputs, name=layer.name)
     except Exception as e:  # the call is not a graph of its sub-layers
         return f"its call does not trace ({type(e).__name__}: {e})"[:240]
+    _unknown_sizes_inferred(model)
+    return _differs(call, model) or model
+
+
+def _unknown_sizes_inferred(model) -> None:
+    """Reshapes to the batch size read while tracing (`(batch, -1, c)`,
+    read as `(None, -1, c)`) infer it instead (`(-1, n, c)`), when the
+    other sizes are static."""
+    for op in model.operations:
+        if not isinstance(op, Reshape) or op.newshape[0] is not None:
+            continue
+        rest, src = op.newshape[1:], op.input.shape[1:]
+        if None in rest or None in src:
+            continue
+        known = math.prod(d for d in rest if d != -1)
+        op.newshape = (-1, *(math.prod(src) // known if d == -1 else d
+                             for d in rest))
+
+
+def _differs(call, model, batch: int = 2) -> str | None:
+    """Why the traced `model` does not compute the layer's call, or `None`.
+
+    Both run on the same random inputs (unknown sizes: `batch`).
+    """
+    rng = np.random.default_rng(0)
+    feeds = []
+    for t in call.inputs:
+        shape = [d if d is not None else batch for d in t.shape]
+        if "float" in str(t.dtype):
+            feeds.append(rng.normal(size=shape).astype(t.dtype))
+        else:
+            feeds.append(rng.integers(0, 2, shape).astype(t.dtype))
+    value_of = {id(t): v for t, v in zip(call.inputs, feeds)}
+    args, kwargs = keras.tree.map_structure(
+        lambda a: value_of.get(id(a), a), call_arguments(call)
+    )
+    try:
+        expected = keras.tree.flatten(call.layer(*args, **kwargs))
+        actual = keras.tree.flatten(
+            model(feeds if len(feeds) > 1 else feeds[0]))
+    except Exception as e:  # the traced graph does not run
+        return f"its traced graph fails ({type(e).__name__}: {e})"[:240]
+    for a, b in zip(actual, expected):
+        a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        if a.shape != b.shape or np.abs(a - b).max() > 1e-4 * (
+                1 + np.abs(b).max()):
+            return "its traced graph computes something else"
+    return None
