@@ -178,3 +178,23 @@ def test_traced_mobilenetv3_blocks_compute_what_the_blocks_do():
 def test_decoder_blocks_analyse_and_freeze_with_reasons(build):
     groups = kc.channel_groups(build())
     assert all(g.reason for g in groups if not g.prunable)
+    reasons = " ".join(g.reason for g in groups)
+    assert "token ids of `token_embedding`" in reasons
+    assert ("RMS normalization over channels" in reasons
+            or "LayerNormalization over channels" in reasons)
+
+
+def test_dinov2_heads_and_mlps_prune_through_layer_scales():
+    model = randomize(keras_hub.models.DINOV2Backbone(
+        patch_size=4, num_layers=1, hidden_dim=16, num_heads=2,
+        intermediate_dim=24, image_shape=(16, 16, 3),
+        position_embedding_shape=(16, 16, 3)))
+    groups = {g.name: g for g in kc.channel_groups(model) if g.prunable}
+    assert len(groups) == 2  # the heads and the MLP's hidden units
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    collapse(model, plan)
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(
+        "float32")
+    small = kc.slim(model, plan)
+    assert _error(small(x), model(x)) < 1e-4
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
