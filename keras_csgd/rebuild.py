@@ -35,6 +35,7 @@ def rebuild(
     call: Callable | None = None,
     values: Mapping[str, Mapping[str, object]] | None = None,
     input_widths: Callable[[str, keras.Model], list | None] | None = None,
+    expand: Mapping[str, keras.Model] | None = None,
 ):
     """A new functional model with edited layers and copied weights.
 
@@ -61,12 +62,17 @@ def rebuild(
         input_widths: `(qualified name or "", model) -> widths` of the
             inputs of the (nested) model, `None` for unchanged. Defaults to
             `None`.
+        expand: `{qualified name: functional model}`: layers rebuilt as
+            the given model (a composite layer's traced graph,
+            `graph.trace`), called on the layer's input tensors. Defaults to
+            `None`.
 
     Returns:
         A new, uncompiled model with the same names, built and weighted.
     """
     configure = configure or {}
     values = values or {}
+    expand = expand or {}
     clones: dict[str, tuple] = {}  # name -> (old, new), rebuilt layers
     name_of: dict[int, str] = {}  # id(new layer) -> name
 
@@ -79,8 +85,12 @@ def rebuild(
 
         def clone_function(layer):
             name = prefix + layer.name
-            if graph.is_graph_model(layer):
+            if name in expand:
+                new = clone(expand[name], name + "/")
+            elif graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
+            elif _stateless_without_config(layer):
+                new = _stateless_copy(layer)
             else:
                 edit = configure.get(name)
                 new = None if edit else _copied(layer, values.get(name, {}))
@@ -91,9 +101,14 @@ def rebuild(
             return new
 
         kwargs = {}
-        if call is not None and not prefix:
+        if expand or (call is not None and not prefix):
             def call_function(layer, *args, **kw):
-                out = call(name_of[id(layer)], layer, args, kw)
+                name = name_of.get(id(layer))
+                if name in expand:
+                    return layer(_tensors(args, kw))
+                out = NotImplemented
+                if call is not None and not prefix:
+                    out = call(name, layer, args, kw)
                 return layer(*args, **kw) if out is NotImplemented else out
 
             kwargs["call_function"] = call_function
@@ -153,6 +168,34 @@ def _copied(layer, given):
         if var_key(new, v) in given:
             v.assign(given[var_key(new, v)])
     return new
+
+
+def _stateless_without_config(layer) -> bool:
+    """A layer with no weights whose config cannot be read (keras's
+    `Identity(dtype=policy)` inside keras_hub's blocks)."""
+    if getattr(layer, "weights", None):
+        return False
+    try:
+        layer.get_config()
+    except NotImplementedError:
+        return True
+    return False
+
+
+def _stateless_copy(layer):
+    """A layer like `layer` (stateless, without config): a new `Identity`,
+    else `layer` itself (it holds nothing the copy could differ in)."""
+    if type(layer) is keras.layers.Identity:
+        return keras.layers.Identity(name=layer.name,
+                                     dtype=layer.dtype_policy.name)
+    return layer
+
+
+def _tensors(args, kwargs):
+    """The Keras tensors of a call, as a traced graph takes them."""
+    flat = [a for a in keras.tree.flatten((args, kwargs))
+            if isinstance(a, keras.KerasTensor)]
+    return flat if len(flat) > 1 else flat[0]
 
 
 def _weights(old, new, given) -> list:

@@ -257,9 +257,22 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             return None
         return [graph.layout_size(an.root(lay), index.new) for lay in lays]
 
+    changed = {e.lname for e in touched} | {
+        name for name, keys in an.widths.items()
+        if any(planned.intersection(graph.leaves(an.root(lay)))
+               for lay in keys.values())
+    }
+    # A narrowed traced layer is built as its graph, and so is every traced
+    # layer inside it (no config round trip for keras_hub's classes).
+    narrowed = [name for name in an.traced
+                if any(c.startswith(name + "/") for c in changed)]
+    expand = {
+        name: traced for name, traced in an.traced.items()
+        if any(name == n or name.startswith(n + "/") for n in narrowed)
+    }
     edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
-    return rebuild(model, edits,
-                   call if shortcuts else None, values, input_widths)
+    return rebuild(model, edits, call if shortcuts else None, values,
+                   input_widths, expand)
 
 
 def _segment_sum(w, assign, n_new, axis):

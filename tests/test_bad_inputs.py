@@ -69,10 +69,14 @@ class Subclassed(keras.Model):
 
 
 class Odd(L.Layer):
-    """A layer the channel analysis does not know."""
+    """A layer the channel analysis does not know, nor can trace: its
+    call uses a variable of its own."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(), name="scale")
 
     def call(self, x):
-        return x * 2.0
+        return x * self.scale
 
 
 def odd_model():

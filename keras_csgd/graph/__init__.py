@@ -1,10 +1,12 @@
 """Channel-group analysis of a functional Keras model.
 
-The model's own node structure is read (no tracing): every tensor gets a
-*layout* (`layout`), the structure of its channel axis in terms of channel
-groups. Each layer call is handed to its handler in the layer registry
-(`keras_csgd.layers`), which declares through a `Context` how the call's
-variables read, produce or carry channels (`analysis`). `nodes` holds the
+The model's own node structure is read, and that of the composite layers
+it calls, traced on Keras tensors (`trace`): every tensor gets a *layout*
+(`layout`), the structure of its channel axis in terms of channel groups
+(`spaces`: merged and split). Each layer or `keras.ops` call is handed to
+its handler in the layer registry (`keras_csgd.layers`), which declares
+through a `Context` how the call's variables read, produce or carry
+channels (`analysis`). `nodes` holds the
 queries on the node graph, the only code that reads Keras's private node
 structure.
 """
@@ -45,6 +47,7 @@ from keras_csgd.graph.nodes import (
 )
 from keras_csgd.graph.variables import (
     get_variable,
+    group_rows,
     producer_filters,
     short_name,
 )
@@ -54,7 +57,8 @@ __all__ = [
     "analyze",
     "ancestors", "call_arguments", "call_inputs", "channel_groups",
     "channels", "check_functional", "flat_channels", "following_batchnorm",
-    "get_variable", "input_like", "is_graph_model", "layout_size", "leaves",
+    "get_variable", "group_rows", "input_like", "is_graph_model",
+    "layout_size", "leaves",
     "map_leaves", "operations_between", "producer_filters", "producer_name",
     "producer_of", "short_name", "sole_reader", "static_inputs", "successors",
     "topological_nodes",

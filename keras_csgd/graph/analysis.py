@@ -1,6 +1,7 @@
 """Channel-group analysis of a functional Keras model.
 
-The model's own node structure is read (no tracing): every tensor gets a
+The model's own node structure is read, and that of the composite layers it
+calls (`trace`: their `call` run on Keras tensors): every tensor gets a
 *layout*, the structure of its last (channel) axis in terms of channel groups:
 
 - `("leaf", gid)`: the channels of group `gid`, in order;
@@ -10,9 +11,10 @@ The model's own node structure is read (no tracing): every tensor gets a
 
 Producers (Conv*, Dense, SeparableConv pointwise, Conv*Transpose) start a new
 group; per-channel layers (BatchNormalization, DepthwiseConv, PReLU) add their
-variables to it; merges (Add, Multiply, ...) unify groups; consumers record
-the layout of their input axis. A group that reaches a model output, an
-unknown layer or an unmappable reshape is frozen with a reason.
+variables to it; merges (Add, Multiply, ...) unify groups, splits cut them
+into parts (`spaces`); consumers record the layout of their input axis. A
+group that reaches a model output, an untraceable layer, an unknown
+operation or an unmappable reshape is frozen with a reason.
 """
 
 from __future__ import annotations
@@ -23,12 +25,7 @@ import keras
 import numpy as np
 
 from keras_csgd import layers
-from keras_csgd.graph.layout import (
-    flat_channels,
-    layout_size,
-    leaves,
-    map_leaves,
-)
+from keras_csgd.graph.layout import flat_channels, leaves, map_leaves
 from keras_csgd.graph.nodes import (
     channels,
     check_functional,
@@ -36,6 +33,8 @@ from keras_csgd.graph.nodes import (
     producer_name,
     topological_nodes,
 )
+from keras_csgd.graph.spaces import Spaces
+from keras_csgd.graph.trace import trace
 from keras_csgd.groups import ChannelGroup
 
 
@@ -60,17 +59,18 @@ class Analysis:
     gid_of: dict[str, int]  # group name -> root gid
     entries: list[Entry]
     layers: dict[str, keras.layers.Layer]  # qualified name -> layer
-    roots: dict[int, int]  # gid -> root gid
-    sizes: dict[int, int]  # root gid -> size
+    roots: dict[int, tuple]  # gid -> its layout in live groups
+    sizes: dict[int, int]  # live group (root gid) -> size
     widths: dict[str, dict[str, tuple]]  # layer -> {config key: layout}
     nested: dict[str, list]  # qualified nested-model name -> input layouts
     costs: list[Cost]
+    traced: dict[str, keras.Model]  # composite layer -> its traced graph
     # Calls the registry does not know: their MACs are not in `costs`.
     uncounted: list[str] = dataclasses.field(default_factory=list)
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
-        return map_leaves(layout, lambda g: ("leaf", self.roots[g]))
+        return map_leaves(layout, self.roots.__getitem__)
 
     def consumer_maps(self):
         """Every consumer entry with the channels its input axis reads.
@@ -120,19 +120,16 @@ class Cost:
     layouts: tuple
 
 
-class Context:
+class Context(Spaces):
     """What a layer handler declares its call's channels through.
 
     Layouts are opaque to handlers: they take them from `call.layouts`,
-    make new ones with `produce`, `new_group`, `rep`, `tile` and `cat`, and
-    return one per output.
+    make new ones with `produce`, `new_group`, `rep`, `tile`, `cat` and
+    `split`, and return one per output.
     """
 
     def __init__(self):
-        self.parent: dict[int, int] = {}
-        self.size: dict[int, int] = {}
-        self.origin: dict[int, str] = {}
-        self.frozen: dict[int, list[str]] = {}
+        super().__init__()
         self.entries: list[Entry] = []
         self.layers: dict[str, keras.layers.Layer] = {}
         self.widths: dict[str, dict[str, tuple]] = {}
@@ -140,17 +137,9 @@ class Context:
         self.costs: list[Cost] = []
         self.uncounted: list[str] = []
         self.calls: dict[int, int] = {}
+        self.traced: dict[str, keras.Model] = {}
 
     # ------------------------------------------------------ for handlers
-    def new_group(self, size: int, origin: str, frozen: str | None = None):
-        """A layout of `size` new channels (a new group)."""
-        gid = len(self.parent)
-        self.parent[gid] = gid
-        self.size[gid] = int(size)
-        self.origin[gid] = origin
-        self.frozen[gid] = [frozen] if frozen else []
-        return ("leaf", gid)
-
     def produce(self, call: Call, variable, axis: int, size: int,
                 key: str | None = None):
         """A new group whose channels are `variable`'s `axis` (a producer).
@@ -182,78 +171,19 @@ class Context:
         """The call does `macs` MACs, scaling with each layout's width."""
         self.costs.append(Cost(call.name, macs, layouts))
 
-    def freeze(self, layout, reason: str) -> None:
-        """Marks every group `layout` reads as not prunable."""
-        for g in leaves(layout):
-            reasons = self.frozen[self.find(g)]
-            if reason not in reasons:
-                reasons.append(reason)
-
-    def unknown(self, call: Call, why: str) -> list:
+    def unknown(self, call: Call, why: str, detail: str = "") -> list:
         """Freezes the call's inputs; returns new frozen output layouts."""
         reason = f"{why} `{call.name}` ({type(call.layer).__name__})"
+        reason += f": {detail}" if detail else ""
         for lay in call.layouts:
             self.freeze(lay, reason)
         return [self.new_group(channels(t), call.name, reason)
                 for t in call.outputs]
 
-    def uncounted_call(self, call: Call, why: str) -> list:
+    def uncounted_call(self, call: Call, why: str, detail: str = "") -> list:
         """`unknown`, for a call whose MACs nobody records."""
         self.uncounted.append(call.name)
-        return self.unknown(call, why)
-
-    def unify(self, a, b) -> bool:
-        """Makes two layouts the same channel space; False if impossible."""
-        if a[0] == "leaf" and b[0] == "leaf":
-            if self.size[self.find(a[1])] != self.size[self.find(b[1])]:
-                return False
-            self._union(a[1], b[1])
-            return True
-        same_shape = a[0] == b[0] and (
-            (a[0] == "cat" and len(a[1]) == len(b[1]))
-            or (a[0] in ("tile", "rep") and a[2] == b[2])
-        )
-        if not same_shape:
-            return False
-        if a[0] == "cat":
-            sizes = {g: self.size[self.find(g)] for g in leaves(a) + leaves(b)}
-            if [layout_size(p, sizes) for p in a[1]] != [
-                layout_size(p, sizes) for p in b[1]
-            ]:
-                return False
-            return all(self.unify(x, y) for x, y in zip(a[1], b[1]))
-        return self.unify(a[1], b[1])
-
-    @staticmethod
-    def rep(layout, m: int):
-        """Every channel of `layout` repeated `m` times (depth multiplier)."""
-        return layout if m == 1 else ("rep", layout, m)
-
-    @staticmethod
-    def tile(layout, t: int):
-        """`t` copies of `layout` (Flatten: positions outer)."""
-        return layout if t == 1 else ("tile", layout, t)
-
-    @staticmethod
-    def cat(layouts):
-        """The layouts laid end to end (channel-axis concatenation)."""
-        return ("cat", tuple(layouts))
-
-    # ------------------------------------------------------ union-find
-    def find(self, g: int) -> int:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def _union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb < ra:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.frozen[ra] += self.frozen.pop(rb)
+        return self.unknown(call, why, detail)
 
     def _add(self, call, var, axis, layout, role, producer=False):
         axis = axis % len(var.shape)
@@ -281,20 +211,34 @@ class Context:
         op, lname = call.layer, call.name
         self.layers[lname] = op
         self.calls[id(op)] = self.calls.get(id(op), 0) + 1
-        if isinstance(op, keras.Model):
-            if not is_graph_model(op):
-                return self.uncounted_call(call, "subclassed model")
-            if self.calls[id(op)] == 1:
-                self.nested[lname] = call.layouts
-                return self.run_model(op, call.layouts, lname + "/")
-            reason = f"layer `{lname}` is shared (called twice)"
-            for e in self.entries:
-                if e.lname.startswith(lname + "/"):
-                    self.freeze(e.layout, reason)
-            return self.uncounted_call(call, "shared model")
         handler = layers.handler_for(op)
-        if handler is None:
-            return self.uncounted_call(call, "unsupported layer")
+        if handler is not None:
+            return self.handle(handler, call)
+        if not isinstance(op, keras.layers.Layer):
+            return self.uncounted_call(call, "unsupported operation")
+        if is_graph_model(op) or self.calls[id(op)] > 1:
+            return self.nest(call, op)
+        graph = trace(call)
+        if isinstance(graph, str):
+            return self.uncounted_call(call, "unsupported layer", graph)
+        self.traced[lname] = graph
+        return self.nest(call, graph)
+
+    def nest(self, call: Call, model) -> list:
+        """Walks a nested functional model (or a traced layer's graph)."""
+        lname = call.name
+        if self.calls[id(call.layer)] == 1:
+            self.nested[lname] = call.layouts
+            return self.run_model(model, call.layouts, lname + "/")
+        reason = f"layer `{lname}` is shared (called twice)"
+        for e in self.entries:
+            if e.lname.startswith(lname + "/"):
+                self.freeze(e.layout, reason)
+        return self.uncounted_call(call, "shared layer")
+
+    def handle(self, handler, call: Call) -> list:
+        """A registered handler's declaration of the call's channels."""
+        op, lname = call.layer, call.name
         start, costs = len(self.entries), len(self.costs)
         try:
             outs = handler.channels(self, call)
@@ -302,7 +246,8 @@ class Context:
             del self.entries[start:], self.costs[costs:]
             self.widths.pop(lname, None)
             return self.uncounted_call(call, f"handler failed ({e})")
-        if self.calls[id(op)] > 1:
+        if self.calls[id(op)] > 1 and (getattr(op, "weights", None)
+                                       or lname in self.widths):
             reason = f"layer `{lname}` is shared (called twice)"
             for e in self.entries:
                 if e.layer is op:
@@ -318,30 +263,30 @@ class Context:
     def finish(self, model) -> Analysis:
         for t, lay in zip(model.outputs, self.model_outputs):
             self.freeze(lay, f"reaches model output `{producer_name(t)}`")
-        roots = {g: self.find(g) for g in self.parent}
-        sizes = {g: self.size[g] for g in self.parent}
+        roots = {g: self.resolve(("leaf", g)) for g in self.parent}
+        live = self.live()
+        sizes = {r: self.size[r] for r in live}
         by_root: dict[int, list[Entry]] = {}
         for e in self.entries:
-            for g in dict.fromkeys(roots[x] for x in leaves(e.layout)):
-                by_root.setdefault(g, []).append(e)
+            lay = map_leaves(e.layout, roots.__getitem__)
+            for g in dict.fromkeys(leaves(lay)):
+                by_root.setdefault(g, []).append((e, lay))
         groups, gid_of, used = [], {}, set()
-        for root in sorted(set(roots.values())):
+        for root in live:
             es = by_root.get(root, [])
             name = _unique(self.origin[root], used)
             members, producers, maps = [], [], {}
-            for e in es:
+            for e, lay in es:
                 if e.role != "member":
                     continue
                 members.append((e.lname, e.path, e.axis))
                 if e.producer:
                     producers.append((e.lname, e.path, e.axis))
-                gids, chans = flat_channels(e.layout, sizes)
-                chans = np.where(
-                    np.array([roots[g] for g in gids]) == root, chans, -1
-                )
+                gids, chans = flat_channels(lay, sizes)
+                chans = np.where(gids == root, chans, -1)
                 if not np.array_equal(chans, np.arange(self.size[root])):
                     maps[e.path] = chans
-            consumers = [(e.lname, e.path, e.axis) for e in es
+            consumers = [(e.lname, e.path, e.axis) for e, _ in es
                          if e.role == "consumer"]
             reasons = self.frozen[root]
             if not producers and not reasons:
@@ -354,9 +299,9 @@ class Context:
             ))
             gid_of[name] = root
         return Analysis(
-            groups, gid_of, self.entries, self.layers, roots,
-            {r: self.size[r] for r in set(roots.values())}, self.widths,
-            self.nested, self.costs, self.uncounted,
+            groups, gid_of, self.entries, self.layers, roots, sizes,
+            self.widths, self.nested, self.costs, self.traced,
+            self.uncounted,
         )
 
 

@@ -27,16 +27,26 @@ def get_variable(model, path: str):
     )
 
 
+def group_rows(values: np.ndarray, group: ChannelGroup, path: str,
+               axis: int) -> np.ndarray:
+    """A member's values, one row per channel of `group`, in its order.
+
+    Entries of other groups (behind a Concatenate or a split) are left out;
+    the copies of a channel behind a depth multiplier share its row.
+    """
+    w = np.moveaxis(values, axis, 0)
+    cmap = group.channel_map(path)
+    mine = np.flatnonzero(cmap >= 0)
+    order = mine[np.argsort(cmap[mine], kind="stable")]
+    return w[order].reshape(group.size, -1)
+
+
 def producer_filters(model, group: ChannelGroup) -> np.ndarray:
     """The group's producer filters, one row per channel.
 
-    Each producer kernel is moved to `(channels, -1)` and the producers are
-    concatenated along the features.
+    Each producer kernel gives its rows of the group's channels
+    (`group_rows`); the producers are concatenated along the features.
     """
-    rows = [
-        np.moveaxis(get_variable(model, path).numpy(), axis, 0).reshape(
-            group.size, -1
-        )
-        for _, path, axis in group.producers
-    ]
+    rows = [group_rows(get_variable(model, path).numpy(), group, path, axis)
+            for _, path, axis in group.producers]
     return np.concatenate(rows, axis=1)

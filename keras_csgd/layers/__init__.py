@@ -10,7 +10,9 @@ from keras_csgd.layers import (
     conv,
     dense,
     elementwise,
+    embedding,
     normalization,
+    ops,
     structure,
 )
 from keras_csgd.layers.registry import (

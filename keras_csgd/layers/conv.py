@@ -22,14 +22,12 @@ def _times(n, *factors):
 
 
 class _ConvFamily(LayerHandler):
-    """Refuses `channels_first` and grouped layers, then `conv_channels`."""
+    """Refuses `channels_first` layers, then `conv_channels`."""
 
     def channels(self, ctx, call):
         layer = call.layer
         if getattr(layer, "data_format", None) == "channels_first":
             return ctx.uncounted_call(call, "channels_first layer")
-        if getattr(layer, "groups", 1) != 1:
-            return ctx.uncounted_call(call, "grouped convolution")
         return self.conv_channels(ctx, call, layer, call.layouts[0])
 
 
@@ -41,6 +39,32 @@ class ConvHandler(_ConvFamily):
         self.patches = patches
 
     def conv_channels(self, ctx, call, layer, lay):
+        groups = getattr(layer, "groups", 1)
+        if groups == 1:
+            return self.dense_channels(ctx, call, layer, lay)
+        if groups == layer.filters == call.inputs[0].shape[-1]:
+            return self.depthwise_channels(ctx, call, layer, lay)
+        return ctx.unknown(
+            call, "grouped convolution",
+            f"groups={groups} with {layer.filters} filters (only "
+            "groups == channels, a depthwise convolution, is handled)",
+        )
+
+    def depthwise_channels(self, ctx, call, layer, lay):
+        """`groups == filters == channels`: one filter per input channel."""
+        rank = len(layer.kernel.shape)
+        ctx.member(call, layer.kernel, rank - 1, lay)
+        if layer.use_bias:
+            ctx.member(call, layer.bias, 0, lay)
+        ctx.width(call, "filters", lay)
+        ctx.width(call, "groups", lay)
+        taps = math.prod(layer.kernel.shape[:-1])
+        ctx.cost(call, _times(spatial(call.outputs[0].shape), taps,
+                              layer.filters), lay)
+        return [lay]
+
+    def dense_channels(self, ctx, call, layer, lay):
+        """Every filter reads every input channel."""
         rank = len(layer.kernel.shape)
         taps = math.prod(layer.kernel.shape[:-2])
         if self.transpose:

@@ -23,7 +23,7 @@ PASS_THROUGH = (
     L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.ZeroPadding1D,
     L.ZeroPadding2D, L.ZeroPadding3D, L.UpSampling1D, L.UpSampling2D,
     L.UpSampling3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.Identity,
-    L.Rescaling,
+    L.Rescaling, L.Resizing,
 )
 
 

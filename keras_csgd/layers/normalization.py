@@ -1,4 +1,5 @@
-"""Normalization layers: BatchNormalization, LayerNormalization, ..."""
+"""Normalization layers: BatchNormalization, LayerNormalization, RMS norms,
+per-channel scales."""
 
 from __future__ import annotations
 
@@ -51,6 +52,45 @@ class NormalizationHandler(LayerHandler):
         ctx.freeze(call.layouts[0],
                    f"per-channel Normalization `{call.name}`")
         return [call.layouts[0]]
+
+
+class ChannelNormHandler(LayerHandler):
+    """A normalization over the channels with per-channel weights (RMS
+    norms): the weights are members, and, like `LayerNormHandler`, the
+    group is frozen (its statistics mix the channels)."""
+
+    def __init__(self, what: str = "RMS normalization"):
+        self.what = what
+
+    def channels(self, ctx, call):
+        (lay,) = call.layouts
+        if getattr(call.layer, "data_format", None) == "channels_first":
+            return ctx.unknown(call, "channels_first layer")
+        for v in call.layer.weights:
+            if len(v.shape) == 1:
+                ctx.member(call, v, 0, lay)
+        ctx.freeze(lay, f"{self.what} over channels `{call.name}`")
+        return [lay]
+
+
+class ScaleHandler(LayerHandler):
+    """`x * scale`, one learned scale per channel (LayerScale).
+
+    Args:
+        variable: the attribute holding the scale.
+        key: the config key of the width. Defaults to `None` (none).
+    """
+
+    def __init__(self, variable: str, key: str | None = None):
+        self.variable = variable
+        self.key = key
+
+    def channels(self, ctx, call):
+        (lay,) = call.layouts
+        ctx.member(call, getattr(call.layer, self.variable), -1, lay)
+        if self.key is not None:
+            ctx.width(call, self.key, lay)
+        return [lay]
 
 
 register_layer(L.BatchNormalization, BatchNormHandler())

@@ -37,8 +37,10 @@ import inspect
 _REQUIRED = ("channels", "rebuild", "fold")
 _REGISTRY: dict[type, object] = {}
 # Handlers of optional packages, imported when one of their layers is first
-# looked up: {top-level package of the layer class: handler module}.
-_DEFERRED = {"keras_hub": "keras_csgd.layers.hub"}
+# looked up: {top-level package of the layer class: handler modules}.
+_DEFERRED = {
+    "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple"),
+}
 
 
 class LayerHandler:
@@ -165,7 +167,8 @@ def handler_for(layer):
 def _load_deferred(cls: type) -> bool:
     """Imports the deferred handlers of `cls`'s packages; True if any."""
     packages = {c.__module__.split(".")[0] for c in cls.__mro__}
-    modules = [_DEFERRED.pop(p) for p in packages & _DEFERRED.keys()]
+    modules = [m for p in packages & _DEFERRED.keys()
+               for m in _DEFERRED.pop(p)]
     for module in modules:
         importlib.import_module(module)
     return bool(modules)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.distance import pdist
 
-from keras_csgd.graph import get_variable
+from keras_csgd.graph import get_variable, group_rows
 from keras_csgd.plan import PruningPlan
 
 _STATISTICS = ("moving_mean", "moving_variance")
@@ -15,18 +15,16 @@ def _channel_rows(model, variables: dict, group) -> np.ndarray:
     """Every trained per-channel value of the group, one row per channel.
 
     Producer kernels and biases, BN gamma/beta, depthwise kernels, PReLU
-    alpha: all members whose channel axis is the group's own (members
-    behind a Concatenate or a depth multiplier are left out), except BN
-    moving statistics, which follow the others.
+    alpha, their entries of the group's channels (`graph.group_rows`),
+    except BN moving statistics, which follow the others.
     """
     rows = []
     for _, path, axis in group.members:
-        if path.rsplit("/", 1)[-1] in _STATISTICS or path in group.maps:
+        if path.rsplit("/", 1)[-1] in _STATISTICS:
             continue
         variable = (variables[path] if path in variables
                     else get_variable(model, path))  # raises
-        w = np.moveaxis(variable.numpy(), axis, 0)
-        rows.append(w.reshape(group.size, -1))
+        rows.append(group_rows(variable.numpy(), group, path, axis))
     return np.concatenate(rows, axis=1).astype(np.float64)
 
 

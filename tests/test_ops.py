@@ -1,0 +1,238 @@
+"""`keras.ops` calls and traced layers in functional graphs.
+
+Every model is checked against itself: the collapse test (each cluster's
+members set equal by hand, then `slim`) matches the unpruned model's
+outputs, and the slim model's MACs are those `macs_under` predicts.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+from keras import ops
+
+import keras_csgd as kc
+from utils import collapse, relative_error
+from zoo import randomize
+
+
+def _groups(model):
+    return {g.name: g for g in kc.channel_groups(model)}
+
+
+def _x(model, n=3, seed=0):
+    shape = (n, *model.inputs[0].shape[1:])
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def _slims_exactly(model, keep=0.5):
+    """Collapse-then-slim matches the model; returns the slim model."""
+    plan = kc.make_plan(model, keep=keep, method="kmeans")
+    collapse(model, plan)
+    small = kc.slim(model, plan)
+    x = _x(model)
+    assert relative_error(small(x), model(x)) < 1e-4
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
+    assert kc.count_macs(small) < kc.count_macs(model)
+    return small
+
+
+def _split_model():
+    """A CSP stage: half the channels through a block, concatenated back."""
+    x = inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(x)
+    a, b = ops.split(x, 2, axis=-1)
+    b = L.Conv2D(4, 3, padding="same", activation="relu", name="c2")(b)
+    x = ops.concatenate([a, b], axis=-1)
+    x = L.Conv2D(6, 1, name="c3")(x)
+    x = ops.mean(x, axis=(1, 2))
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+def test_split_cuts_its_group_into_parts_that_prune_apart():
+    model = randomize(_split_model())
+    groups = _groups(model)
+    assert groups["c1[0:4]"].prunable and groups["c1[4:8]"].prunable
+    np.testing.assert_array_equal(
+        groups["c1[4:8]"].channel_map("c1/kernel"),
+        [-1, -1, -1, -1, 0, 1, 2, 3],
+    )
+    plan = kc.PruningPlan({"c1[0:4]": [[0], [1], [2]], "c1[4:8]": [[3]]},
+                          groups=kc.channel_groups(model))
+    small = kc.slim(model, plan)
+    x = _x(model)
+    assert small.get_layer("c1").filters == 4
+    assert small.get_layer("c2").kernel.shape == (3, 3, 1, 4)
+    assert small(x).shape == (3, 2)
+    _slims_exactly(randomize(_split_model()))
+
+
+def _elementwise_model():
+    """pad, x * c, where, x[:, 1:], mean over positions, resize."""
+    x = inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, name="c1")(x)
+    x = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = ops.where(x > 0, x, 0.1 * x) * 2.0 + 1.0
+    x = ops.image.resize(x, (4, 4))
+    x = x[:, 1:]
+    x = L.Conv2D(5, 1, name="c2")(ops.sigmoid(x) * x)
+    x = ops.mean(x, axis=(1, 2), keepdims=True)
+    x = ops.squeeze(x, axis=(1, 2))
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+def test_elementwise_ops_pass_channels_and_slim_exactly():
+    model = randomize(_elementwise_model())
+    groups = _groups(model)
+    assert groups["c1"].prunable and groups["c2"].prunable
+    _slims_exactly(model)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda x: x * np.arange(6, dtype="float32"), "per-channel constant"),
+        (lambda x: ops.sum(x, axis=-1, keepdims=True) + x,
+         "reduction over channels"),
+        (lambda x: x[..., :3], "slice of channels"),
+        (lambda x: ops.transpose(x, (0, 3, 1, 2)), "transpose over channels"),
+        (lambda x: ops.einsum("bhwc,bhwd->bhcd", x, x),
+         "unsupported operation"),
+        (lambda x: ops.softmax(x), "unsupported operation"),
+    ],
+)
+def test_unmapped_ops_freeze_with_a_reason(make, reason):
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(6, 3, padding="same", name="first")(x)
+    x = L.Flatten()(make(x))
+    g = _groups(keras.Model(inp, L.Dense(2)(x)))["first"]
+    assert not g.prunable
+    assert reason in g.reason
+
+
+def _grouped_model(groups):
+    x = inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 1, name="c1")(x)
+    x = L.Conv2D(8, 3, groups=groups, name="grouped")(x)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+def test_grouped_convolution_as_depthwise_passes_channels():
+    model = randomize(_grouped_model(8))
+    g = _groups(model)["c1"]
+    assert g.prunable
+    assert ("grouped", "grouped/kernel", 3) in g.members
+    small = _slims_exactly(model)
+    layer = small.get_layer("grouped")
+    assert layer.groups == layer.filters == 4
+
+
+def test_other_grouped_convolutions_freeze():
+    g = _groups(_grouped_model(2))["c1"]
+    assert not g.prunable
+    assert "grouped convolution `grouped` (Conv2D): groups=2" in g.reason
+
+
+def test_merge_with_a_concatenation_splits_the_other_producer():
+    x = inp = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(x)
+    b = L.Conv2D(4, 3, padding="same", name="b")(x)
+    c = L.Conv2D(8, 1, name="c")(x)
+    x = L.Add()([L.Concatenate()([a, b]), c])
+    x = L.GlobalAveragePooling2D()(x)
+    model = randomize(keras.Model(inp, L.Dense(2, name="out")(x)))
+    groups = _groups(model)
+    assert {p[0] for p in groups["a"].producers} == {"a", "c"}
+    assert {p[0] for p in groups["b"].producers} == {"b", "c"}
+    _slims_exactly(model)
+
+
+class Block(L.Layer):
+    """A composite layer: Python over sub-layers and `keras.ops`."""
+
+    def __init__(self, width, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.expand = L.Conv2D(width, 1, name="expand")
+        self.bn = L.BatchNormalization(name="bn")
+        self.project = L.Conv2D(4, 1, name="project")
+
+    def call(self, x):
+        y = ops.relu(self.bn(self.expand(x)))
+        return x + self.project(y * ops.mean(y, axis=(1, 2), keepdims=True))
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def _block_model():
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, padding="same", name="stem")(x)
+    x = Block(8, name="block")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+def test_composite_layer_is_seen_through_and_rebuilt_as_its_graph(tmp_path):
+    model = randomize(_block_model())
+    groups = _groups(model)
+    assert groups["block/expand"].prunable
+    assert groups["stem"].prunable
+    assert ("block/bn", "block/bn/gamma", 0) in groups["block/expand"].members
+    small = _slims_exactly(model)
+    block = small.get_layer("block")
+    assert isinstance(block, keras.Model)
+    assert block.get_layer("expand").filters == 4
+    path = tmp_path / "slim.keras"
+    small.save(path)
+    x = _x(model)
+    loaded = keras.saving.load_model(path, safe_mode=False)
+    assert relative_error(loaded(x), small(x)) == 0.0
+
+
+def test_lambda_of_ops_is_seen_through():
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="c1")(x)
+    x = L.Lambda(lambda t: ops.relu(t) * 2.0, name="double")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    assert _groups(keras.Model(inp, L.Dense(2)(x)))["c1"].prunable
+
+
+class BatchScaled(L.Layer):
+    """Reads the batch size in Python: its trace would bake in `None`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = L.Conv2D(4, 1, name="conv")
+
+    def call(self, x):
+        return self.conv(x) * float(x.shape[0] or 1)
+
+
+class OwnScale(L.Layer):
+    """Uses a variable of its own in its call: not traced."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), name="scale")
+
+    def call(self, x):
+        return x * self.scale
+
+
+@pytest.mark.parametrize(
+    "layer, reason",
+    [
+        (OwnScale, "unsupported layer `odd` (OwnScale): it owns variables"),
+        (BatchScaled, "unsupported layer `odd` (BatchScaled): its traced "
+         "graph computes something else"),
+    ],
+)
+def test_layers_that_cannot_be_traced_freeze(layer, reason):
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="c1")(x)
+    x = L.GlobalAveragePooling2D()(layer(name="odd")(x))
+    g = _groups(keras.Model(inp, L.Dense(2)(x)))["c1"]
+    assert not g.prunable
+    assert reason in g.reason
