@@ -18,6 +18,10 @@ training images:
 
 and the slim model it wrote is evaluated on the 5k held-out images (which
 the command never sees; it holds out its own validation split of the 10k).
+The base is profiled once first (`keras-csgd profile`, cached), so every
+method plans from the same latency table. Run it on a quiet machine: on
+a busy one the table and the verification timings are noise, and the
+methods' plans differ for that reason alone.
 Each row records the command's printed output (latency measured by the
 command, its accuracies), the held-out accuracy of the base, of the
 trained model where the method trains one, and of the slim model.
@@ -159,6 +163,12 @@ def main(argv=None):
     if args.base_only:
         return
     data_path = train_file(train, args.images)
+    profile = subprocess.run(
+        [sys.executable, "-m", "keras_csgd.cli", "profile", base_path,
+         "--runtime", "litert", "--batch-size", "1"],
+        capture_output=True, text=True,
+    )
+    result["profile"] = profile.stdout.strip().splitlines()[:3]
     for target in args.targets:
         for seed in args.seeds:
             for method in args.methods:

@@ -212,7 +212,8 @@ def test_prune_csgd_with_data(files, tmp_path, capsys):
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(
-        ["demo", "--epochs", "8", "--size", "16", "--out", str(out)], capsys
+        ["demo", "--base-epochs", "4", "--size", "16", "--out", str(out)],
+        capsys,
     )
     assert code == 0, err
     assert {p.name for p in out.iterdir()} == {

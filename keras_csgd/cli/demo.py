@@ -68,14 +68,14 @@ def cmd_demo(args):
                                    num_classes=10, mean=mean, std=std)
     augment = args.dataset == "cifar10"  # no flipped digits
     base = recover.fine_tune(
-        model, train, epochs=args.epochs, validation_data=test,
+        model, train, epochs=args.base_epochs, validation_data=test,
         learning_rate=0.05, batch_size=32, augment=augment,
         seed=args.seed, verbose=verbose,
     ).accuracy_after
     print(f"1. trained {model.name}: {base:.2%} on the {test_label}")
     plan, report = kc.plan_for_latency(
         model, args.latency, "litert", 1, clusters="kmeans",
-        grid=(0.5, 0.25), threads=args.threads, seed=args.seed,
+        grid=(0.5,), threads=args.threads, seed=args.seed,
         return_report=True, verbose=verbose,
     )
     print(f"2. planned for {args.latency:.0%} of its LiteRT batch-1 latency"
@@ -136,9 +136,11 @@ def add_demo(sub):
     demo.add_argument("--dataset", choices=("digits", "cifar10"),
                       default="digits")
     demo.add_argument("--data-dir", help="CIFAR-10 image folder (else tfds)")
+    demo.add_argument("--base-epochs", type=positive_int, default=5,
+                      help="epochs of training before pruning (default 5)")
     demo.add_argument("--epochs", type=positive_int, default=8,
-                      help="epochs of training and of C-SGD each "
-                      "(default 8)")
+                      help="epochs of C-SGD (default 8: about 350 steps, "
+                      "enough for the clusters to collapse)")
     demo.add_argument("--latency", type=latency_fraction, default=0.5,
                       help="the slim model's LiteRT batch-1 latency as a "
                       "fraction of the trained model's (default 0.5)")
