@@ -4,8 +4,9 @@
 new model from an old one: some layers get a new config (narrower, with a
 bias), some calls are replaced (a removed block's Add by its shortcut, a BN
 by its input, an output wrapped in a gate), and the weights are copied over
-with some values replaced. Nested functional models are rebuilt too, with
-their qualified names (`outer/inner`).
+with some values replaced. Every other layer is copied as it is
+(`layer_copy.copy_layer`), never through its config. Nested functional
+models are rebuilt too, with their qualified names (`outer/inner`).
 """
 
 from __future__ import annotations
