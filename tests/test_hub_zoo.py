@@ -17,6 +17,7 @@ import pytest
 
 import keras_csgd as kc
 from hub_zoo import FAMILIES, inputs
+from keras_csgd import export
 from mac_reference import reference_macs
 from utils import collapse, relative_error
 
@@ -123,3 +124,17 @@ def test_slim_model_keras_round_trip(name, tmp_path):
         assert _error(original(x), model(x)) == 0.0
         return
     assert _error(loaded(x), small(x)) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["CSPNet", "ResNetV2"])
+def test_slim_model_exports_to_litert(name, tmp_path):
+    family = FAMILIES[name]
+    model = family.build()
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    collapse(model, plan)
+    small = kc.slim(model, plan)
+    x = inputs(model, family.kind, n=8)
+    result = kc.export_tflite(small, tmp_path / "slim.tflite")
+    actual = export.run_tflite(result.path, x)
+    assert relative_error(actual, small(x)) <= export.TOLERANCES[None]
