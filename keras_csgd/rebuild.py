@@ -4,8 +4,9 @@
 new model from an old one: some layers get a new config (narrower, with a
 bias), some calls are replaced (a removed block's Add by its shortcut, a BN
 by its input, an output wrapped in a gate), and the weights are copied over
-with some values replaced. Nested functional models are rebuilt too, with
-their qualified names (`outer/inner`).
+with some values replaced. Every other layer is copied as it is
+(`layer_copy.copy_layer`), never through its config. Nested functional
+models are rebuilt too, with their qualified names (`outer/inner`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def _copied(layer, given):
     for v in getattr(new, "weights", ()):
         if var_key(new, v) in given:
             v.assign(given[var_key(new, v)])
+    _saved_by_arguments(new)
     return new
 
 
@@ -196,6 +198,29 @@ def _tensors(args, kwargs):
     flat = [a for a in keras.tree.flatten((args, kwargs))
             if isinstance(a, keras.KerasTensor)]
     return flat if len(flat) > 1 else flat[0]
+
+
+def _saved_by_arguments(layer) -> None:
+    """Lets a copy whose own config does not load back save as it was made.
+
+    Keras records the arguments each layer was constructed with; a copy of
+    a layer whose `get_config()` fails or does not load back (keras_hub's
+    DeiT and MiT encoders) saves those instead, so that the new model
+    loads from `.keras`. Keras's own layers are trusted as they are.
+    """
+    if type(layer).__module__.startswith("keras."):
+        return
+    try:
+        type(layer).from_config(layer.get_config())
+        return
+    except Exception:  # any failure of a third-party config
+        pass
+    made = getattr(layer, "_auto_config", None)
+    if made is None:
+        return
+    base = {"name": layer.name, "trainable": layer.trainable,
+            "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
+    layer.get_config = lambda: {**base, **made.config}
 
 
 def _weights(old, new, given) -> list:

@@ -108,6 +108,18 @@ def test_slim_copies_a_layer_whose_config_does_not_load_back():
     np.testing.assert_array_equal(identity(x), model(x))
 
 
+def test_a_copy_whose_config_fails_saves_its_constructor_arguments(
+        tmp_path):
+    model = _with_unloadable()
+    small = kc.slim(model, kc.make_plan(model, keep=0.5))
+    path = tmp_path / "slim.keras"
+    small.save(path)
+    loaded = keras.saving.load_model(
+        path, custom_objects={"Unloadable": Unloadable})
+    x = _x(model)
+    np.testing.assert_array_equal(loaded(x), small(x))
+
+
 def test_slim_model_shares_no_layer_or_variable_with_the_original():
     model = randomize(ZOO["resnet20"]())
     small = kc.slim(model, kc.make_plan(model, keep=0.5))
