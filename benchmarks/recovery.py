@@ -18,6 +18,10 @@ at a time:
    `--temperature`, `--alpha`);
 5. cosine and distillation without flip/crop.
 
+At lr 0.01, T 4, alpha 0.5 unless `--learning-rate`, `--temperature` or
+`--alpha` say otherwise; `kc.fine_tune`'s defaults are what this measured
+best (README, "Recovery after pruning").
+
 Accuracies are on 5,000 validation images held out of the training folder
 (the last of a fixed shuffle, seed 0; `cifar10.load_data`). Writes
 `benchmarks/results/recovery_quick_s<seed>.json` (other settings than the
@@ -53,6 +57,9 @@ import keras_csgd as kc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEEP = 0.5
+# The ablation's settings (files with others are named by them): the lr of
+# `prune --epochs` before `kc.fine_tune`, common distillation settings.
+LEARNING_RATE, TEMPERATURE, ALPHA, EPOCHS = 0.01, 4.0, 0.5, 3
 # Each variant adds its part to the one before.
 VARIANTS = {
     "labels, constant lr": {"schedule": "constant", "augment": False},
@@ -91,10 +98,10 @@ def settings_suffix(args) -> str:
     """`_a0.9_t2` etc. for the settings that differ from the defaults."""
     return "".join(
         f"_{key}{value:g}" for key, value, default in (
-            ("a", args.alpha, kc.recover.ALPHA),
-            ("t", args.temperature, kc.recover.TEMPERATURE),
-            ("lr", args.learning_rate, kc.recover.LEARNING_RATE),
-            ("e", args.epochs, 3),
+            ("a", args.alpha, ALPHA),
+            ("t", args.temperature, TEMPERATURE),
+            ("lr", args.learning_rate, LEARNING_RATE),
+            ("e", args.epochs, EPOCHS),
         ) if value != default
     )
 
@@ -111,12 +118,10 @@ def main(argv=None):
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--train-size", type=int, default=10000)
     parser.add_argument("--base-epochs", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--temperature", type=float,
-                        default=kc.recover.TEMPERATURE)
-    parser.add_argument("--alpha", type=float, default=kc.recover.ALPHA)
-    parser.add_argument("--learning-rate", type=float,
-                        default=kc.recover.LEARNING_RATE)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--alpha", type=float, default=ALPHA)
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         default=list(VARIANTS))
     parser.add_argument("--cache-dir", default=os.path.join(HERE, "cache"))
