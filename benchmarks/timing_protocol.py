@@ -17,6 +17,12 @@ of each model on each runtime, the JSON lists both slim/full ratios and
 their difference; issue #25 asks for agreement within 0.05. Writes
 `benchmarks/results/timing_protocol[_quick].json` with the machine and the
 runtimes' versions. `retime` is what `latency_target.py` re-times with.
+
+    .venv/bin/python benchmarks/timing_protocol.py --pair FULL.keras \
+        SLIM.keras --runtime litert [--batch-size 1]
+
+re-times one pair (e.g. what `keras-csgd prune --latency` wrote on a busy
+machine, on a quiet one) both ways and prints the ratios as JSON.
 """
 
 from __future__ import annotations
@@ -146,6 +152,8 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--alone", help=argparse.SUPPRESS)
+    parser.add_argument("--pair", nargs=2, metavar=("FULL", "SLIM"),
+                        help="two .keras models to re-time on --runtime")
     parser.add_argument("--runtime", default="litert",
                         choices=list(runtimes.RUNTIMES))
     parser.add_argument("--batch-size", type=int, default=1)
@@ -166,12 +174,23 @@ def main(argv=None):
         print(json.dumps(alone(args.alone, args.runtime, args.batch_size,
                                args.threads, args.seconds)))
         return None
+    set_tf_threads(args.threads)
+    if args.pair:
+        full, slim = (keras.saving.load_model(p) for p in args.pair)
+        in_process = latency.time_against_full(
+            full, slim, args.runtime, args.batch_size, threads=args.threads)
+        separate = retime(full, slim, args.runtime, args.batch_size,
+                          args.threads, args.processes, args.seconds)
+        print(json.dumps({"in_process_ratio": in_process[2],
+                          "separate_ratio": separate["ratio"],
+                          "separate_median_ratio": separate["median_ratio"],
+                          "machine": machine()}, indent=1))
+        return None
     if args.quick:
         args.keeps, args.processes, args.seconds = [0.5], 2, 2.0
     out = args.out or os.path.join(
         HERE, "results",
         "timing_protocol_quick.json" if args.quick else "timing_protocol.json")
-    set_tf_threads(args.threads)
     result = {"command": command("timing_protocol.py", argv),
               "threads": args.threads, "machine": machine(),
               "processes": args.processes, "seconds": args.seconds,
