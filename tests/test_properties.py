@@ -149,12 +149,13 @@ def test_collapsed_random_model_slims_exactly(recipe, seed):
     small = kc.slim(model, plan)
     assert relative_error(small(x), model(x)) < 1e-4
     assert kc.count_macs(small) <= kc.count_macs(model)
-    # A producer split into several groups (a merge with a concatenation)
-    # keeps the sum of their widths.
+    # A producer split into parts (a merge with a concatenation) keeps the
+    # widths of its parts' groups, once per part.
     widths = {}
     for g in groups:
-        for layer, _, _ in g.producers:
-            widths[layer] = widths.get(layer, 0) + plan.widths().get(
+        for layer, path, _ in g.producers:
+            parts = (g.channel_map(path) >= 0).sum() // g.size
+            widths[layer] = widths.get(layer, 0) + parts * plan.widths().get(
                 g.name, g.size)
     for layer, width in widths.items():
         assert small.get_layer(layer).kernel.shape[-1] == width
