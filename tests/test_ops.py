@@ -236,3 +236,15 @@ def test_layers_that_cannot_be_traced_freeze(layer, reason):
     g = _groups(keras.Model(inp, L.Dense(2)(x)))["c1"]
     assert not g.prunable
     assert reason in g.reason
+
+
+def test_a_layout_narrower_than_its_output_freezes():
+    # One channel broadcast to four by a constant: the merge's layout (one
+    # channel) does not describe its output.
+    x = inp = keras.Input((6, 6, 3))
+    x = L.Conv2D(1, 3, name="c1")(x) * np.arange(4, dtype="float32")
+    x = L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="c2")(x))
+    groups = _groups(keras.Model(inp, L.Dense(2)(x)))
+    assert not groups["c1"].prunable
+    assert "a layout of 1 channels for an output of 4" in groups["c1"].reason
+    assert groups["c2"].prunable

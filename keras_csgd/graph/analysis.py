@@ -25,7 +25,12 @@ import keras
 import numpy as np
 
 from keras_csgd import layers
-from keras_csgd.graph.layout import flat_channels, leaves, map_leaves
+from keras_csgd.graph.layout import (
+    flat_channels,
+    layout_size,
+    leaves,
+    map_leaves,
+)
 from keras_csgd.graph.nodes import (
     channels,
     check_functional,
@@ -242,6 +247,7 @@ class Context(Spaces):
         start, costs = len(self.entries), len(self.costs)
         try:
             outs = handler.channels(self, call)
+            self._check_outputs(call, outs)
         except Exception as e:  # a handler's failure freezes, never slims
             del self.entries[start:], self.costs[costs:]
             self.widths.pop(lname, None)
@@ -258,6 +264,18 @@ class Context(Spaces):
             for lay in outs:  # Dense(activation="softmax"), say
                 self.freeze(lay, f"channel-mixing activation in `{lname}`")
         return outs
+
+    def _check_outputs(self, call: Call, outs) -> None:
+        """Raises unless `outs` has one layout per output, each as wide
+        as its output's channel axis."""
+        if len(outs) != len(call.outputs):
+            raise ValueError(f"{len(outs)} layouts for {len(call.outputs)} "
+                             "outputs")
+        for t, lay in zip(call.outputs, outs):
+            width = layout_size(self.resolve(lay), self.size)
+            if len(t.shape) and t.shape[-1] not in (None, width):
+                raise ValueError(f"a layout of {width} channels for an "
+                                 f"output of {t.shape[-1]}")
 
     # ------------------------------------------------------ results
     def finish(self, model) -> Analysis:
