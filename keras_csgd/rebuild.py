@@ -90,12 +90,12 @@ def rebuild(
                 new = clone(expand[name], name + "/")
             elif graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
-            elif _stateless_without_config(layer):
-                new = _stateless_copy(layer)
             else:
                 edit = configure.get(name)
                 new = None if edit else _copied(layer, values.get(name, {}))
-                if new is None:
+                if new is None and _stateless_without_config(layer):
+                    new = _stateless_copy(layer)
+                elif new is None:
                     new = _configured(layer, edit)
                     clones[name] = (layer, new)
             name_of[id(new)] = name

@@ -12,8 +12,9 @@ import pytest
 from keras import layers as L
 
 import keras_csgd as kc
-from keras_csgd import export, graph
+from keras_csgd import graph
 from keras_csgd.layer_copy import copy_layer
+from keras_csgd.runtimes import litert
 from utils import collapse, relative_error
 from zoo import ZOO, randomize
 
@@ -181,5 +182,5 @@ def test_slim_model_with_a_copied_custom_layer_saves_and_exports(tmp_path):
     small.save(path)
     np.testing.assert_array_equal(keras.saving.load_model(path)(x), small(x))
     result = kc.export_tflite(small, tmp_path / "slim.tflite")
-    actual = export.run_tflite(result.path, x)
-    assert relative_error(actual, small(x)) <= export.TOLERANCES[None]
+    actual = litert.run_tflite(result.path, x)
+    assert relative_error(actual, small(x)) <= litert.TOLERANCES[None]
