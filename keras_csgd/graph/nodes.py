@@ -12,6 +12,7 @@ import keras
 from keras.src.models.functional import Functional
 
 from keras_csgd import layers
+from keras_csgd.graph.shapes import einsum_shapes_resolved
 
 # Where an operation keeps the nodes of its calls (a copy starts empty).
 NODE_LISTS = ("_inbound_nodes", "_outbound_nodes")
@@ -221,10 +222,12 @@ def static_inputs(model, input_shape):
                           name=producer_name(t))
               for t, s in zip(model.inputs, shapes)]
     try:
-        yield keras.models.clone_model(
-            model, keras.tree.pack_sequence_as(model.input, inputs),
-            clone_function=lambda op: op, call_function=call_function,
-        )
+        with einsum_shapes_resolved():
+            static = keras.models.clone_model(
+                model, keras.tree.pack_sequence_as(model.input, inputs),
+                clone_function=lambda op: op, call_function=call_function,
+            )
+        yield static
     finally:
         for op, lengths in marks:
             for name, n in zip(NODE_LISTS, lengths):

@@ -20,14 +20,16 @@ graph). Those layers freeze the channels they touch, with the reason.
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import keras
 import numpy as np
-from keras.src.ops.numpy import Reshape
 
 from keras_csgd.graph.nodes import call_arguments
+from keras_csgd.graph.shapes import (
+    batch_sizes_inferred,
+    einsum_shapes_resolved,
+)
 
 _TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -74,28 +76,13 @@ def _trace(call):
         lambda a: new_of.get(id(a), a), call_arguments(call)
     )
     try:
-        outputs = layer.call(*args, **kwargs)
+        with batch_sizes_inferred(), einsum_shapes_resolved():
+            outputs = layer.call(*args, **kwargs)
         model = keras.Model(inputs if len(inputs) > 1 else inputs[0],
                             outputs, name=layer.name)
     except Exception as e:  # the call is not a graph of its sub-layers
         return f"its call does not trace ({type(e).__name__}: {e})"[:240]
-    _unknown_sizes_inferred(model)
     return _differs(call, model) or model
-
-
-def _unknown_sizes_inferred(model) -> None:
-    """Reshapes to the batch size read while tracing (`(batch, -1, c)`,
-    read as `(None, -1, c)`) infer it instead (`(-1, n, c)`), when the
-    other sizes are static."""
-    for op in model.operations:
-        if not isinstance(op, Reshape) or op.newshape[0] is not None:
-            continue
-        rest, src = op.newshape[1:], op.input.shape[1:]
-        if None in rest or None in src:
-            continue
-        known = math.prod(d for d in rest if d != -1)
-        op.newshape = (-1, *(math.prod(src) // known if d == -1 else d
-                             for d in rest))
 
 
 def _differs(call, model, batch: int = 2) -> str | None:
