@@ -90,6 +90,8 @@ def rebuild(
                 new = clone(expand[name], name + "/")
             elif graph.is_graph_model(layer):
                 new = clone(layer, name + "/")
+            elif type(layer) is keras.layers.Identity:
+                new = _stateless_copy(layer)  # saves without its config
             else:
                 edit = configure.get(name)
                 new = None if edit else _copied(layer, values.get(name, {}))
