@@ -51,11 +51,19 @@ def _held(an) -> int:
                       for lay in c.layouts))
 
 
+def _one_line(reason: str, most: int = 160) -> str:
+    """A reason on one line for a table cell: no colour codes or breaks,
+    at most `most` characters."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", reason).split())
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _freezes(groups, most: int = 3) -> list[str]:
     """The commonest reasons groups freeze: the first, without the layer's
     name (`unsupported layer (MLP)`), and how many groups give it."""
     reasons = collections.Counter(
-        re.sub(r" `[^`]*`", "", g.reason.split("; ")[0]) for g in groups
+        _one_line(re.sub(r" `[^`]*`", "", g.reason.split("; ")[0]))
+        for g in groups
         if not g.prunable and "model input" not in g.reason)
     return [f"{r}: {n}" for r, n in reasons.most_common(most)]
 
