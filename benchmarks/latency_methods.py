@@ -143,6 +143,7 @@ def main(argv=None):
                         default=list(METHODS))
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", default=RESULT, help="result JSON")
     parser.add_argument("--base-only", action="store_true",
                         help="train (or load) the base model and stop")
     args = parser.parse_args(argv)
@@ -184,7 +185,8 @@ def main(argv=None):
                 result["rows"].append(row)
                 print(method, target, seed, row.get("slim_accuracy_val"),
                       row.get("measured_ratio"), row["seconds"], flush=True)
-                write_atomically(RESULT, lambda tmp: dump_json(result, tmp))
+                write_atomically(args.out,
+                                 lambda tmp: dump_json(result, tmp))
 
 
 if __name__ == "__main__":

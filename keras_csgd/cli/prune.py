@@ -41,7 +41,10 @@ CSGD_SETTINGS = {
 # GSM as in its paper's CIFAR runs (`prune --method gsm`).
 GSM_LEARNING_RATE = 5e-3
 GSM_SETTINGS = {"momentum": 0.98, "weight_decay": 1e-4}
-# ASFP and adaptive gates: Nesterov SGD from this learning rate.
+# ASFP and adaptive gates: Nesterov SGD from this learning rate. ASFP
+# zeroes a BN-followed channel's gamma and beta (`batchnorm="scale"`):
+# zeroing kernels behind BN collapsed a trained ResNet-20 to 17.6% in 3
+# epochs (`benchmarks/latency_methods.py`).
 SGD_LEARNING_RATE = 0.01
 
 
@@ -70,11 +73,11 @@ def _csgd(model, data, args):
 def _asfp(model, data, args):
     if args.latency is not None:
         asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
-            _latency_plan(model, args), verbose=0
+            _latency_plan(model, args), batchnorm="scale", verbose=0
         )
     else:
-        asfp = kc.callbacks.AsymptoticSoftFilterPruning(rate=1 - args.keep,
-                                                        verbose=0)
+        asfp = kc.callbacks.AsymptoticSoftFilterPruning(
+            rate=1 - args.keep, batchnorm="scale", verbose=0)
     recovery.train(model, data, args, SGD_LEARNING_RATE, callbacks=[asfp])
     return asfp.plan, kc.slim(model, asfp.plan)
 
