@@ -24,7 +24,7 @@ from keras_csgd.cli.common import (
     positive_int,
 )
 from keras_csgd.cli.prune import CSGD_LEARNING_RATE, CSGD_SETTINGS
-from keras_csgd.cli.recovery import progress
+from keras_csgd.cli.recovery import frozen_copy, progress
 
 
 def _upscaled(x, size):
@@ -80,8 +80,7 @@ def cmd_demo(args):
     )
     print(f"2. planned for {args.latency:.0%} of its LiteRT batch-1 latency"
           f": {report}")
-    teacher = keras.models.clone_model(model)
-    teacher.set_weights(model.get_weights())
+    teacher = frozen_copy(model)
     recover.fine_tune(
         model, train, teacher=teacher, epochs=args.epochs,
         validation_split=0, learning_rate=CSGD_LEARNING_RATE, batch_size=32,

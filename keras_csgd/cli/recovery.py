@@ -47,6 +47,14 @@ def sample(data, args):
     return x[keep], y[keep]
 
 
+def frozen_copy(model):
+    """The input model as it is before training: the teacher to distil
+    from and the full model to time against."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
           distill=False):
     """Trains a trained method's model on `--data` by `kc.fine_tune`'s
@@ -54,10 +62,7 @@ def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
     with its `optimizer` (a function of the lr schedule) and `callbacks`;
     distilled from a copy of the input model when `distill` and
     `--distill` (not with callbacks, which must see the model itself)."""
-    teacher = None
-    if distill and args.distill:
-        teacher = keras.models.clone_model(model)
-        teacher.set_weights(model.get_weights())
+    teacher = frozen_copy(model) if distill and args.distill else None
     return recover.fine_tune(
         model, data, teacher=teacher, epochs=args.epochs,
         validation_split=0, learning_rate=learning_rate,
