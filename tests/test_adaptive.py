@@ -164,6 +164,32 @@ def test_callback_locks_at_target_every_few_steps():
     assert any(not m.all() for m in masks.values())
 
 
+def test_callback_locks_by_its_deadline_at_the_budget():
+    """`lock_by`: below the penalty that reaches the target, the gates lock
+    at that batch all the same, by the budget, and removal is exact."""
+    gates = AdaptiveGates(resnet8(), macs_target=0.5, penalty_weight=0.0)
+    callback = MacsTargetCallback(gates, factor=2.0, steps=2, lock_by=5)
+    close_some(gates)
+    for gate in gates.block_gates.values():  # nothing at 0: no early lock
+        gate.gate.assign([0.3])
+    for gate in gates.channel_gates.values():
+        gate.gate.assign(RNG.uniform(0.5, 1.5, gate.gate.shape))
+    for batch in range(4):
+        callback.on_train_batch_end(batch)
+        assert not gates.locked
+    callback.on_train_batch_end(4)
+    assert gates.locked and callback.locked_at_step == 5
+    # The budget closes gates until the MACs land just above the target.
+    assert gates.macs_target <= gates.estimated_macs()
+    assert gates.estimated_macs() <= 1.05 * gates.macs_target
+    folded, plan = gates.finalize()
+    slim = kc.slim(folded, plan)
+    assert relative_error(slim.predict(X, verbose=0),
+                          gates.model.predict(X, verbose=0)) < 1e-5
+    with pytest.raises(ValueError, match="needs `lock=True`"):
+        MacsTargetCallback(gates, lock=False, lock_by=3)
+
+
 def test_gate_penalties_are_cost_weighted():
     gate = ChannelGate(cost=0.25)
     x = np.ones((2, 3), "float32")

@@ -24,6 +24,13 @@ class MacsTargetCallback(keras.callbacks.Callback):
     - `lock=False`: the weight is divided by `factor` (the gates keep
       moving; `finalize` closes the smallest ones, not all of them at 0).
 
+    With `lock_by`, the gates are locked after that many training batches
+    if the target has not been reached by then: `lock` closes the lowest
+    gates down to the budget, so the cost meets the target all the same,
+    and the batches after it fine-tune the pruned network. A short
+    schedule (a few epochs) rarely grows the penalty enough to reach the
+    budget by itself, and gates that never lock are not removed exactly.
+
     Writes `macs`, `penalty_weight` and, for a latency target,
     `latency_ms` into the epoch logs.
 
@@ -40,13 +47,17 @@ class MacsTargetCallback(keras.callbacks.Callback):
             Defaults to `None`.
         lock: lock the gates when the target is first reached. Defaults to
             `True`.
+        lock_by: lock the gates after this many training batches (counted
+            from 1 over all epochs) at the latest, whatever the cost; needs
+            `lock=True`. Defaults to `None`: only on reaching the target.
 
     Attributes:
         locked_at_step: the training batch (counted from 1 over all epochs)
             after which this callback locked the gates, or `None`.
 
     Raises:
-        ValueError: `factor <= 1`, or `steps` not a positive int or `None`.
+        ValueError: `factor <= 1`, `steps` or `lock_by` not a positive int
+            or `None`, or `lock_by` with `lock=False`.
 
     Example:
 
@@ -56,17 +67,22 @@ class MacsTargetCallback(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, gates, factor=1.5, steps=None, lock=True):
+    def __init__(self, gates, factor=1.5, steps=None, lock=True,
+                 lock_by=None):
         super().__init__()
         if not factor > 1:
             raise ValueError(
                 f"`factor` must be > 1. Received: factor={factor!r}"
             )
         checks.positive_int("steps", steps, allow_none=True)
+        checks.positive_int("lock_by", lock_by, allow_none=True)
+        if lock_by is not None and not lock:
+            raise ValueError("`lock_by` needs `lock=True`.")
         self.gates = gates
         self.factor = float(factor)
         self.steps = steps
         self.lock = bool(lock)
+        self.lock_by = lock_by
         self.locked_at_step = None
         self._batches = 0
 
@@ -85,6 +101,9 @@ class MacsTargetCallback(keras.callbacks.Callback):
         self._batches += 1
         if self.steps is not None and self._batches % self.steps == 0:
             self._adjust()
+        if self._batches == self.lock_by and not self.gates.locked:
+            self.gates.lock()
+            self.locked_at_step = self._batches
 
     def on_epoch_end(self, epoch, logs=None):
         if self.steps is None:
@@ -101,6 +120,7 @@ class MacsTargetCallback(keras.callbacks.Callback):
             "factor": self.factor,
             "steps": self.steps,
             "lock": self.lock,
+            "lock_by": self.lock_by,
         }
 
     @classmethod

@@ -108,10 +108,22 @@ def _adaptive(model, data, args):
         ) / kc.count_macs(model)
         gates = AdaptiveGates(model, macs_target=target)
     recovery.train(gates.model, data, args, SGD_LEARNING_RATE,
-                   callbacks=[gates.callback])
+                   callbacks=[_gate_schedule(gates, len(data[0]), args)])
     folded, plan = gates.finalize()
     args.trained = folded
     return plan, kc.slim(folded, plan)
+
+
+def _gate_schedule(gates, samples, args):
+    """The gates learn in the first half of `--epochs` (the penalty grows
+    1.5x twenty times), lock by the budget at the half at the latest, and
+    the second half fine-tunes the locked network, whose removal is then
+    exact."""
+    batches = args.epochs * -(-samples // recovery.BATCH_SIZE)
+    return kc.callbacks.MacsTargetCallback(
+        gates, factor=1.5, steps=max(1, batches // 40),
+        lock_by=max(1, batches // 2),
+    )
 
 
 def _magnitude(model, data, args):

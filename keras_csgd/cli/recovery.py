@@ -14,7 +14,9 @@ from keras_csgd import recover
 from keras_csgd.cli.common import positive_int, split_fraction
 
 # Methods whose slim model computes what their trained model does.
-EXACT = ("asfp", "csgd")
+EXACT = ("adaptive", "asfp", "csgd")
+# The batch size of training and fine-tuning (`kc.fine_tune`'s default).
+BATCH_SIZE = 64
 
 
 def progress() -> int:
@@ -66,8 +68,8 @@ def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
     return recover.fine_tune(
         model, data, teacher=teacher, epochs=args.epochs,
         validation_split=0, learning_rate=learning_rate,
-        augment=_augment(args), seed=args.seed, verbose=args.verbose,
-        optimizer=optimizer, callbacks=callbacks,
+        batch_size=BATCH_SIZE, augment=_augment(args), seed=args.seed,
+        verbose=args.verbose, optimizer=optimizer, callbacks=callbacks,
     )
 
 
@@ -80,7 +82,7 @@ def fine_tune(slim, teacher, train, val, args):
     """`kc.fine_tune` of a planned method's slim model; its report."""
     return recover.fine_tune(
         slim, train, teacher=teacher if args.distill else None,
-        epochs=args.epochs, validation_split=0,
+        epochs=args.epochs, validation_split=0, batch_size=BATCH_SIZE,
         validation_data=val, augment=_augment(args), seed=args.seed,
         verbose=args.verbose,
     )
