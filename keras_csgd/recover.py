@@ -228,6 +228,9 @@ def _prepare(data, validation_data, validation_split, seed, model):
 def evaluate(model, x, y, batch_size=256):
     """Accuracy and cross-entropy of a classifier on `(x, y)`.
 
+    A sequence model (logits per token, `y` one label per token) is scored
+    per token.
+
     What `model.evaluate` gives with `classifier_loss` and the accuracy
     metric, without compiling `model`.
 
@@ -235,7 +238,8 @@ def evaluate(model, x, y, batch_size=256):
         `(accuracy, loss)` as floats.
     """
     outputs = model.predict(x, batch_size=batch_size, verbose=0)
-    accuracy = float(np.mean(np.argmax(outputs, axis=-1) == np.ravel(y)))
+    predicted = np.argmax(outputs, axis=-1).ravel()  # sequences: per token
+    accuracy = float(np.mean(predicted == np.ravel(y)))
     loss = float(keras.ops.convert_to_numpy(
         classifier_loss(model)(y, outputs)))
     return accuracy, loss
