@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import keras
 import numpy as np
 
-from keras_csgd import graph
+from keras_csgd import graph, layers
 from keras_csgd.layer_copy import copy_layer
 
 
@@ -144,7 +144,9 @@ def with_bias(layer, config: dict) -> dict:
 
 def _configured(layer, edit):
     """A new layer from `layer`'s config, edited by `edit` if given."""
-    config = layer.get_config()
+    handler = layers.handler_for(layer)
+    config = handler.config(layer) if hasattr(handler, "config") else (
+        layer.get_config())
     new = edit(layer, config) if edit else config
     if isinstance(new, keras.layers.Layer):
         return new

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import keras
 import numpy as np
 
-from keras_csgd import blocks, graph, layers
+from keras_csgd import blocks, graph, layers, llm
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
 from keras_csgd.rebuild import rebuild, var_key, with_bias
@@ -191,7 +191,9 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
 
     Returns:
         A new, uncompiled `keras.Model` with the same input, output and
-        layer names.
+        layer names: a functional model, or, for a keras_hub decoder
+        backbone whose decoder layers keep equal widths, a backbone of its
+        own class (`keras_csgd.llm`), which its CausalLM can wrap.
 
     Raises:
         ValueError: the plan does not fit the model (unknown or frozen group,
@@ -271,8 +273,9 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         if any(name == n or name.startswith(n + "/") for n in narrowed)
     }
     edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
-    return rebuild(model, edits, call if shortcuts else None, values,
-                   input_widths, expand)
+    return llm.own_class(model, rebuild(
+        model, edits, call if shortcuts else None, values, input_widths,
+        expand))
 
 
 def _segment_sum(w, assign, n_new, axis):

@@ -7,7 +7,9 @@ calls (`trace`: their `call` run on Keras tensors): every tensor gets a
 - `("leaf", gid)`: the channels of group `gid`, in order;
 - `("cat", (layout, ...))`: a channel-axis concatenation;
 - `("tile", layout, t)`: `t` copies (Flatten: positions outer, channels inner);
-- `("rep", layout, m)`: every channel repeated `m` times (depth multiplier).
+- `("rep", layout, m)`: every channel repeated `m` times (depth multiplier);
+- `("grid", outer, inner)`: every pair of channels, outer-major (grouped
+  query heads).
 
 Producers (Conv*, Dense, SeparableConv pointwise, Conv*Transpose) start a new
 group; per-channel layers (BatchNormalization, DepthwiseConv, PReLU) add their
@@ -27,6 +29,7 @@ import numpy as np
 from keras_csgd import layers
 from keras_csgd.graph.layout import (
     flat_channels,
+    group_channels,
     layout_size,
     leaves,
     map_leaves,
@@ -300,8 +303,7 @@ class Context(Spaces):
                 members.append((e.lname, e.path, e.axis))
                 if e.producer:
                     producers.append((e.lname, e.path, e.axis))
-                gids, chans = flat_channels(lay, sizes)
-                chans = np.where(gids == root, chans, -1)
+                chans = group_channels(lay, root, sizes)
                 if not np.array_equal(chans, np.arange(self.size[root])):
                     maps[e.path] = chans
             consumers = [(e.lname, e.path, e.axis) for e, _ in es

@@ -6,7 +6,10 @@ channel of which group it holds:
 - `("leaf", gid)`: the channels of group `gid`, in order;
 - `("cat", (layout, ...))`: a channel-axis concatenation;
 - `("tile", layout, t)`: `t` copies (Flatten: positions outer, channels inner);
-- `("rep", layout, m)`: every channel repeated `m` times (depth multiplier).
+- `("rep", layout, m)`: every channel repeated `m` times (depth multiplier);
+- `("grid", outer, inner)`: every channel of `outer` with every channel of
+  `inner`, outer-major (grouped-query attention: query head `k * g + j`
+  belongs to key/value head `k` of `outer` and position `j` of `inner`).
 
 `Reindex` maps the entries of a layout between a model and its slim model.
 """
@@ -22,6 +25,8 @@ def map_leaves(layout, fn):
         return fn(layout[1])
     if kind == "cat":
         return ("cat", tuple(map_leaves(p, fn) for p in layout[1]))
+    if kind == "grid":
+        return (kind, map_leaves(layout[1], fn), map_leaves(layout[2], fn))
     return (kind, map_leaves(layout[1], fn), layout[2])
 
 
@@ -31,6 +36,8 @@ def leaves(layout) -> list[int]:
         return [layout[1]]
     if layout[0] == "cat":
         return [g for p in layout[1] for g in leaves(p)]
+    if layout[0] == "grid":
+        return leaves(layout[1]) + leaves(layout[2])
     return leaves(layout[1])
 
 
@@ -41,12 +48,24 @@ def layout_size(layout, sizes) -> int:
         return sizes[layout[1]]
     if kind == "cat":
         return sum(layout_size(p, sizes) for p in layout[1])
+    if kind == "grid":
+        return layout_size(layout[1], sizes) * layout_size(layout[2], sizes)
     return layout_size(layout[1], sizes) * layout[2]
 
 
 def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
-    """(gid, channel) of every entry of a layout, in order."""
+    """(gid, channel) of every entry of a layout, in order.
+
+    Raises:
+        ValueError: the layout is a grid (each entry holds a channel of two
+            groups; see `group_channels`).
+    """
     kind = layout[0]
+    if kind == "grid":
+        raise ValueError(
+            "A grid layout (grouped-query attention heads) has two groups "
+            "per entry; read it with `group_channels`."
+        )
     if kind == "leaf":
         n = sizes[layout[1]]
         return np.full(n, layout[1]), np.arange(n)
@@ -60,6 +79,25 @@ def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
     if kind == "tile":
         return np.tile(g, layout[2]), np.tile(c, layout[2])
     return np.repeat(g, layout[2]), np.repeat(c, layout[2])
+
+
+def group_channels(layout, gid: int, sizes) -> np.ndarray:
+    """The channel of group `gid` at every entry of a layout (-1: none)."""
+    kind = layout[0]
+    if kind == "leaf":
+        n = sizes[layout[1]]
+        return np.arange(n) if layout[1] == gid else np.full(n, -1)
+    if kind == "cat":
+        return np.concatenate([group_channels(p, gid, sizes)
+                               for p in layout[1]])
+    inner = group_channels(layout[1], gid, sizes)
+    if kind == "tile":
+        return np.tile(inner, layout[2])
+    if kind == "rep":
+        return np.repeat(inner, layout[2])
+    last = group_channels(layout[2], gid, sizes)
+    # One side reads other groups only (-1), so the maximum picks `gid`'s.
+    return np.maximum(np.repeat(inner, len(last)), np.tile(last, len(inner)))
 
 
 class Reindex:
@@ -87,6 +125,10 @@ class Reindex:
                 out.append(self.select(part) + off)
                 off += layout_size(part, self.old)
             return np.concatenate(out)
+        if kind == "grid":
+            n = layout_size(lay[2], self.old)
+            return (self.select(lay[1])[:, None] * n
+                    + self.select(lay[2])[None, :]).ravel()
         inner, t = self.select(lay[1]), lay[2]
         n = layout_size(lay[1], self.old)
         if kind == "tile":
@@ -106,6 +148,12 @@ class Reindex:
                 out.append(np.where(a >= 0, a + off, -1))
                 off += layout_size(part, self.new)
             return np.concatenate(out)
+        if kind == "grid":
+            outer, last = self.assign(lay[1]), self.assign(lay[2])
+            n = layout_size(lay[2], self.new)
+            both = (outer[:, None] >= 0) & (last[None, :] >= 0)
+            return np.where(both, outer[:, None] * n + last[None, :],
+                            -1).ravel()
         inner, t = self.assign(lay[1]), lay[2]
         n = layout_size(lay[1], self.new)
         if kind == "tile":

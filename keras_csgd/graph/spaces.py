@@ -164,6 +164,12 @@ class Spaces:
         return layout if t == 1 else ("tile", layout, t)
 
     @staticmethod
+    def grid(outer, inner):
+        """Every channel of `outer` with every channel of `inner`,
+        outer-major (query head `k * g + j` of key/value head `k`)."""
+        return ("grid", outer, inner)
+
+    @staticmethod
     def cat(layouts):
         """The layouts laid end to end (channel-axis concatenation)."""
         return ("cat", tuple(layouts))

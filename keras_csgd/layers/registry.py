@@ -17,6 +17,9 @@ A handler is an object with three methods:
   size. It may return a new (unbuilt) layer instead, when the narrower
   layer is of another class (keras_hub's encoders pin their head size in
   a subclass, see `keras_csgd.layers.hub`).
+- `config(layer) -> dict` (optional): the config `rebuild` edits;
+  `layer.get_config()` by default (keras_hub's decoder blocks write theirs
+  from their constructor arguments, since their own do not load back).
 - `fold(layer) -> str | None`: the name of the kernel variable whose last
   axis is the layer's (linear) output channels, into which a following
   BatchNormalization or a constant input can be folded; `None` if none.
@@ -39,7 +42,8 @@ _REGISTRY: dict[type, object] = {}
 # Handlers of optional packages, imported when one of their layers is first
 # looked up: {top-level package of the layer class: handler modules}.
 _DEFERRED = {
-    "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple"),
+    "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple",
+                  "keras_csgd.layers.decoders"),
 }
 
 
@@ -68,6 +72,10 @@ class LayerHandler:
     def channels(self, ctx, call):
         """Declares the call's channel structure; returns output layouts."""
         raise NotImplementedError
+
+    def config(self, layer) -> dict:
+        """The config of `layer` that `rebuild` edits."""
+        return layer.get_config()
 
     def rebuild(self, config: dict, widths: dict) -> dict:
         """`config` with each declared width key set to its new size."""

@@ -1,0 +1,329 @@
+"""keras_hub's decoder blocks: grouped-query attention and gated MLPs.
+
+The decoder LLMs of keras_hub (Llama, Mistral, Qwen2, Qwen3, Phi3, Gemma,
+Gemma3) share one block: a normalized residual stream, a grouped-query
+attention (query, key, value and output projections, rotary embeddings on
+the head axis) and a gated MLP (`act(gate(x)) * up(x)`, then `down`). Their
+`call` computes masks from the batch and sequence sizes and takes caches,
+so they are *handled*, not traced; one handler serves every family, reading
+the sub-layers by the few names the families give them. It declares:
+
+- the **key/value heads** (`<block>/kv_heads`): the key and value kernels'
+  head axis (and biases), and, with every query head of their group, the
+  query kernel's and the output projection's head axis;
+- the **query heads within a group** (`<block>/query_heads`, one channel
+  per position in a key/value group): the query kernel's head axis reads
+  the two groups as a grid (`Context.grid`: query head `k * g + j` uses
+  key/value head `k`, as `ops.repeat` and Gemma's reshape pair them), so
+  every key/value group keeps the same query positions, and a removed
+  key/value head takes its query heads with it. Heads with equal
+  projections compute equal outputs: merging sums their output-projection
+  slices, exact. The head size is kept, so rotary embeddings (whose
+  frequencies depend on it) are unchanged;
+- the **MLP hidden units** (`<block>/mlp`): the gate and up kernels' output
+  axis, the down kernel's input axis;
+- the **residual stream**, frozen (RMS norms over it).
+
+Rebuilt narrower, a block is a `Pruned...` subclass of its class (one per
+family, serializable): its config holds the head size, which Llama, Qwen2
+and Phi3 would otherwise derive as `hidden_dim // num_query_heads`, and its
+`get_config` is written from the constructor's arguments (Llama's reads a
+missing attribute, Qwen3's lacks `head_dim`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import keras
+
+from keras_csgd import graph
+from keras_csgd.layers.attention import _einsum_dense_spec, _prod, _times
+from keras_csgd.layers.registry import LayerHandler, register_layer
+
+_ATTENTION = ("_self_attention_layer", "attention")
+_QUERY = ("_query_dense", "query_dense")
+_KEY = ("_key_dense", "key_dense")
+_VALUE = ("_value_dense", "value_dense")
+_OUTPUT = ("_output_dense", "output_dense")
+_GATE = ("_feedforward_gate_dense", "feedforward_gate_dense", "gating_ffw")
+_UP = ("_feedforward_intermediate_dense", "feedforward_intermediate_dense",
+       "gating_ffw_2")
+_DOWN = ("_feedforward_output_dense", "feedforward_output_dense",
+         "ffw_linear")
+_STREAM = (
+    "RMS normalization over channels in `{}` ({}): the residual stream "
+    "stays whole"
+)
+
+
+def _attr(layer, names: tuple[str, ...]) -> str:
+    """The first of `names` that `layer` has."""
+    for name in names:
+        if getattr(layer, name, None) is not None:
+            return name
+    raise ValueError(f"{type(layer).__name__} has none of {names}")
+
+
+def sub_layer(layer, names: tuple[str, ...]):
+    """The sub-layer of `layer` by the first of `names` it has."""
+    return getattr(layer, _attr(layer, names))
+
+
+def _axes(dense, output: bool = False) -> tuple[int, int, str]:
+    """`(model axis, head axis, head letter)` of an attention kernel.
+
+    Query, key and value: `"bqm,muh->bquh"` (Llama) or `"btd,ndh->btnh"`
+    (Gemma); the output projection: `"bquh,uhm->bqm"`.
+    """
+    lhs, kernel = dense.equation.split("->")[0].split(",")
+    out = dense.equation.split("->")[1]
+    model, head = (out[-1], lhs[-2]) if output else (lhs[-1], out[-2])
+    return kernel.index(model), kernel.index(head), head
+
+
+def head_dim(block) -> int:
+    """The head size of a decoder block (its query kernel's last axis)."""
+    query = sub_layer(sub_layer(block, _ATTENTION), _QUERY)
+    return int(query.kernel.shape[-1])
+
+
+def block_widths(block) -> dict[str, int]:
+    """The widths of a decoder block, as its backbone's config holds them."""
+    return {"num_query_heads": block.num_query_heads,
+            "num_key_value_heads": block.num_key_value_heads,
+            "intermediate_dim": block.intermediate_dim,
+            "head_dim": head_dim(block)}
+
+
+def _stream(ctx, call):
+    """The block's input and its layout, frozen as a residual stream."""
+    args, kwargs = graph.call_arguments(call)
+    x = args[0] if args else next(iter(kwargs.values()))
+    lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
+    for lay in call.layouts:
+        ctx.freeze(lay, _STREAM.format(call.name, type(call.layer).__name__))
+    return x, lay_of[id(x)]
+
+
+def _attention(ctx, call, attention, lay, rows):
+    """The grouped-query heads of `attention`, reading and writing `lay`."""
+    block = call.layer
+    query, key, value, output = (sub_layer(attention, n)
+                                 for n in (_QUERY, _KEY, _VALUE, _OUTPUT))
+    n_kv = block.num_key_value_heads
+    kv = ctx.new_group(n_kv, f"{call.name}/kv_heads")
+    positions = ctx.new_group(block.num_query_heads // n_kv,
+                              f"{call.name}/query_heads")
+    heads = ctx.grid(kv, positions)
+    for dense, layout in ((query, heads), (key, kv), (value, kv)):
+        model_axis, head_axis, letter = _axes(dense)
+        ctx.consumer(call, dense.kernel, model_axis, lay)
+        ctx.member(call, dense.kernel, head_axis, layout, producer=True)
+        if dense.bias is not None:
+            ctx.member(call, dense.bias, dense.bias_axes.index(letter),
+                       layout)
+        size = math.prod(dense.kernel.shape)
+        ctx.cost(call, _times(rows, size), lay,
+                 *((kv, positions) if layout is heads else (kv,)))
+    model_axis, head_axis, _ = _axes(output, output=True)
+    ctx.consumer(call, output.kernel, head_axis, heads)
+    ctx.member(call, output.kernel, model_axis, lay)
+    if output.bias is not None:
+        ctx.member(call, output.bias, 0, lay)
+    ctx.cost(call, _times(rows, math.prod(output.kernel.shape)), kv,
+             positions, lay)
+    # Scores (query . key) and the weighted sum of the values, per head.
+    size = block.num_query_heads * query.kernel.shape[-1]
+    ctx.cost(call, _times(None if rows is None else rows * rows, 2 * size),
+             kv, positions)
+    ctx.width(call, "num_query_heads", heads)
+    ctx.width(call, "num_key_value_heads", kv)
+
+
+def _mlp(ctx, call, lay, rows):
+    """The gated MLP's hidden units, a group of their own."""
+    block = call.layer
+    gate, up, down = (sub_layer(block, n) for n in (_GATE, _UP, _DOWN))
+    for dense in (gate, up, down):
+        why = (_einsum_dense_spec(dense)
+               if isinstance(dense, keras.layers.EinsumDense) else None)
+        if why:
+            raise ValueError(why)
+    units = up.kernel.shape[-1]
+    hidden = ctx.new_group(units, f"{call.name}/mlp")
+    for dense, src, dst in ((gate, lay, hidden), (up, lay, hidden),
+                            (down, hidden, lay)):
+        ctx.consumer(call, dense.kernel, 0, src)
+        ctx.member(call, dense.kernel, 1, dst, producer=dst is hidden)
+        if dense.bias is not None:
+            ctx.member(call, dense.bias, 0, dst)
+        ctx.cost(call, _times(rows, *dense.kernel.shape), src, dst)
+    # Gemma's config counts gate and up units together.
+    ctx.width(call, "intermediate_dim",
+              ctx.rep(hidden, block.intermediate_dim // units))
+
+
+class DecoderBlockHandler(LayerHandler):
+    """A keras_hub decoder block: grouped-query heads and a gated MLP.
+
+    Args:
+        pruned: the block's `Pruned...` subclass, which `rebuild` returns.
+    """
+
+    replaces = True  # Llama's and Qwen3's configs do not load back
+
+    def __init__(self, pruned: type):
+        self.pruned = pruned
+
+    def channels(self, ctx, call):
+        x, lay = _stream(ctx, call)
+        rows = _prod(x.shape[1:-1])
+        _attention(ctx, call, sub_layer(call.layer, _ATTENTION), lay, rows)
+        _mlp(ctx, call, lay, rows)
+        return [lay]
+
+    def config(self, layer) -> dict:
+        return {**arguments(layer), "head_dim": head_dim(layer)}
+
+    def backbone_widths(self, layer) -> dict[str, int]:
+        """The block's widths by its backbone's config keys (`kc.llm`)."""
+        return block_widths(layer)
+
+    def rebuild(self, config, widths):
+        config.update(widths)
+        return self.pruned.from_config(config)
+
+
+def arguments(layer, cls: type | None = None) -> dict:
+    """A layer's config, read from its attributes by the parameter names
+    of `cls`'s constructor (default: the layer's class), with the base
+    layer's `name`, `trainable` and `dtype`.
+
+    Raises:
+        ValueError: a parameter without a default is not an attribute.
+    """
+    config = {"name": layer.name, "trainable": layer.trainable,
+              "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
+    params = inspect.signature((cls or type(layer)).__init__).parameters
+    for name, param in list(params.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(layer, name):
+            config[name] = _serialized(getattr(layer, name))
+        elif param.default is param.empty:
+            raise ValueError(f"{type(layer).__name__} keeps no `{name}`")
+    return config
+
+
+def _serialized(value):
+    """A constructor argument as a config holds it."""
+    if value is None or isinstance(value, (bool, int, float, str, list,
+                                           tuple, dict)):
+        return value
+    if inspect.isfunction(value):
+        return keras.activations.serialize(value)
+    return keras.saving.serialize_keras_object(value)
+
+
+def _pin_heads(attention, size: int) -> None:
+    """Rebuilds an attention's projections at head size `size`.
+
+    For the families that derive the head size (`hidden_dim //
+    num_query_heads`) when they build: the projections are built anew at
+    the given size, under the same names.
+    """
+    query = sub_layer(attention, _QUERY)
+    if query.kernel.shape[-1] == size:
+        return
+    for names in (_QUERY, _KEY, _VALUE, _OUTPUT):
+        name = _attr(attention, names)
+        old = getattr(attention, name)
+        config = old.get_config()
+        model_axis, head_axis, _ = _axes(old, output=names is _OUTPUT)
+        if names is _OUTPUT:
+            shape = (None, None, old.kernel.shape[head_axis], size)
+        else:
+            config["output_shape"] = (*config["output_shape"][:-1], size)
+            shape = (None, None, old.kernel.shape[model_axis])
+        new = keras.layers.EinsumDense.from_config(config)
+        with keras.name_scope(attention.name):  # its variables' paths
+            new.build(shape)
+        # The attention is built (its state locked): swap under the key.
+        tracker, locked = attention._tracker, attention._tracker.locked
+        tracker.unlock()
+        tracker.untrack(old)
+        setattr(attention, name, new)
+        if locked:
+            attention._lock_state()
+    attention._inv_norm_factor = 1.0 / math.sqrt(size)
+
+
+def _pruned_class(base: type) -> type:
+    """The serializable subclass of a decoder block with `head_dim`."""
+    native = "head_dim" in inspect.signature(base.__init__).parameters
+
+    def __init__(self, *args, head_dim=None, **kwargs):
+        if native:
+            kwargs["head_dim"] = head_dim
+        base.__init__(self, *args, **kwargs)
+        self.head_dim = head_dim
+
+    def build(self, input_shape):
+        base.build(self, input_shape)
+        if self.head_dim and not native:
+            _pin_heads(sub_layer(self, _ATTENTION), self.head_dim)
+
+    def get_config(self):
+        return {**arguments(self, base), "head_dim": self.head_dim}
+
+    name = "Pruned" + base.__name__
+    cls = type(name, (base,), {
+        "__init__": __init__, "build": build, "get_config": get_config,
+        "__module__": __name__,
+        "__doc__": (
+            f"keras_hub's `{base.__name__}` with its head size in its "
+            "config (`head_dim`), as `kc.slim` builds it narrower.\n\n"
+            "Args:\n    *args: the base block's arguments.\n"
+            "    head_dim: the size of each attention head. Defaults to "
+            "`None` (the base block's own).\n"
+            "    **kwargs: the base block's other arguments.\n"
+        ),
+    })
+    return keras.saving.register_keras_serializable(
+        package="keras_csgd")(cls)
+
+
+def _register() -> dict[str, type]:
+    """Registers every keras_hub decoder block; `{name: pruned class}`."""
+    from keras_hub.src.models.gemma.gemma_decoder_block import (
+        GemmaDecoderBlock,
+    )
+    from keras_hub.src.models.gemma3.gemma3_decoder_block import (
+        Gemma3DecoderBlock,
+    )
+    from keras_hub.src.models.llama.llama_decoder import (
+        LlamaTransformerDecoder,
+    )
+    from keras_hub.src.models.mistral.mistral_transformer_decoder import (
+        MistralTransformerDecoder,
+    )
+    from keras_hub.src.models.phi3.phi3_decoder import Phi3Decoder
+    from keras_hub.src.models.qwen.qwen_decoder import QwenTransformerDecoder
+    from keras_hub.src.models.qwen3.qwen3_decoder import (
+        Qwen3TransformerDecoder,
+    )
+
+    out = {}
+    for base in (LlamaTransformerDecoder, MistralTransformerDecoder,
+                 QwenTransformerDecoder, Qwen3TransformerDecoder,
+                 Phi3Decoder, GemmaDecoderBlock, Gemma3DecoderBlock):
+        pruned = _pruned_class(base)
+        register_layer(base, DecoderBlockHandler(pruned))
+        out[pruned.__name__] = pruned
+    return out
+
+
+PRUNED = _register()
+globals().update(PRUNED)

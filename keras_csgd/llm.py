@@ -1,0 +1,140 @@
+"""Slim keras_hub LLM backbones as their own class.
+
+`slim` builds a functional model. A keras_hub decoder backbone (Llama,
+Gemma, ...) is more than its graph: its CausalLM reads its attributes
+(`num_key_value_heads`, `head_dim`, `transformer_layers`, ...) to build the
+key/value cache of `generate`, and `save_to_preset` writes its config. So
+when every decoder block of the slim model has the same widths (what
+uniform keeps give), the backbone is rebuilt *as its own class* from its
+config with the new `num_query_heads`, `num_key_value_heads`,
+`intermediate_dim` (and `head_dim`, `hidden_dim`), its weights copied from
+the slim model, and checked against it on random tokens.
+
+Where that cannot be (blocks of different widths; Llama, Qwen2 and Phi3,
+whose CausalLMs derive the head size as `hidden_dim // num_query_heads`,
+with pruned heads), the functional model is returned with a warning: it
+computes the same logits, but `generate` is not available for it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import keras
+import numpy as np
+
+from keras_csgd import layers
+from keras_csgd.rebuild import var_key
+
+TOLERANCE = 1e-4
+
+
+def own_class(model, slim_model):
+    """`slim_model` as `model`'s keras_hub backbone class, if it can be.
+
+    Args:
+        model: the model `slim` was given.
+        slim_model: the functional model `slim` built from it.
+
+    Returns:
+        A backbone of `model`'s class with `slim_model`'s weights, or
+        `slim_model` (with a warning saying why) when `model` is a keras_hub
+        decoder backbone that cannot keep its class; `slim_model` alone for
+        every other model.
+    """
+    blocks = _decoder_blocks(slim_model)
+    if not blocks or not type(model).__module__.startswith("keras_hub"):
+        return slim_model
+    why = _why_not(model, blocks)
+    if why is None:
+        backbone = type(model).from_config(_config(model, slim_model,
+                                                   blocks))
+        why = _copy_weights(slim_model, backbone) or _differs(
+            slim_model, backbone)
+        if why is None:
+            return backbone
+    warnings.warn(
+        f"`slim` returns a functional model, not a {type(model).__name__}: "
+        f"{why}. It computes the same outputs, but a CausalLM cannot wrap "
+        "it, so `generate` is not available for it.", stacklevel=3)
+    return slim_model
+
+
+def _decoder_blocks(model) -> list:
+    """The layers whose handler states their backbone's widths."""
+    return [layer for layer in model.layers
+            if hasattr(layers.handler_for(layer), "backbone_widths")]
+
+
+def _widths(block) -> dict[str, int]:
+    return layers.handler_for(block).backbone_widths(block)
+
+
+def _why_not(model, blocks) -> str | None:
+    """Why the slim blocks cannot form a backbone of `model`'s class."""
+    widths = [_widths(b) for b in blocks]
+    if any(w != widths[0] for w in widths[1:]):
+        return ("its decoder layers have different widths ("
+                + "; ".join(f"{b.name}: {w}" for b, w in zip(blocks, widths))
+                + "); a plan with one `keep` for every layer keeps the class")
+    params = inspect.signature(type(model).__init__).parameters
+    key = next(k for k in ("num_query_heads", "num_heads") if k in params)
+    heads = widths[0][key]
+    derived = model.hidden_dim // heads
+    if "head_dim" not in params and widths[0]["head_dim"] != derived:
+        return (f"{type(model).__name__} derives the head size as "
+                f"`hidden_dim // {key}` ({model.hidden_dim} // {heads} = "
+                f"{derived}), and the pruned heads keep theirs "
+                f"({widths[0]['head_dim']}); a plan that prunes only the MLP "
+                "units keeps the class")
+    return None
+
+
+def _config(model, slim_model, blocks) -> dict:
+    """`model`'s config with the slim blocks' widths."""
+    config = model.get_config()
+    widths = _widths(blocks[0])
+    if "head_dim" not in config:
+        del widths["head_dim"]
+    config.update(widths)
+    config["hidden_dim"] = int(slim_model.outputs[0].shape[-1])
+    return config
+
+
+def _copy_weights(source, target) -> str | None:
+    """Copies `source`'s weights into `target`, layer by name and variable
+    by its path in the layer; why not, or `None`."""
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        try:
+            old = source.get_layer(layer.name)
+        except ValueError:
+            return f"the slim model has no layer `{layer.name}`"
+        values = {var_key(old, v): v for v in old.weights}
+        for v in layer.weights:
+            src = values.get(var_key(layer, v))
+            if src is None or tuple(src.shape) != tuple(v.shape):
+                return f"no weight for `{v.path}` of shape {v.shape}"
+            v.assign(src)
+    return None
+
+
+def _differs(slim_model, backbone) -> str | None:
+    """Why `backbone` does not compute what `slim_model` does, or `None`."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name, t in slim_model.input.items():
+        shape = [d if d is not None else 8 for d in (2, *t.shape[1:])]
+        if "mask" in name:
+            feeds[name] = np.ones(shape, "int32")
+        else:
+            vocabulary = getattr(backbone, "vocabulary_size", 2)
+            feeds[name] = rng.integers(0, vocabulary, shape).astype(t.dtype)
+    a = keras.ops.convert_to_numpy(slim_model(feeds))
+    b = keras.ops.convert_to_numpy(backbone(feeds))
+    error = np.abs(a - b).max() / (1 + np.abs(a).max())
+    if error > TOLERANCE:
+        return f"the rebuilt backbone differs by {error:.3g}"
+    return None
