@@ -126,9 +126,17 @@ def labelled_batches(data, batch_size: int = 64, model=None):
     for element in data:
         if isinstance(element, (tuple, list)):
             y = element[1] if len(element) > 1 else None
-            yield np.asarray(element[0]), y if y is None else np.asarray(y)
+            yield _numpy(element[0]), y if y is None else np.asarray(y)
         else:
-            yield np.asarray(element), None
+            yield _numpy(element), None
+
+
+def _numpy(x):
+    """A batch of inputs as NumPy: an array, or a dict of them (a model
+    with named inputs, keras_hub's `token_ids` and `padding_mask`)."""
+    if isinstance(x, dict):
+        return {k: np.asarray(v) for k, v in x.items()}
+    return np.asarray(x)
 
 
 def input_batches(data, batch_size: int = 64, model=None):

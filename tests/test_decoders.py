@@ -142,3 +142,16 @@ def test_slim_backbone_saves_to_preset_and_scores(tmp_path):
     expected = lm.score(x["token_ids"], x["padding_mask"])
     actual = slim_lm.score(x["token_ids"], x["padding_mask"])
     assert relative_error(actual, expected) < 1e-4
+
+
+def test_activation_importance_plans_a_slim_llm_that_generates():
+    model = FAMILIES["Qwen3"].build()
+    batches = [inputs(model, "text", n=4, seed=s) for s in range(2)]
+    scores = kc.methods.activation_importance(model, batches)
+    sizes = {name.split("/")[-1]: len(s) for name, s in scores.items()}
+    assert sizes == {"kv_heads": 2, "query_heads": 2, "mlp": 32}
+    plan = kc.plan_from_scores(model, scores, keep=0.5)
+    small = kc.slim(model, plan)
+    assert type(small) is type(model)
+    assert small.intermediate_dim == 16
+    assert _generated(_lm("Qwen3", small)).shape == (2, TOKENS)

@@ -28,8 +28,8 @@ import numpy as np
 
 from keras_csgd import layers
 from keras_csgd.graph.layout import (
-    flat_channels,
     group_channels,
+    group_maps,
     layout_size,
     leaves,
     map_leaves,
@@ -85,12 +85,16 @@ class Analysis:
 
         Yields:
             `(entry, gids, channels)`: for each index along the entry's
-            axis, the root gid and the channel of that group it reads.
+            axis, the root gid and the channel of that group it reads. An
+            entry that reads two groups at once (grouped-query heads, a
+            grid layout) is yielded once per group, with gid -1 where the
+            other group is read.
         """
         for e in self.entries:
             if e.role == "consumer":
-                gids, chans = flat_channels(self.root(e.layout), self.sizes)
-                yield e, gids, chans
+                for gids, chans in group_maps(self.root(e.layout),
+                                              self.sizes):
+                    yield e, gids, chans
 
     def entries_of(self, lname: str) -> list[Entry]:
         """The entries of one (qualified) layer."""

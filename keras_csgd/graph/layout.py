@@ -100,6 +100,27 @@ def group_channels(layout, gid: int, sizes) -> np.ndarray:
     return np.maximum(np.repeat(inner, len(last)), np.tile(last, len(inner)))
 
 
+def _has_grid(layout) -> bool:
+    kind = layout[0]
+    if kind in ("leaf", "grid"):
+        return kind == "grid"
+    parts = layout[1] if kind == "cat" else (layout[1],)
+    return any(_has_grid(p) for p in parts)
+
+
+def group_maps(layout, sizes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`[(gid, channel) of every entry]`: one map for a layout, or, for one
+    with a grid (entries of two groups), one map per group it reads (the
+    entries of other groups at gid -1)."""
+    if not _has_grid(layout):
+        return [flat_channels(layout, sizes)]
+    out = []
+    for g in dict.fromkeys(leaves(layout)):
+        chans = group_channels(layout, g, sizes)
+        out.append((np.where(chans >= 0, g, -1), chans))
+    return out
+
+
 class Reindex:
     """Old <-> new entry indices of channel layouts under a plan."""
 
