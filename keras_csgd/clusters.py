@@ -82,7 +82,12 @@ def make_plan(
         model: a functional or Sequential `keras.Model`.
         keep: kept fraction per prunable group, a float in (0, 1] or a dict
             `{group_name: fraction}` (groups not named are left unplanned).
-            The width is `ceil(keep * size)`. Defaults to `0.625`.
+            The width is `ceil(keep * size)`. A float plans the groups
+            whose merges are exact: prune-only groups (`ChannelGroup.exact`
+            is False: a transformer's residual stream, normalised over its
+            channels) are left unplanned, since C-SGD cannot merge them
+            exactly; prune those with `kc.methods.magnitude_plan` or
+            `kc.plan_from_scores` and fine-tune. Defaults to `0.625`.
         method: `"even"` (consecutive runs, the first `size % width` one
             longer) or `"kmeans"` (seeded k-means on the group's producer
             filters, flattened and concatenated across producers). Defaults
@@ -97,7 +102,7 @@ def make_plan(
 
     Raises:
         ValueError: bad `keep`, `method` or `round_to`; a `keep` dict naming
-            an unknown or frozen group.
+            an unknown or frozen group, or merging a prune-only group.
 
     Example:
 
@@ -124,7 +129,8 @@ def make_plan(
                 )
         fractions = dict(keep)
     else:
-        fractions = {g.name: keep for g in groups if g.prunable}
+        fractions = {g.name: keep for g in groups
+                     if g.prunable and g.exact}
     clusters = {}
     for name, frac in fractions.items():
         checks.fraction("keep", frac)

@@ -35,6 +35,14 @@ class ChannelGroup:
             group's channels come from).
         prunable: whether the group may be pruned.
         reason: why the group is frozen, or `None`.
+        prune_only: why merging the group's channels is not exact, or
+            `None` (a group whose identical channels merge exactly). A
+            prune-only group passes a normalization over its channels
+            (`LayerNormalization`, RMS norms) whose statistics change when
+            channels go: methods that recover by training (magnitude,
+            scores, fine-tuning, distillation) may remove its channels;
+            C-SGD, whose slim model must equal the trained one, may not
+            plan it, and no plan may merge its channels. See `exact`.
         maps: for members whose channel axis is not simply `0..size-1` (after
             a Concatenate, or a depthwise multiplier), the group channel of
             every entry along that axis (`-1`: entry of another group). Use
@@ -48,7 +56,14 @@ class ChannelGroup:
     producers: tuple[Slice, ...] = ()
     prunable: bool = True
     reason: str | None = None
+    prune_only: str | None = None
     maps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Whether identical channels of the group merge exactly (C-SGD
+        may plan it); `False` for a prune-only group."""
+        return self.prune_only is None
 
     def channel_map(self, path: str) -> np.ndarray:
         """Group channel of every entry along a member's channel axis.
@@ -80,6 +95,7 @@ class ChannelGroup:
             "producers": [list(p) for p in self.producers],
             "prunable": self.prunable,
             "reason": self.reason,
+            "prune_only": self.prune_only,
             "maps": {k: v.tolist() for k, v in self.maps.items()},
         }
 
@@ -94,6 +110,7 @@ class ChannelGroup:
             producers=tuple(tuple(p) for p in d.get("producers", ())),
             prunable=bool(d.get("prunable", True)),
             reason=d.get("reason"),
+            prune_only=d.get("prune_only"),
             maps={
                 k: np.asarray(v, dtype=np.int64)
                 for k, v in d.get("maps", {}).items()
@@ -102,6 +119,8 @@ class ChannelGroup:
 
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"frozen: {self.reason}"
+        if self.prunable and not self.exact:
+            state = f"prune-only: {self.prune_only}"
         return (
             f"ChannelGroup({self.name!r}, size={self.size}, "
             f"members={len(self.members)}, consumers={len(self.consumers)}, "

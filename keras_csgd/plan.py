@@ -39,7 +39,8 @@ class PruningPlan:
     Raises:
         ValueError: for an empty cluster, a group with zero clusters, a
             duplicate or negative index; when bound, also for an unknown or
-            frozen group, an index out of range.
+            frozen group, an index out of range, a merge (a cluster of more
+            than one channel) in a prune-only group (`ChannelGroup.exact`).
 
     Example:
 
@@ -110,7 +111,7 @@ class PruningPlan:
 
         Raises:
             ValueError: unknown group, frozen group, size mismatch, index out
-                of range.
+                of range, a merge in a prune-only group.
         """
         if isinstance(groups, Mapping):
             by_name = dict(groups)
@@ -129,6 +130,12 @@ class PruningPlan:
                 raise ValueError(
                     f"Group {name!r} is frozen and cannot be pruned: "
                     f"{g.reason}"
+                )
+            if not g.exact and any(len(c) > 1 for c in cl):
+                raise ValueError(
+                    f"Group {name!r} may only be pruned, not merged: "
+                    f"{g.prune_only}. Give it singleton clusters (plain "
+                    "pruning, then fine-tune), or leave it out of the plan."
                 )
             top = max(max(c) for c in cl)
             if top >= g.size:

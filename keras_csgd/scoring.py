@@ -105,7 +105,8 @@ def plan_from_clusters(
 
     Every prunable group whose width `target_width(size, keep, round_to)`
     is smaller than its size is handed to `cluster`, all at once (a method
-    that reads data does one pass for all of them).
+    that reads data does one pass for all of them). Prune-only groups
+    (`ChannelGroup.exact` is False) are not: their channels cannot merge.
 
     Args:
         model: a functional or Sequential `keras.Model`.
@@ -139,7 +140,8 @@ def plan_from_clusters(
     todo = [
         (g, target_width(g.size, keep, round_to))
         for g in an.groups
-        if g.prunable and target_width(g.size, keep, round_to) < g.size
+        if g.prunable and g.exact
+        and target_width(g.size, keep, round_to) < g.size
     ]
     clusters = dict(cluster(todo)) if todo else {}
     for g, width in todo:

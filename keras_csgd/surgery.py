@@ -163,6 +163,12 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
     ratio; `kc.CSGD` and ASFP drive a planned block's branch to exactly 0),
     and a live branch warns, naming the worst block, or raises.
 
+    A `LayerNormalization` or `RMSNormalization` over merged channels is
+    rebuilt as a `ClusterNormalization` that weighs each channel by the
+    size of its cluster, so that its statistics, and the merge, stay exact.
+    Over removed channels, a normalization takes its statistics over the
+    kept ones (plain pruning, to be fine-tuned).
+
     A removed channel whose value does not depend on the input (its producer
     kernels are zero, as after ASFP; BN then emits
     `beta - gamma * mean / sqrt(var + eps)`) is folded into the bias of each
@@ -241,6 +247,9 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
                for lay in keys.values())
     }
 
+    for name, counts in _merged_counts(an, index, planned).items():
+        widths.setdefault(name, {})["counts"] = counts
+
     def configure(name, layer, config):
         if name in folds and not layer.use_bias:
             config = with_bias(layer, config)
@@ -276,6 +285,28 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
     return llm.own_class(model, rebuild(
         model, edits, call if shortcuts else None, values, input_widths,
         expand))
+
+
+def _merged_counts(an, index, planned) -> dict[str, np.ndarray]:
+    """How many original channels each channel of a weighing
+    normalization stands for (`graph.Context.weighs`), where it is not one
+    each: `{layer: counts}`, handed to their handler's `rebuild` as the
+    width `counts`."""
+    out = {}
+    for name, lay in an.weighed.items():
+        lay = an.root(lay)
+        if not planned.intersection(graph.leaves(lay)):
+            continue
+        layer = an.layers[name]
+        own = layers.handler_for(layer).counts(layer)
+        assign = index.assign(lay)
+        kept = assign >= 0
+        weights = np.ones(len(assign)) if own is None else own
+        new = np.bincount(assign[kept], weights=weights[kept],
+                          minlength=graph.layout_size(lay, index.new))
+        if own is not None or (new != 1).any():
+            out[name] = np.rint(new).astype(np.int64)
+    return out
 
 
 def _segment_sum(w, assign, n_new, axis):

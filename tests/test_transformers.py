@@ -68,8 +68,10 @@ def _identity_plan(model):
 
 
 def _kinds(model):
-    """Prunable group names ending in heads, and the others."""
-    names = [g.name for g in kc.channel_groups(model) if g.prunable]
+    """Prunable group names ending in heads, and the others (the residual
+    stream, 32 wide, apart: `test_hidden_width.py`)."""
+    names = [g.name for g in kc.channel_groups(model)
+             if g.prunable and g.size != 32]
     heads = [n for n in names if n.endswith("/heads")]
     return heads, [n for n in names if n not in heads]
 
@@ -84,8 +86,6 @@ def test_heads_and_mlp_groups_are_prunable(name):
     assert all(groups[m].size == 48 for m in mlps)
     # The query, key and value kernels produce a heads group.
     assert len(groups[heads[0]].producers) == 3
-    frozen = [g.reason for g in groups.values() if not g.prunable]
-    assert any("LayerNormalization over channels" in r for r in frozen)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -104,7 +104,7 @@ def test_collapsed_transformer_slims_exactly(name, method):
     model = randomize(build())
     plan = kc.make_plan(model, keep=0.6, method=method)
     heads, mlps = _kinds(model)
-    assert set(plan.clusters) == {*heads, *mlps}
+    assert {*heads, *mlps} <= set(plan.clusters)
     collapse(model, plan)
     x = inputs()
     small = kc.slim(model, plan)

@@ -75,6 +75,8 @@ class Analysis:
     traced: dict[str, keras.Model]  # composite layer -> its traced graph
     # Calls the registry does not know: their MACs are not in `costs`.
     uncounted: list[str] = dataclasses.field(default_factory=list)
+    # Normalizations that weigh merged channels: layer -> its layout.
+    weighed: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""
@@ -150,6 +152,7 @@ class Context(Spaces):
         self.uncounted: list[str] = []
         self.calls: dict[int, int] = {}
         self.traced: dict[str, keras.Model] = {}
+        self.weighed: dict[str, tuple] = {}
 
     # ------------------------------------------------------ for handlers
     def produce(self, call: Call, variable, axis: int, size: int,
@@ -178,6 +181,13 @@ class Context(Spaces):
     def width(self, call: Call, key: str, layout) -> None:
         """The layer's config `key` follows the width of `layout`."""
         self.widths.setdefault(call.name, {})[key] = layout
+
+    def weighs(self, call: Call, layout) -> None:
+        """The call's layer normalises `layout`, weighing each channel by
+        the number of channels it stands for (its handler's `counts(layer)`,
+        `None`: one each): merges stay exact, `slim` handing the handler's
+        `rebuild` the new numbers as the width `counts`."""
+        self.weighed[call.name] = layout
 
     def cost(self, call: Call, macs: int | None, *layouts) -> None:
         """The call does `macs` MACs, scaling with each layout's width."""
@@ -258,9 +268,11 @@ class Context(Spaces):
         except Exception as e:  # a handler's failure freezes, never slims
             del self.entries[start:], self.costs[costs:]
             self.widths.pop(lname, None)
+            self.weighed.pop(lname, None)
             return self.uncounted_call(call, f"handler failed ({e})")
-        if self.calls[id(op)] > 1 and (getattr(op, "weights", None)
-                                       or lname in self.widths):
+        shared = getattr(handler, "shared", False)
+        if self.calls[id(op)] > 1 and not shared and (
+                getattr(op, "weights", None) or lname in self.widths):
             reason = f"layer `{lname}` is shared (called twice)"
             for e in self.entries:
                 if e.layer is op:
@@ -315,17 +327,20 @@ class Context(Spaces):
             reasons = self.frozen[root]
             if not producers and not reasons:
                 reasons = ["has no producer"]
+            inexact = self.inexact[root]
             groups.append(ChannelGroup(
                 name=name, size=self.size[root], members=tuple(members),
                 consumers=tuple(consumers), producers=tuple(producers),
                 prunable=not reasons,
-                reason="; ".join(reasons) if reasons else None, maps=maps,
+                reason="; ".join(reasons) if reasons else None,
+                prune_only="; ".join(inexact) if inexact else None,
+                maps=maps,
             ))
             gid_of[name] = root
         return Analysis(
             groups, gid_of, self.entries, self.layers, roots, sizes,
             self.widths, self.nested, self.costs, self.traced,
-            self.uncounted,
+            self.uncounted, self.weighed,
         )
 
 

@@ -24,6 +24,7 @@ class Spaces:
         self.size: dict[int, int] = {}
         self.origin: dict[int, str] = {}
         self.frozen: dict[int, list[str]] = {}
+        self.inexact: dict[int, list[str]] = {}
         self.parts: dict[int, tuple[int, ...]] = {}
 
     def new_group(self, size: int, origin: str, frozen: str | None = None):
@@ -33,14 +34,23 @@ class Spaces:
         self.size[gid] = int(size)
         self.origin[gid] = origin
         self.frozen[gid] = [frozen] if frozen else []
+        self.inexact[gid] = []
         return ("leaf", gid)
 
     def freeze(self, layout, reason: str) -> None:
         """Marks every group `layout` reads as not prunable."""
+        self._note(self.frozen, layout, reason)
+
+    def prune_only(self, layout, reason: str) -> None:
+        """Marks every group `layout` reads as prune-only: its channels
+        may be removed, but merging them is not exact (a normalization
+        over them)."""
+        self._note(self.inexact, layout, reason)
+
+    def _note(self, notes, layout, reason: str) -> None:
         for g in leaves(self.resolve(layout)):
-            reasons = self.frozen[g]
-            if reason not in reasons:
-                reasons.append(reason)
+            if reason not in notes[g]:
+                notes[g].append(reason)
 
     def resolve(self, layout):
         """`layout` in terms of live groups (roots that are not split)."""
@@ -151,6 +161,7 @@ class Spaces:
             )
             for p in self.parts[g]:
                 self.frozen[p] = list(self.frozen[g])
+                self.inexact[p] = list(self.inexact[g])
         return bool(cuts)
 
     @staticmethod
@@ -188,5 +199,5 @@ class Spaces:
         if rb < ra:
             ra, rb = rb, ra
         self.parent[rb] = ra
-        self.frozen[ra] += [r for r in self.frozen.pop(rb)
-                            if r not in self.frozen[ra]]
+        for notes in (self.frozen, self.inexact):
+            notes[ra] += [r for r in notes.pop(rb) if r not in notes[ra]]

@@ -89,7 +89,9 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         clusters: `"prune"` (singleton clusters of the best-scored channels:
             plain pruning, `kc.slim` at once or after fine-tuning) or
             `"kmeans"` (k-means clusters of the producer filters at the
-            chosen widths, for `kc.CSGD`). Defaults to `"prune"`.
+            chosen widths, for `kc.CSGD`; prune-only groups, see
+            `ChannelGroup.exact`, are left unplanned). Defaults to
+            `"prune"`.
         threads: the runtime's threads. Defaults to `None` (the usable
             cores).
         grid: width fractions profiled. Defaults to `(0.75, 0.5, 0.25)`.
@@ -139,6 +141,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     scores = checked_scores(
         default_scores(model, an) if scores is None else scores, by_name
     )
+    if clusters == "kmeans":  # C-SGD's merges: exact groups only
+        scores = {n: s for n, s in scores.items() if by_name[n].exact}
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
     if table is None:

@@ -1,6 +1,18 @@
-"""Embeddings: token ids in, a new channel group out (the table's columns)."""
+"""Embeddings: token ids in, a new channel group out (the table's columns).
+
+A `ReversibleEmbedding` may be called again in reverse, as the output
+projection of a language model (hidden vectors to logits over the
+vocabulary). That call reads the channels its forward call produced, through
+the same table (tied) or its own `reverse_embeddings`, which follow the
+forward group as members. Removing channels there is exact: the same
+columns go from both uses. Merging them is not (the forward call needs a
+cluster's column, the reverse call the column times the cluster's size):
+the group is prune-only.
+"""
 
 from __future__ import annotations
+
+import math
 
 import keras
 
@@ -23,18 +35,40 @@ class EmbeddingHandler(LayerHandler):
 
 
 class ReversibleEmbeddingHandler(EmbeddingHandler):
-    """`ReversibleEmbedding` called forward (token ids to vectors)."""
+    """`ReversibleEmbedding`, forward (token ids to vectors) and reverse
+    (vectors to logits, the second call of the layer)."""
+
+    shared = True  # its reverse call is declared with its forward call
 
     def channels(self, ctx, call):
+        layer = call.layer
+        forward = [e.layout for e in ctx.entries
+                   if e.layer is layer and e.producer]
         args, kwargs = graph.call_arguments(call)
-        if kwargs.get("reverse") or (len(args) > 1 and args[1]):
-            return ctx.unknown(call, "reversed embedding")
-        (out,) = super().channels(ctx, call)
-        reverse = getattr(call.layer, "reverse_embeddings", None)
-        if not call.layer.tie_weights and reverse is not None:
-            ctx.member(call, reverse, 0, out)
-        return [out]
+        if not (kwargs.get("reverse") or (len(args) > 1 and args[1])):
+            if forward:  # a second forward call
+                return self._refuse(ctx, call, forward, "called twice")
+            (out,) = super().channels(ctx, call)
+            if not layer.tie_weights:
+                ctx.member(call, layer.reverse_embeddings, 0, out)
+            return [out]
+        (lay,) = call.layouts
+        if len(forward) != 1 or not ctx.unify(lay, forward[0]):
+            return self._refuse(ctx, call, forward, "reversed without its "
+                                "forward call's channels")
+        ctx.prune_only(lay, f"the output projection `{call.name}` shares "
+                       "the embedding's table (merging channels would "
+                       "scale its columns by cluster sizes)")
+        rows = math.prod(d for d in call.inputs[0].shape[1:-1] if d)
+        ctx.cost(call, rows * layer.output_dim * layer.input_dim, lay)
+        return [ctx.new_group(layer.input_dim, call.name,
+                              f"vocabulary logits of `{call.name}`")]
 
+    @staticmethod
+    def _refuse(ctx, call, forward, why: str) -> list:
+        for lay in forward:
+            ctx.freeze(lay, f"embedding `{call.name}` {why}")
+        return ctx.uncounted_call(call, f"embedding {why}")
 
 
 register_layer(keras.layers.Embedding, EmbeddingHandler())

@@ -10,12 +10,17 @@ ran. A handler states what the code does, from the sub-layers it built:
 - each `MultiHeadAttention`'s **heads** are a group (`.../heads`), see
   `keras_csgd.layers.attention`;
 - each MLP's **hidden units** (its first Dense) are a group;
-- the **residual stream** (the layer's input and output channels) is
-  frozen: the blocks normalise it with `LayerNormalization`, whose mean and
-  variance mix the channels.
+- the **residual stream** (the layer's input and output channels, its
+  `hidden_dim`) is the group of the layer's input, with the attention and
+  MLP output projections and the LayerNormalizations' `gamma`/`beta` as
+  members. Removing its channels changes the norms' statistics (methods
+  that recover by training do it); merged channels are weighed by the
+  rebuilt norms (`norm_counts`: `ClusterNormalization`), so merges are
+  exact.
 
 Rebuilt narrower, these layers need their head size pinned: keras_hub
-derives it as `hidden_dim // num_heads`, which fewer heads would change.
+derives it as `hidden_dim // num_heads`, which fewer heads or a narrower
+stream would change.
 So the narrower layer is a subclass (`PrunedTransformerEncoder`,
 `PrunedViTEncoderBlock`, `PrunedViTEncoder`: serializable, same weights
 names, same computation) with `key_dim` in its config, and per-block head
@@ -30,6 +35,7 @@ looks up a keras_hub layer, so keras_hub stays an optional dependency.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras_hub.layers import TransformerEncoder
 from keras_hub.src.models.vit.vit_layers import (
     MLP,
@@ -40,25 +46,51 @@ from keras_hub.src.models.vit.vit_layers import (
 
 from keras_csgd import graph
 from keras_csgd.layers.attention import attention_channels, dense_channels
+from keras_csgd.layers.cluster_norm import ClusterNormalization
+from keras_csgd.layers.normalization import normalized_channels
 from keras_csgd.layers.registry import LayerHandler, register_layer
 
-_RESIDUAL = (
-    "LayerNormalization over channels in `{}` ({}): the residual stream "
-    "stays whole (merging channels there would need a LayerNormalization "
-    "weighted by cluster sizes)"
-)
 
+def _stream(ctx, call, norms):
+    """The call's first input and its layout, the residual stream.
 
-def _stream(ctx, call):
-    """The layout of the call's first input, frozen as a residual stream."""
+    The `norms` (the LayerNormalizations over it) weigh merged channels
+    once rebuilt (`norm_counts` of the pruned classes); any other input
+    (an attention mask) is frozen.
+    """
     args, kwargs = graph.call_arguments(call)
     x = args[0] if args else kwargs["inputs"]
-    lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
-    lay = lay_of[id(x)]
-    for other in call.layouts:
-        ctx.freeze(other, _RESIDUAL.format(call.name,
-                                           type(call.layer).__name__))
+    lay = None
+    for t, other in zip(call.inputs, call.layouts):
+        if t is x:
+            lay = other
+        else:
+            ctx.freeze(other, f"attention mask of `{call.name}`")
+    for norm in norms:
+        normalized_channels(ctx, call, norm.weights,
+                            f"LayerNormalization `{call.name}/{norm.name}`",
+                            lay, weighed=True)
+    ctx.width(call, "hidden_dim", lay)
     return x, lay
+
+
+class _EncoderHandler(LayerHandler):
+    """What the encoder handlers share: their norms' counts."""
+
+    def counts(self, layer) -> np.ndarray | None:
+        """How many channels each stream channel stands for (the
+        `norm_counts` of a pruned class), or `None`: one each."""
+        counts = getattr(layer, "norm_counts", None)
+        return None if counts is None else np.asarray(counts)
+
+    @staticmethod
+    def take_counts(config, widths) -> dict:
+        """`widths` without `counts`, which goes to `norm_counts`."""
+        widths = dict(widths)
+        counts = widths.pop("counts", None)
+        if counts is not None:
+            config["norm_counts"] = [int(c) for c in counts]
+        return widths
 
 
 def _mlp(ctx, call, first, second, lay, origin, key):
@@ -76,12 +108,13 @@ def _block(ctx, call, block, x, lay, prefix="", suffix=""):
          origin + "mlp/dense_1", "mlp_dim" + suffix)
 
 
-class TransformerEncoderHandler(LayerHandler):
+class TransformerEncoderHandler(_EncoderHandler):
     """`keras_hub.layers.TransformerEncoder` (BERT's encoder layers)."""
 
     def channels(self, ctx, call):
         layer = call.layer
-        x, lay = _stream(ctx, call)
+        x, lay = _stream(ctx, call, [layer._self_attention_layer_norm,
+                                     layer._feedforward_layer_norm])
         mha = layer._self_attention_layer
         heads, _ = attention_channels(
             ctx, call, mha, [lay] * 3, (x.shape, x.shape),
@@ -97,6 +130,8 @@ class TransformerEncoderHandler(LayerHandler):
         return [lay]
 
     def rebuild(self, config, widths):
+        # Its config has no hidden width: it is built from its input's.
+        widths = self.take_counts(config, widths)
         heads = widths["num_heads"]
         config.update(num_heads=heads,
                       intermediate_dim=widths["intermediate_dim"],
@@ -104,32 +139,40 @@ class TransformerEncoderHandler(LayerHandler):
         return PrunedTransformerEncoder.from_config(config)
 
 
-class ViTEncoderBlockHandler(LayerHandler):
+class ViTEncoderBlockHandler(_EncoderHandler):
     """keras_hub's `ViTEncoderBlock`: one heads and one MLP group."""
 
     def channels(self, ctx, call):
-        x, lay = _stream(ctx, call)
-        _block(ctx, call, call.layer, x, lay)
+        block = call.layer
+        x, lay = _stream(ctx, call, [block.layer_norm_1, block.layer_norm_2])
+        _block(ctx, call, block, x, lay)
         return [lay]
 
     def rebuild(self, config, widths):
-        config.update(widths)
+        config.update(key_dim=config.get("key_dim") or _key_dim(config),
+                      **self.take_counts(config, widths))
         return PrunedViTEncoderBlock.from_config(config)
 
 
-class ViTEncoderHandler(LayerHandler):
+class ViTEncoderHandler(_EncoderHandler):
     """keras_hub's `ViTEncoder`: the groups of every block, per block."""
 
     def channels(self, ctx, call):
-        x, lay = _stream(ctx, call)
-        for i, block in enumerate(call.layer.encoder_layers):
+        encoder = call.layer
+        norms = [encoder.layer_norm]
+        for block in encoder.encoder_layers:
+            norms += [block.layer_norm_1, block.layer_norm_2]
+        x, lay = _stream(ctx, call, norms)
+        for i, block in enumerate(encoder.encoder_layers):
             _block(ctx, call, block, x, lay, f"{block.name}/", f"/{i}")
         return [lay]
 
     def rebuild(self, config, widths):
         n = config["num_layers"]
+        widths = self.take_counts(config, widths)
         config.update(
             key_dim=config.get("key_dim") or _key_dim(config),
+            hidden_dim=widths["hidden_dim"],
             num_heads=[widths[f"num_heads/{i}"] for i in range(n)],
             mlp_dim=[widths[f"mlp_dim/{i}"] for i in range(n)],
         )
@@ -217,6 +260,9 @@ class PrunedTransformerEncoder(TransformerEncoder):
         intermediate_dim: the feedforward width.
         num_heads: the number of attention heads.
         key_dim: the size of each head.
+        norm_counts: how many channels each channel stands for in the
+            LayerNormalizations' statistics (`ClusterNormalization`), or
+            `None` (one each). Defaults to `None`.
         **kwargs: the other `TransformerEncoder` arguments.
 
     Example:
@@ -226,12 +272,16 @@ class PrunedTransformerEncoder(TransformerEncoder):
     ```
     """
 
-    def __init__(self, intermediate_dim, num_heads, key_dim, **kwargs):
+    def __init__(self, intermediate_dim, num_heads, key_dim,
+                 norm_counts=None, **kwargs):
         super().__init__(intermediate_dim, num_heads, **kwargs)
         self.key_dim = key_dim
+        self.norm_counts = norm_counts
 
     def build(self, inputs_shape):
         super().build(inputs_shape)
+        _weigh(self, ("_self_attention_layer_norm",
+                      "_feedforward_layer_norm"), inputs_shape)
         derived = self._self_attention_layer
         if derived.key_dim == self.key_dim:
             return
@@ -244,7 +294,8 @@ class PrunedTransformerEncoder(TransformerEncoder):
         self._self_attention_layer = mha
 
     def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim}
+        return {**super().get_config(), "key_dim": self.key_dim,
+                "norm_counts": self.norm_counts}
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
@@ -257,6 +308,7 @@ class PrunedViTEncoderBlock(ViTEncoderBlock):
         mlp_dim: the MLP hidden width.
         key_dim: the size of each head. Defaults to `None`
             (`hidden_dim // num_heads`).
+        norm_counts: see `PrunedTransformerEncoder`. Defaults to `None`.
         **kwargs: the other `ViTEncoderBlock` arguments.
 
     Example:
@@ -267,9 +319,18 @@ class PrunedViTEncoderBlock(ViTEncoderBlock):
     """
 
     def __init__(self, num_heads, hidden_dim, mlp_dim, key_dim=None,
-                 **kwargs):
+                 norm_counts=None, **kwargs):
         super().__init__(num_heads, hidden_dim, mlp_dim, **kwargs)
         self.key_dim = key_dim or self.key_dim
+        self.norm_counts = norm_counts
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        _weigh(self, ("layer_norm_1", "layer_norm_2"), input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "key_dim": self.key_dim,
+                "norm_counts": self.norm_counts}
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
@@ -282,6 +343,7 @@ class PrunedViTEncoder(ViTEncoder):
         hidden_dim: the residual width.
         mlp_dim: the MLP width of each block (a list).
         key_dim: the size of each head.
+        norm_counts: see `PrunedTransformerEncoder`. Defaults to `None`.
         **kwargs: the other `ViTEncoder` arguments.
 
     Example:
@@ -292,16 +354,17 @@ class PrunedViTEncoder(ViTEncoder):
     """
 
     def __init__(self, num_layers, num_heads, hidden_dim, mlp_dim, key_dim,
-                 **kwargs):
+                 norm_counts=None, **kwargs):
         super().__init__(num_layers, num_heads, hidden_dim, mlp_dim, **kwargs)
         self.key_dim = key_dim
+        self.norm_counts = norm_counts
 
     def build(self, input_shape):
         self.encoder_layers = []
         for i, (heads, mlp) in enumerate(zip(self.num_heads, self.mlp_dim)):
             block = PrunedViTEncoderBlock(
                 heads, self.hidden_dim, mlp, key_dim=self.key_dim,
-                use_mha_bias=self.use_mha_bias,
+                norm_counts=self.norm_counts, use_mha_bias=self.use_mha_bias,
                 use_mlp_bias=self.use_mlp_bias,
                 dropout_rate=self.dropout_rate,
                 attention_dropout=self.attention_dropout,
@@ -318,10 +381,27 @@ class PrunedViTEncoder(ViTEncoder):
             name="ln",
         )
         self.layer_norm.build((None, None, self.hidden_dim))
+        _weigh(self, ("layer_norm",), (None, None, self.hidden_dim))
         self.built = True
 
     def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim}
+        return {**super().get_config(), "key_dim": self.key_dim,
+                "norm_counts": self.norm_counts}
+
+
+def _weigh(layer, names, input_shape) -> None:
+    """Replaces `layer`'s LayerNormalizations `names` by
+    `ClusterNormalization`s of its `norm_counts` (if any), same names."""
+    if layer.norm_counts is None:
+        return
+    for attr in names:
+        norm = getattr(layer, attr)
+        weighed = ClusterNormalization(
+            layer.norm_counts, epsilon=norm.epsilon, center=norm.center,
+            scale=norm.scale, name=norm.name, dtype=norm.dtype_policy)
+        weighed.build(input_shape)
+        layer._layers.remove(norm)  # untrack the plain norm
+        setattr(layer, attr, weighed)
 
 
 register_layer(TransformerEncoder, TransformerEncoderHandler())

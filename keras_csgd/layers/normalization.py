@@ -1,10 +1,25 @@
 """Normalization layers: BatchNormalization, LayerNormalization, RMS norms,
-per-channel scales."""
+per-channel scales.
+
+A normalization over the channels (LayerNormalization, RMS norms) mixes
+them through its statistics. Its group stays prunable: removed channels
+change the mean and variance the kept ones are normalised with (the slim
+model normalises over the kept channels), which methods that recover by
+training accept. Merged channels would count once where they counted as
+many times as the cluster has members: Keras's LayerNormalization and
+RMSNormalization are rebuilt as a `ClusterNormalization` that weighs them
+(exact); the others (keras_hub's RMS norms, whose formulas differ by
+family, and the norms inside keras_hub's encoders) make their group
+prune-only (`ChannelGroup.exact`).
+"""
 
 from __future__ import annotations
 
 import keras
+import numpy as np
 
+from keras_csgd import graph
+from keras_csgd.layers.cluster_norm import ClusterNormalization
 from keras_csgd.layers.registry import LayerHandler, register_layer
 
 L = keras.layers
@@ -25,24 +40,105 @@ class BatchNormHandler(LayerHandler):
         return [lay]
 
 
+def normalized_channels(ctx, call, variables, what: str, layout=None,
+                        weighed: bool = False):
+    """A normalization over the channels of `layout`; returns the layout.
+
+    Its per-channel `variables` are members. Removing channels changes the
+    statistics the others are normalised with (the slim model normalises
+    over the kept channels), so only methods that recover by training may.
+    Merging them is exact when `slim` can weigh each kept channel by the
+    number it stands for (`weighed`: the handler rebuilds it as a
+    `ClusterNormalization`); otherwise the group is prune-only.
+
+    Args:
+        ctx: the `graph.Context`.
+        call: the call whose layer owns `variables`.
+        variables: the per-channel weights (channels on their last axis).
+        what: the normalization as reasons name it (`"LayerNormalization
+            `block/ln`"`).
+        layout: the normalised layout. Defaults to the call's first
+            input's.
+        weighed: the call's own layer normalises `layout` and its handler
+            can weigh it (`counts`, and `rebuild` given the width `counts`).
+            Defaults to `False` (prune-only).
+    """
+    lay = call.layouts[0] if layout is None else layout
+    for v in variables:
+        ctx.member(call, v, -1, lay)
+    if weighed:
+        ctx.weighs(call, lay)
+    else:
+        ctx.prune_only(lay, f"{what} normalises over the channels (its "
+                       "statistics change when channels go)")
+    return lay
+
+
 class LayerNormHandler(LayerHandler):
     """LayerNormalization: over the channels, its statistics mix them.
 
-    Removing or merging channels changes the mean and variance every other
-    channel is normalised with, so a group that passes a LayerNormalization
-    over its channel axis is frozen. Exact pruning there would need the
-    statistics of the removed channels folded into the layer (possible only
-    for channels that are constant per example).
+    Over the last axis alone, `gamma` and `beta` are per-channel members;
+    merged channels are weighed in the slim model (`rebuild` gives a
+    `ClusterNormalization` the width `counts`), so merges are
+    exact (with the deprecated `rms_scaling`, the group is prune-only).
+    Over more axes, the group is frozen.
     """
 
+    what = "LayerNormalization"
+
     def channels(self, ctx, call):
+        layer = call.layer
         rank = len(call.inputs[0].shape)
-        axis = call.layer.axis
-        axes = axis if isinstance(axis, (list, tuple)) else [axis]
-        if any(a % rank == rank - 1 for a in axes):
-            ctx.freeze(call.layouts[0], "LayerNormalization over channels "
-                       f"`{call.name}`")
-        return [call.layouts[0]]
+        axis = getattr(layer, "axis", -1)
+        axes = {a % rank for a in (
+            axis if isinstance(axis, (list, tuple)) else [axis])}
+        if rank - 1 not in axes:
+            return [call.layouts[0]]
+        if axes != {rank - 1}:
+            ctx.freeze(call.layouts[0], f"{self.what} over channels and "
+                       f"other axes `{call.name}`")
+            return [call.layouts[0]]
+        weighed = not getattr(layer, "rms_scaling", False)
+        return [normalized_channels(ctx, call, layer.weights,
+                                    f"{self.what} `{call.name}`",
+                                    weighed=weighed)]
+
+    def counts(self, layer) -> np.ndarray | None:
+        """How many channels each channel of `layer` stands for; `None`:
+        one each."""
+        return None
+
+    def rebuild(self, config, widths):
+        """A `ClusterNormalization` weighing the channels by
+        `widths["counts"]` (its weights are copied by name)."""
+        return ClusterNormalization(
+            widths["counts"], epsilon=config["epsilon"],
+            center=config["center"], scale=config["scale"],
+            name=config["name"], dtype=config["dtype"])
+
+
+class RMSNormHandler(LayerNormHandler):
+    """`keras.layers.RMSNormalization`: its `scale` per channel."""
+
+    what = "RMSNormalization"
+
+    def rebuild(self, config, widths):
+        return ClusterNormalization(
+            widths["counts"], rms=True, epsilon=config["epsilon"],
+            scale_name="scale", name=config["name"], dtype=config["dtype"])
+
+
+class ClusterNormHandler(LayerNormHandler):
+    """`ClusterNormalization`: its counts add up when channels merge."""
+
+    what = "ClusterNormalization"
+
+    def counts(self, layer) -> np.ndarray:
+        return np.asarray(layer.counts)
+
+    def rebuild(self, config, widths):
+        config.update(widths)
+        return config
 
 
 class NormalizationHandler(LayerHandler):
@@ -55,22 +151,33 @@ class NormalizationHandler(LayerHandler):
 
 
 class ChannelNormHandler(LayerHandler):
-    """A normalization over the channels with per-channel weights (RMS
-    norms): the weights are members, and, like `LayerNormHandler`, the
-    group is frozen (its statistics mix the channels)."""
+    """A normalization over the channels with per-channel weights
+    (keras_hub's RMS norms): the weights are members and the group is
+    prune-only (no weighed rebuild: each family has its own formula, such
+    as Gemma's `1 + scale`). A config key that holds the width (`dim`,
+    `input_dim`, `head_dim`) follows the group.
+
+    Args:
+        what: how reasons name the layer. Defaults to
+            `"RMS normalization"`.
+    """
+
+    WIDTH_KEYS = ("dim", "input_dim", "head_dim")
 
     def __init__(self, what: str = "RMS normalization"):
         self.what = what
 
     def channels(self, ctx, call):
-        (lay,) = call.layouts
-        if getattr(call.layer, "data_format", None) == "channels_first":
+        layer, (lay,) = call.layer, call.layouts
+        if getattr(layer, "data_format", None) == "channels_first":
             return ctx.unknown(call, "channels_first layer")
-        for v in call.layer.weights:
-            if len(v.shape) == 1:
-                ctx.member(call, v, 0, lay)
-        ctx.freeze(lay, f"{self.what} over channels `{call.name}`")
-        return [lay]
+        width = graph.channels(call.inputs[0])
+        for key in self.WIDTH_KEYS:
+            if getattr(layer, key, None) == width:
+                ctx.width(call, key, lay)
+        return [normalized_channels(
+            ctx, call, [v for v in layer.weights if len(v.shape) == 1],
+            f"{self.what} `{call.name}`")]
 
 
 class ScaleHandler(LayerHandler):
@@ -95,4 +202,7 @@ class ScaleHandler(LayerHandler):
 
 register_layer(L.BatchNormalization, BatchNormHandler())
 register_layer(L.LayerNormalization, LayerNormHandler())
+register_layer(ClusterNormalization, ClusterNormHandler())
+if hasattr(L, "RMSNormalization"):  # Keras 3.9 and later
+    register_layer(L.RMSNormalization, RMSNormHandler())
 register_layer(L.Normalization, NormalizationHandler())

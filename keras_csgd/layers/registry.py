@@ -14,8 +14,10 @@ A handler is an object with three methods:
   outputs. It also records the call's MACs with `ctx.cost`.
 - `rebuild(config, widths) -> config`: the layer's config with new widths;
   `widths` maps each key the handler declared with `ctx.width` to its new
-  size. It may return a new (unbuilt) layer instead, when the narrower
-  layer is of another class (keras_hub's encoders pin their head size in
+  size, and `counts` to the channels each channel stands for when the
+  handler declared `ctx.weighs` (a normalization whose channels merge).
+  It may return a new (unbuilt) layer instead, when the narrower layer is
+  of another class (keras_hub's encoders pin their head size in
   a subclass, see `keras_csgd.layers.hub`).
 - `config(layer) -> dict` (optional): the config `rebuild` edits;
   `layer.get_config()` by default (keras_hub's decoder blocks write theirs
@@ -59,6 +61,9 @@ class LayerHandler:
             multiply: `"conv"` (every window of a convolution), `"dense"`
             (every vector along the last axis), or `None`: the layer cannot
             be compensated.
+        shared: the handler declares every call of a layer called more
+            than once (a tied embedding's reverse call); otherwise a second
+            call of a layer with weights freezes its groups.
         replaces: `slim` always rebuilds the layer through `rebuild`, even
             at unchanged widths (its own class does not load back from its
             config; `rebuild` returns one that does). Otherwise a layer
@@ -68,6 +73,7 @@ class LayerHandler:
     normalizes = False
     patches = None
     replaces = False
+    shared = False
 
     def channels(self, ctx, call):
         """Declares the call's channel structure; returns output layouts."""
@@ -158,8 +164,8 @@ def mixes_channels(activation) -> bool:
 
 
 def attribute(layer, name: str) -> bool:
-    """A handler flag (`normalizes`, `sums`, `replaces`) of `layer`, or
-    False for an unknown layer."""
+    """A handler flag (`normalizes`, `sums`, `replaces`, `shared`) of
+    `layer`, or False for an unknown layer."""
     return bool(getattr(handler_for(layer), name, False))
 
 

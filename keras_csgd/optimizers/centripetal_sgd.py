@@ -151,7 +151,8 @@ class CSGD(Optimizer):
 
     Raises:
         TypeError: if `plan` is not a `PruningPlan` or its JSON.
-        ValueError: for an unbound plan or an invalid hyperparameter; at
+        ValueError: for an unbound plan, a plan of a prune-only group
+            (`ChannelGroup.exact` is False) or an invalid hyperparameter; at
             `build`, if the plan names variables that are missing from the
             trainable variables (another model, or frozen layers) or whose
             channel axis has another length.
@@ -193,6 +194,17 @@ class CSGD(Optimizer):
             **kwargs,
         )
         self.plan = coerce_plan(plan, "`CSGD`")
+        inexact = {n: g.prune_only for n, g in self.plan.groups.items()
+                   if not g.exact}
+        if inexact:
+            raise ValueError(
+                "`CSGD` promises a slim model equal to the trained one, "
+                "which a prune-only group cannot give (removing or merging "
+                f"its channels changes its normalization): {inexact}. Leave "
+                "these groups out of the plan (`kc.make_plan` does), or "
+                "prune them with `kc.methods.magnitude_plan` / "
+                "`kc.plan_from_scores` and fine-tune."
+            )
         self.momentum = check_float("momentum", momentum, high=1.0)
         self.nesterov = bool(nesterov)
         self.centripetal_strength = check_float(

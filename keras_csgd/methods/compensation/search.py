@@ -22,7 +22,10 @@ def _searchable(model, analysis) -> list:
     out = []
     for g in analysis.groups:
         names = {lname for lname, _, _ in g.consumers}
-        if not g.prunable or not names or any("/" in n for n in names):
+        # A prune-only group's kept channels change with the removed
+        # ones (its normalization): no refit can compensate that.
+        if (not g.prunable or not g.exact or not names
+                or any("/" in n for n in names)):
             continue
         if all(supported(model.get_layer(n)) for n in names):
             out.append(g)

@@ -77,7 +77,7 @@ def _default_layers(model) -> list[str]:
     """Consumers of the prunable groups that compensation supports."""
     names = []
     for g in graph.channel_groups(model):
-        if not g.prunable:
+        if not g.prunable or not g.exact:  # see `_searchable`
             continue
         for lname, _, _ in g.consumers:
             if lname in names or "/" in lname:

@@ -1,0 +1,320 @@
+"""The residual stream (hidden width) of transformers, through norms.
+
+A group that passes a normalization over its channels (LayerNormalization,
+RMS norms) is prunable but prune-only: the methods that recover by
+training may remove its channels, C-SGD may not plan it, no plan may merge
+it. The slim model is checked against an independent reference: the same
+architecture built at the kept width, its weights sliced by hand (every
+axis of the hidden width `D`, which no other axis of these models has), so
+its norms take their statistics over the kept channels only.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+
+import keras_csgd as kc
+from keras_csgd.layers.cluster_norm import ClusterNormalization
+from keras_csgd.models import resnet_cifar
+from utils import collapse, relative_error
+from zoo import randomize
+
+D = 24  # the hidden width; no other axis of these models is 24
+VOCAB = 30
+
+
+def _encoder(dim=D):
+    """A pre-norm ViT: patch Conv2D, attention, MLP, norm, pooled head."""
+    x = inp = keras.Input((16, 16, 3))
+    x = L.Conv2D(dim, 4, strides=4, name="patch")(x)
+    x = L.Reshape((16, dim), name="tokens")(x)
+    y = L.LayerNormalization(name="ln1")(x)
+    y = L.MultiHeadAttention(2, 8, name="mha")(y, y)
+    x = L.Add(name="add1")([x, y])
+    y = L.LayerNormalization(name="ln2")(x)
+    y = L.Dense(40, activation="gelu", name="fc1")(y)
+    x = L.Add(name="add2")([x, L.Dense(dim, name="fc2")(y)])
+    x = L.LayerNormalization(name="ln")(x)
+    x = L.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(inp, L.Dense(5, name="head")(x))
+
+
+def _language_model(dim=D):
+    """A decoder LM: tied ReversibleEmbedding, RMS norms, causal attention."""
+    ids = keras.Input((10,), dtype="int32")
+    embedding = L.ReversibleEmbedding(VOCAB, dim, name="embedding")
+    x = embedding(ids)
+    y = L.RMSNormalization(name="norm1")(x)
+    y = L.MultiHeadAttention(2, 8, name="mha")(y, y, use_causal_mask=True)
+    x = L.Add(name="add1")([x, y])
+    y = L.LayerNormalization(name="norm2")(x)
+    y = L.Dense(40, activation="gelu", name="fc1")(y)
+    x = L.Add(name="add2")([x, L.Dense(dim, name="fc2")(y)])
+    x = L.RMSNormalization(name="norm")(x)
+    return keras.Model(ids, embedding(x, reverse=True))
+
+
+def _images(n=3):
+    return np.random.default_rng(1).normal(size=(n, 16, 16, 3)).astype(
+        "float32")
+
+
+def _ids(n=3):
+    return np.random.default_rng(1).integers(0, VOCAB, (n, 10)).astype(
+        "int32")
+
+
+MODELS = {"encoder": (_encoder, _images),
+          "language_model": (_language_model, _ids)}
+
+
+def _hidden(model):
+    (group,) = [g for g in kc.channel_groups(model) if g.size == D]
+    return group
+
+
+def _reference(build, model, kept):
+    """`build` at the kept width, every `D` axis of every weight sliced."""
+    small = build(len(kept))
+    for layer in model.layers:
+        new = small.get_layer(layer.name)
+        values = []
+        for w in layer.get_weights():
+            for axis, n in enumerate(w.shape):
+                if n == D:
+                    w = np.take(w, kept, axis=axis)
+            values.append(w)
+        new.set_weights(values)
+    return small
+
+
+def test_hidden_width_groups_say_whether_they_merge_exactly():
+    encoder = _hidden(_encoder())
+    assert encoder.prunable and encoder.exact  # Keras norms are weighed
+    model = _language_model()
+    group = _hidden(model)  # the tied embedding makes it prune-only
+    assert group.prunable and not group.exact
+    assert "shares the embedding's table" in group.prune_only
+    assert "prune-only" in repr(group)
+    others = [g for g in kc.channel_groups(model)
+              if g.prunable and g is not group]
+    assert others and all(g.exact for g in others)  # heads, MLP units
+    plan = kc.methods.magnitude_plan(model, keep=0.5)
+    again = kc.PruningPlan.from_json(plan.to_json())
+    assert again.groups[group.name].prune_only == group.prune_only
+    assert not again.groups[group.name].exact
+
+
+def test_tied_output_projection_follows_the_embedding():
+    model = _language_model()
+    group = _hidden(model)
+    assert ("embedding", model.get_layer("embedding").embeddings.path, 1) in (
+        group.members)
+    assert "shares the embedding's table" in group.prune_only
+    # The logits' MACs (10 positions x D x VOCAB) scale with the group.
+    plan = kc.plan_from_scores(model, {group.name: np.arange(D)}, keep=0.5)
+    assert kc.count_macs(model) - kc.macs_under(model, plan) >= (
+        10 * VOCAB * D // 2)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pruned_hidden_width_equals_reference(name):
+    build, inputs = MODELS[name]
+    model = randomize(build())
+    group = _hidden(model)
+    scores = np.random.default_rng(0).normal(size=D)
+    plan = kc.plan_from_scores(model, {group.name: scores}, keep=0.5)
+    kept = [c[0] for c in plan.clusters[group.name]]
+    small = kc.slim(model, plan)
+    x = inputs()
+    expected = _reference(build, model, kept)(x)
+    assert relative_error(small(x), expected) < 1e-5
+    assert relative_error(small(x), model(x)) > 1e-3  # it did change
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_slim_macs_and_keras_round_trip(name, tmp_path):
+    build, inputs = MODELS[name]
+    model = randomize(build())
+    plan = kc.methods.magnitude_plan(model, keep=0.5)
+    assert _hidden(model).name in plan.clusters
+    small = kc.slim(model, plan)
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
+    assert kc.count_macs(small) < 0.4 * kc.count_macs(model)
+    small.save(tmp_path / "slim.keras")
+    loaded = keras.saving.load_model(tmp_path / "slim.keras")
+    x = inputs()
+    assert relative_error(loaded(x), small(x)) == 0.0
+
+
+def test_exact_methods_leave_prune_only_groups_out():
+    model = _language_model()
+    hidden = _hidden(model).name
+    plan = kc.make_plan(model, keep=0.5)
+    assert plan.clusters and hidden not in plan.clusters
+    assert hidden in kc.methods.magnitude_plan(model, keep=0.5).clusters
+    with pytest.raises(ValueError, match="may only be pruned, not merged"):
+        kc.make_plan(model, keep={hidden: 0.5})
+    with pytest.raises(ValueError, match="may only be pruned, not merged"):
+        kc.PruningPlan({hidden: [[0, 1], *[[i] for i in range(2, D)]]},
+                       groups=kc.channel_groups(model))
+    pruned = kc.plan_from_scores(model, {hidden: np.arange(D)}, keep=0.5)
+    with pytest.raises(ValueError, match="prune-only group"):
+        kc.CSGD(pruned)
+    with pytest.raises(ValueError, match="prune-only group"):
+        kc.CSGD(pruned.to_json())
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_cluster_normalization_equals_the_norm_of_repeated_channels(rms):
+    counts = np.array([2, 1, 3, 1])
+    x = np.random.default_rng(0).normal(size=(3, 5, 4)).astype("float32")
+    gamma = np.random.default_rng(1).uniform(0.5, 1.5, 4).astype("float32")
+    wide = np.repeat(x, counts, axis=-1)
+    norm = L.RMSNormalization() if rms else L.LayerNormalization()
+    norm.build(wide.shape)
+    norm.set_weights([np.repeat(w, counts) for w in (
+        [gamma] if rms else [gamma, -gamma])])
+    first = np.cumsum(counts) - counts
+    expected = keras.ops.convert_to_numpy(norm(wide))[..., first]
+    layer = ClusterNormalization(
+        counts, rms=rms, epsilon=norm.epsilon,
+        scale_name="scale" if rms else "gamma")
+    layer.build(x.shape)
+    layer.set_weights([gamma] if rms else [gamma, -gamma])
+    assert relative_error(layer(x), expected) < 1e-5
+    again = ClusterNormalization.from_config(layer.get_config())
+    assert again.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="positive integers"):
+        ClusterNormalization([1, 0])
+
+
+@pytest.mark.parametrize("method", ["even", "kmeans"])
+def test_collapsed_stream_slims_exactly_through_weighed_norms(
+        method, tmp_path):
+    model = randomize(_encoder())
+    hidden = _hidden(model).name
+    plan = kc.make_plan(model, keep=0.5, method=method)
+    assert hidden in plan.clusters
+    collapse(model, plan)
+    small = kc.slim(model, plan, strict=True)
+    x = _images()
+    assert relative_error(small(x), model(x)) < 1e-4
+    norms = [layer for layer in small.layers
+             if isinstance(layer, ClusterNormalization)]
+    assert len(norms) == 3
+    assert all(sum(n.counts) == D for n in norms)
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
+    small.save(tmp_path / "slim.keras")
+    loaded = keras.saving.load_model(tmp_path / "slim.keras")
+    assert relative_error(loaded(x), small(x)) == 0.0
+    # Slimming the slim model again adds up its counts.
+    groups = kc.channel_groups(small)
+    stream = [g for g in groups if g.size == plan.widths()[hidden]]
+    assert len(stream) == 1 and stream[0].exact
+    thirds = [list(range(k, k + D // 6)) for k in range(0, D // 2, D // 6)]
+    twice = kc.PruningPlan({stream[0].name: thirds}, groups=groups)
+    collapse(small, twice)
+    smaller = kc.slim(small, twice, strict=True)
+    assert relative_error(smaller(x), small(x)) < 1e-4
+    counts = [n.counts for n in smaller.layers
+              if isinstance(n, ClusterNormalization)]
+    assert len(counts) == 3 and all(
+        len(c) == 3 and sum(c) == D for c in counts)
+
+
+def test_convolutional_plans_do_not_change():
+    model = resnet_cifar(8, input_shape=(16, 16, 3))
+    groups = kc.channel_groups(model)
+    assert all(g.exact for g in groups)
+    plan = kc.make_plan(model, keep=0.5)
+    assert set(plan.clusters) == {g.name for g in groups if g.prunable}
+    kc.CSGD(plan)
+
+
+def _hub_families():
+    hub = pytest.importorskip("keras_hub").models
+    text = dict(vocabulary_size=64, num_layers=2, num_heads=4, hidden_dim=32,
+                intermediate_dim=64, max_sequence_length=12)
+    return {
+        "ViT": (lambda: hub.ViTBackbone(
+            image_shape=(16, 16, 3), patch_size=4, num_layers=2, num_heads=4,
+            hidden_dim=32, mlp_dim=64), "image"),
+        "BERT": (lambda: hub.BertBackbone(**text), "text"),
+        "DistilBERT": (lambda: hub.DistilBertBackbone(**text), "text"),
+        "RoBERTa": (lambda: hub.RobertaBackbone(**text), "text"),
+        "ELECTRA": (lambda: hub.ElectraBackbone(embedding_dim=24, **text),
+                    "text"),
+    }
+
+
+def _task(name):
+    """A keras_hub backbone with a classifier on its first token (a
+    backbone's own output keeps its width: it is frozen)."""
+    build, kind = _hub_families()[name]
+    backbone = build()
+    out = backbone.output
+    out = out["sequence_output"] if isinstance(out, dict) else out
+    head = L.Dense(3, name="task_head")(out[:, 0])
+    return keras.Model(backbone.input, head), kind
+
+
+def _macs(model, kind, plan=None):
+    shape = (12,) if kind == "text" else None
+    if plan is None:
+        return kc.count_macs(model, input_shape=shape)
+    return kc.macs_under(model, plan, input_shape=shape)
+
+
+@pytest.mark.parametrize(
+    "name", ["ViT", "BERT", "DistilBERT", "RoBERTa", "ELECTRA"])
+def test_hub_encoders_prune_their_hidden_width(name):
+    from hub_zoo import inputs
+
+    model, kind = _task(name)
+    x = inputs(model, kind)
+    (hidden,) = [g for g in kc.channel_groups(model)
+                 if g.prunable and g.size == 32]
+    assert hidden.exact  # the rebuilt encoders weigh merged channels
+    plan = kc.methods.magnitude_plan(model, keep=0.5)
+    assert plan.widths()[hidden.name] == 16
+    small = kc.slim(model, plan)
+    assert small(x).shape == model(x).shape
+    macs = _macs(small, kind)
+    assert macs == _macs(model, kind, plan)
+    assert macs <= 0.35 * _macs(model, kind)
+
+
+@pytest.mark.parametrize("name", ["ViT", "BERT"])
+def test_hub_encoders_keep_their_class_and_merge_exactly(name, tmp_path):
+    from hub_zoo import inputs
+    from keras_csgd.layers.hub import (
+        PrunedTransformerEncoder,
+        PrunedViTEncoder,
+    )
+
+    model, kind = _task(name)
+    randomize(model)
+    x = inputs(model, kind)
+    groups = kc.channel_groups(model)
+    identity = kc.PruningPlan(
+        {g.name: [[i] for i in range(g.size)] for g in groups if g.prunable},
+        groups=groups)
+    assert relative_error(kc.slim(model, identity)(x), model(x)) == 0.0
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    (hidden,) = [g.name for g in groups if g.prunable and g.size == 32]
+    assert plan.widths()[hidden] == 16
+    collapse(model, plan)
+    small = kc.slim(model, plan, strict=True)
+    assert relative_error(small(x), model(x)) < 1e-4
+    pruned = PrunedViTEncoder if name == "ViT" else PrunedTransformerEncoder
+    encoders = [layer for layer in small.layers if isinstance(layer, pruned)]
+    assert encoders
+    for layer in encoders:
+        assert sum(layer.norm_counts) == 32 and len(layer.norm_counts) == 16
+    if name == "ViT":
+        assert encoders[0].hidden_dim == 16
+    small.save(tmp_path / "slim.keras")
+    loaded = keras.saving.load_model(tmp_path / "slim.keras")
+    assert relative_error(loaded(x), small(x)) == 0.0
