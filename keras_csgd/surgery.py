@@ -51,25 +51,32 @@ def _bound_plan(plan, model) -> tuple[PruningPlan, graph.Analysis]:
 
 
 def _random_inputs(model, batch: int = 4, seed: int = 0):
-    """A batch of standard normal model inputs (unknown sizes: 32)."""
+    """A batch of standard normal model inputs (unknown sizes: 32); integer
+    inputs (token ids, masks) get 0 or 1."""
     rng = np.random.default_rng(seed)
     feeds = []
     for t in model.inputs:
         shape = [batch] + [d if d is not None else 32 for d in t.shape[1:]]
-        feeds.append(rng.normal(size=shape).astype(t.dtype or "float32"))
+        dtype = np.dtype(t.dtype or "float32")
+        feeds.append(rng.integers(0, 2, shape).astype(dtype)
+                     if dtype.kind in "iu" else
+                     rng.normal(size=shape).astype(dtype))
     return keras.tree.pack_sequence_as(model.input, feeds)
 
 
-def _probe_inputs(model, layers_):
-    """Input values of `layers_` (top-level, single call) on random inputs."""
+def _probe_inputs(model, layers_, inputs=None):
+    """Input values of `layers_` (top-level, single call) on `inputs`
+    (default: random inputs)."""
     probe = keras.Model(model.input, [layer.input for layer in layers_])
-    outs = probe(_random_inputs(model), training=False)
+    if inputs is None:
+        inputs = _random_inputs(model)
+    outs = probe(inputs, training=False)
     if len(layers_) == 1:
         outs = [outs]
     return [keras.ops.convert_to_numpy(o) for o in outs]
 
 
-def _constant_folds(model, an, index, consumers):
+def _constant_folds(model, an, index, consumers, inputs=None):
     """Bias increments from removed input-independent channels.
 
     Returns:
@@ -88,7 +95,7 @@ def _constant_folds(model, an, index, consumers):
             cands.append((e, layer))
     if not cands:
         return {}
-    values = _probe_inputs(model, [layer for _, layer in cands])
+    values = _probe_inputs(model, [layer for _, layer in cands], inputs)
     folds = {}
     for (e, layer), x in zip(cands, values):
         x = x.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -190,7 +197,9 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             identical or a removed block's branch is not zero. Defaults to
             `False`.
         inputs: a batch of model inputs on which removed blocks are
-            checked. Defaults to `None` (4 standard normal inputs).
+            checked and removed channels found constant. Defaults to
+            `None` (4 standard normal inputs, unknown sizes 32, integer
+            inputs 0 or 1).
         check: check merged clusters and removed blocks; `False` for a
             slim model wanted for its structure alone (latency profiling).
             Defaults to `True`.
@@ -235,8 +244,8 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         if planned.intersection(graph.leaves(an.root(e.layout)))
     ]
     folds = _constant_folds(
-        model, an, index, [e for e in touched if e.role == "consumer"]
-    )
+        model, an, index, [e for e in touched if e.role == "consumer"],
+        inputs)
     values = _new_weights(an, index, touched, folds)
     widths = {
         name: {k: graph.layout_size(an.root(lay), index.new)

@@ -78,6 +78,8 @@ def _reference(build, model, kept):
     """`build` at the kept width, every `D` axis of every weight sliced."""
     small = build(len(kept))
     for layer in model.layers:
+        if not layer.weights:
+            continue
         new = small.get_layer(layer.name)
         values = []
         for w in layer.get_weights():
@@ -98,7 +100,7 @@ def test_hidden_width_groups_say_whether_they_merge_exactly():
     assert "shares the embedding's table" in group.prune_only
     assert "prune-only" in repr(group)
     others = [g for g in kc.channel_groups(model)
-              if g.prunable and g is not group]
+              if g.prunable and g.name != group.name]
     assert others and all(g.exact for g in others)  # heads, MLP units
     plan = kc.methods.magnitude_plan(model, keep=0.5)
     again = kc.PruningPlan.from_json(plan.to_json())
@@ -244,7 +246,9 @@ def _hub_families():
         "BERT": (lambda: hub.BertBackbone(**text), "text"),
         "DistilBERT": (lambda: hub.DistilBertBackbone(**text), "text"),
         "RoBERTa": (lambda: hub.RobertaBackbone(**text), "text"),
-        "ELECTRA": (lambda: hub.ElectraBackbone(embedding_dim=24, **text),
+        "ELECTRA": (lambda: hub.ElectraBackbone(
+            embedding_dim=24, vocab_size=64,
+            **{k: v for k, v in text.items() if k != "vocabulary_size"}),
                     "text"),
     }
 
@@ -279,7 +283,7 @@ def test_hub_encoders_prune_their_hidden_width(name):
     assert hidden.exact  # the rebuilt encoders weigh merged channels
     plan = kc.methods.magnitude_plan(model, keep=0.5)
     assert plan.widths()[hidden.name] == 16
-    small = kc.slim(model, plan)
+    small = kc.slim(model, plan, inputs=x)  # 12 tokens at most
     assert small(x).shape == model(x).shape
     macs = _macs(small, kind)
     assert macs == _macs(model, kind, plan)

@@ -121,8 +121,9 @@ def test_slim_heads_keep_their_size():
     small = kc.slim(model, plan)
     mha = small.get_layer("t0_mha")
     assert mha.num_heads == 2 and mha.key_dim == 8
-    assert mha.query_dense.kernel.shape == (32, 2, 8)
-    assert mha.output_dense.kernel.shape == (2, 8, 32)
+    # The residual stream is pruned too (32 to 16).
+    assert mha.query_dense.kernel.shape == (16, 2, 8)
+    assert mha.output_dense.kernel.shape == (2, 8, 16)
     assert small.get_layer("t0_fc1").units == 24
 
 
@@ -221,7 +222,7 @@ def test_plan_makers_work_on_heads_and_mlp_groups():
     model.compile(loss="sparse_categorical_crossentropy")
     importance = kc.methods.ensemble_importance(
         model, (x, y), samples=24, verbose=0)
-    assert set(importance) == {*heads, *mlps}
+    assert set(importance) == {*heads, *mlps, "patch"}  # patch: the stream
     assert importance["t0_mha/heads"].shape == (4,)
     for plan in (magnitude, by_scores):
         small = kc.slim(model, plan)
