@@ -206,7 +206,9 @@ class PruningPlan:
             `{variable_path: (axis, segment_ids, num_segments)}`: along
             `axis`, entries with equal segment ids belong to one cluster (the
             same cluster and, behind a depthwise multiplier, the same
-            repeat). Entries of unplanned or removed channels are singletons.
+            repeat; on a grid of two planned groups, the same pair of
+            clusters). Entries of unplanned or removed channels are
+            singletons.
         """
         groups = self.require_bound("`variable_segments`")
         per_var: dict[str, tuple[int, list]] = {}
@@ -220,15 +222,22 @@ class PruningPlan:
         out = {}
         for path, (axis, parts) in per_var.items():
             n = len(parts[0][2])
-            keys = [("free", i) for i in range(n)]
+            claims: list[list] = [[] for _ in range(n)]
+            removed = np.zeros(n, bool)
             for name, ids, cmap in parts:
                 seen: dict[int, int] = {}
                 for i, ch in enumerate(cmap):
-                    if ch < 0 or ids[ch] < 0:
+                    if ch < 0:
                         continue
                     rep = seen.get(ch, 0)
                     seen[ch] = rep + 1
-                    keys[i] = (name, int(ids[ch]), rep)
+                    removed[i] |= ids[ch] < 0
+                    claims[i].append((name, int(ids[ch]), rep))
+            # An entry of two planned groups (a grid of grouped-query
+            # heads) belongs to the pair of their clusters.
+            keys = [("free", i) if removed[i] or not c else c[0]
+                    if len(c) == 1 else tuple(k[:2] for k in c)
+                    for i, c in enumerate(claims)]
             uniq: dict = {}
             seg = np.array([uniq.setdefault(k, len(uniq)) for k in keys])
             out[path] = (axis, seg, len(uniq))

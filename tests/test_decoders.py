@@ -155,3 +155,25 @@ def test_activation_importance_plans_a_slim_llm_that_generates():
     assert type(small) is type(model)
     assert small.intermediate_dim == 16
     assert _generated(_lm("Qwen3", small)).shape == (2, TOKENS)
+
+
+@pytest.mark.parametrize("kv, positions, expected", [
+    ([[0, 1]], None, [0, 1, 0, 1]),
+    ([[0, 1]], [[0], [1]], [0, 1, 0, 1]),
+    ([[0], [1]], [[0, 1]], [0, 0, 1, 1]),
+    ([[0, 1]], [[0, 1]], [0, 0, 0, 0]),
+])
+def test_csgd_pulls_query_heads_by_both_their_clusters(kv, positions,
+                                                        expected):
+    # Query head k * 2 + j joins the heads of its key/value cluster and
+    # its position cluster, whichever groups the plan merges.
+    groups = kc.channel_groups(FAMILIES["Llama"].build())
+    layer = "transformer_layer_0/"
+    clusters = {layer + "kv_heads": kv}
+    if positions is not None:
+        clusters[layer + "query_heads"] = positions
+    plan = kc.PruningPlan(clusters, groups=groups)
+    segments = plan.variable_segments()
+    axis, ids, _ = segments[layer + "self_attention/query/kernel"]
+    assert axis == 1
+    np.testing.assert_array_equal(ids, expected)
