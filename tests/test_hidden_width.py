@@ -322,3 +322,19 @@ def test_hub_encoders_keep_their_class_and_merge_exactly(name, tmp_path):
     small.save(tmp_path / "slim.keras")
     loaded = keras.saving.load_model(tmp_path / "slim.keras")
     assert relative_error(loaded(x), small(x)) == 0.0
+
+
+def test_tied_projection_across_a_nested_model_freezes():
+    """keras_hub's causal LMs call the backbone's embedding in reverse
+    from outside the backbone: `slim` would rebuild two tables."""
+    ids = keras.Input((10,), dtype="int32")
+    embedding = L.ReversibleEmbedding(VOCAB, D, name="embedding")
+    inner = keras.Model(ids, L.Dense(D, name="mix")(embedding(ids)),
+                        name="backbone")
+    outer_ids = keras.Input((10,), dtype="int32")
+    model = keras.Model(outer_ids,
+                        embedding(inner(outer_ids), reverse=True))
+    groups = {g.name: g for g in kc.channel_groups(model)}
+    assert "called from another (nested) model" in (
+        groups["backbone/embedding"].reason)
+    assert not groups["backbone/mix"].prunable

@@ -42,8 +42,14 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
 
     def channels(self, ctx, call):
         layer = call.layer
+        # Its forward call, in this model: a copy of a nested model's
+        # layer is another layer when `slim` rebuilds the two models.
         forward = [e.layout for e in ctx.entries
                    if e.layer is layer and e.producer]
+        if any(e.lname != call.name for e in ctx.entries
+               if e.layer is layer):
+            return self._refuse(ctx, call, forward,
+                                "called from another (nested) model")
         args, kwargs = graph.call_arguments(call)
         if not (kwargs.get("reverse") or (len(args) > 1 and args[1])):
             if forward:  # a second forward call

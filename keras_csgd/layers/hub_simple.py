@@ -9,8 +9,9 @@ block, which would freeze a traced stateless layer as shared.
 `ReversibleEmbedding` and `PositionEmbedding` are embeddings: their
 tables' last axis produces (or is a member of) the output channels. The
 RMS norms of each family and the LayerScales own their weights (so are
-not traced): the norms freeze their channels (`ChannelNormHandler`), the
-scales are per-channel members (`ScaleHandler`).
+not traced): the norms' weights are members of a prune-only group
+(`ChannelNormHandler`), the LayerScales' are per-channel members
+(`ScaleHandler`).
 
 This module imports keras_hub; the registry imports it the first time it
 looks up a keras_hub layer.
