@@ -338,3 +338,53 @@ def test_tied_projection_across_a_nested_model_freezes():
     assert "called from another (nested) model" in (
         groups["backbone/embedding"].reason)
     assert not groups["backbone/mix"].prunable
+
+
+@pytest.mark.parametrize("where", [
+    ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm", {}),
+    ("keras_hub.src.models.gemma.rms_normalization", "RMSNormalization", {}),
+    ("keras_hub.src.models.mobilenetv5.mobilenetv5_layers", "RmsNorm2d",
+     {"dim": 6}),
+], ids=["llama", "gemma", "mobilenetv5"])
+def test_hub_rms_norms_are_weighed_exactly(where):
+    import importlib
+
+    pytest.importorskip("keras_hub")
+    from keras_csgd.layers import handler_for
+
+    module, name, kwargs = where
+    cls = getattr(importlib.import_module(module), name)
+    counts = np.array([2, 1, 3])
+    x = np.random.default_rng(0).normal(size=(2, 4, 3)).astype("float32")
+    wide_norm = cls(**kwargs)
+    wide_norm.build((2, 4, 6))
+    handler = handler_for(wide_norm)
+    scale = getattr(wide_norm, handler.scale)
+    values = np.random.default_rng(1).uniform(0.5, 1.5, 3).astype("float32")
+    scale.assign(np.repeat(values, counts))
+    first = np.cumsum(counts) - counts
+    expected = keras.ops.convert_to_numpy(
+        wide_norm(np.repeat(x, counts, axis=-1)))[..., first]
+    config = {**wide_norm.get_config(), "name": "norm"}
+    weighed = handler.rebuild(config, {"counts": counts})
+    weighed.build(x.shape)
+    weighed.set_weights([values])
+    assert relative_error(weighed(x), expected) < 1e-5
+
+
+def test_mobilenet_v5_merges_exactly_through_its_rms_norms(tmp_path):
+    pytest.importorskip("keras_hub")
+    from hub_zoo import inputs, mobilenet_v5
+
+    model = randomize(mobilenet_v5())
+    groups = [g for g in kc.channel_groups(model) if g.prunable]
+    assert groups and all(g.exact for g in groups)
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    collapse(model, plan)
+    small = kc.slim(model, plan, strict=True)
+    x = inputs(model, "image")
+    assert relative_error(small(x), model(x)) < 1e-4
+    assert any(isinstance(layer, ClusterNormalization)
+               for layer in small._flatten_layers(recursive=True))
+    assert kc.count_macs(small) == kc.macs_under(model, plan)
+    assert kc.count_macs(small) < 0.5 * kc.count_macs(model)

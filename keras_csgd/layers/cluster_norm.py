@@ -5,8 +5,8 @@ of them. A LayerNormalization (or RMS norm) over those channels took the
 cluster's value as many times as the cluster has members: the slim model's
 norm must too. `ClusterNormalization` weighs channel `k` by `counts[k]`,
 the number of original channels it stands for, so the merge is exact.
-`kc.slim` emits it in place of a `keras.layers.LayerNormalization` or
-`keras.layers.RMSNormalization` whose channels merge.
+`kc.slim` emits it in place of a `keras.layers.LayerNormalization`,
+`keras.layers.RMSNormalization` or keras_hub RMS norm whose channels merge.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class ClusterNormalization(keras.layers.Layer):
     mean = sum(w * x)
     var = sum(w * (x - mean) ** 2)
     y = (x - mean) / sqrt(var + epsilon) * gamma + beta
-    # rms=True (RMSNormalization)
-    y = x / sqrt(sum(w * x ** 2) + epsilon) * scale
+    # rms=True (RMSNormalization; Gemma's has scale_offset=1)
+    y = x / sqrt(sum(w * x ** 2) + epsilon) * (scale_offset + scale)
     ```
 
     With every count 1 this is the plain normalization. When channel `k`
@@ -49,6 +49,8 @@ class ClusterNormalization(keras.layers.Layer):
         scale_name: the scale's variable name (`"gamma"` as in
             LayerNormalization, `"scale"` as in RMSNormalization). Defaults
             to `"gamma"`.
+        scale_offset: added to the scale (`1.0` in Gemma's RMS norms).
+            Defaults to `0.0`.
         **kwargs: the base layer's arguments (`name`, `dtype`).
 
     Raises:
@@ -66,7 +68,8 @@ class ClusterNormalization(keras.layers.Layer):
     """
 
     def __init__(self, counts, rms=False, epsilon=1e-3, center=True,
-                 scale=True, scale_name="gamma", **kwargs):
+                 scale=True, scale_name="gamma", scale_offset=0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         counts = np.asarray(counts)
         if counts.ndim != 1 or not len(counts) or (counts < 1).any() or (
@@ -81,6 +84,7 @@ class ClusterNormalization(keras.layers.Layer):
         self.center = bool(center) and not self.rms
         self.scale = bool(scale)
         self.scale_name = scale_name
+        self.scale_offset = float(scale_offset)
 
     def build(self, input_shape):
         width = input_shape[-1]
@@ -109,7 +113,7 @@ class ClusterNormalization(keras.layers.Layer):
             y = x * ops.rsqrt(
                 ops.sum(w * ops.square(x), -1, keepdims=True) + self.epsilon)
         if self.gamma is not None:
-            y = y * ops.cast(self.gamma, dtype)
+            y = y * (self.scale_offset + ops.cast(self.gamma, dtype))
         if self.beta is not None:
             y = y + ops.cast(self.beta, dtype)
         return ops.cast(y, self.compute_dtype)
@@ -121,4 +125,5 @@ class ClusterNormalization(keras.layers.Layer):
         return {**super().get_config(), "counts": self.counts,
                 "rms": self.rms, "epsilon": self.epsilon,
                 "center": self.center, "scale": self.scale,
-                "scale_name": self.scale_name}
+                "scale_name": self.scale_name,
+                "scale_offset": self.scale_offset}

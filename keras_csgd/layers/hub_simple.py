@@ -9,7 +9,7 @@ block, which would freeze a traced stateless layer as shared.
 `ReversibleEmbedding` and `PositionEmbedding` are embeddings: their
 tables' last axis produces (or is a member of) the output channels. The
 RMS norms of each family and the LayerScales own their weights (so are
-not traced): the norms' weights are members of a prune-only group
+not traced): the norms' scales are members, weighed when channels merge
 (`ChannelNormHandler`), the LayerScales' are per-channel members
 (`ScaleHandler`).
 
@@ -37,18 +37,21 @@ DROP_PATHS = {
     "keras_hub.src.models.dinov3.dinov3_layers": "DINOV3DropPath",
 }
 M = "keras_hub.src.models."
-RMS_NORMS = {
-    "keras_hub.src.layers.modeling.rms_normalization": "RMSNormalization",
-    M + "llama.llama_layernorm": "LlamaLayerNorm",
-    M + "qwen.qwen_layernorm": "QwenLayerNorm",
-    M + "qwen3.qwen3_layernorm": "Qwen3LayerNorm",
-    M + "gemma.rms_normalization": "RMSNormalization",
-    M + "gemma3.gemma3_layers": "RMSNormalization",
-    M + "mistral.mistral_layer_norm": "MistralLayerNormalization",
-    M + "phi3.phi3_layernorm": "Phi3LayerNorm",
-    M + "mixtral.mixtral_layer_norm": "MixtralLayerNormalization",
-    M + "t5.t5_layer_norm": "T5LayerNorm",
-    M + "mobilenetv5.mobilenetv5_layers": "RmsNorm2d",
+RMS_NORMS = {  # (module, class): (scale attribute, offset added to it)
+    ("keras_hub.src.layers.modeling.rms_normalization", "RMSNormalization"):
+        ("scale", 0.0),
+    (M + "llama.llama_layernorm", "LlamaLayerNorm"): ("scale", 0.0),
+    (M + "qwen.qwen_layernorm", "QwenLayerNorm"): ("scale", 0.0),
+    (M + "qwen3.qwen3_layernorm", "Qwen3LayerNorm"): ("scale", 0.0),
+    (M + "gemma.rms_normalization", "RMSNormalization"): ("scale", 1.0),
+    (M + "gemma3.gemma3_layers", "RMSNormalization"): ("scale", 1.0),
+    (M + "mistral.mistral_layer_norm", "MistralLayerNormalization"):
+        ("scale", 0.0),
+    (M + "phi3.phi3_layernorm", "Phi3LayerNorm"): ("scale", 0.0),
+    (M + "mixtral.mixtral_layer_norm", "MixtralLayerNormalization"):
+        ("scale", 0.0),
+    (M + "t5.t5_layer_norm", "T5LayerNorm"): ("weight", 0.0),
+    (M + "mobilenetv5.mobilenetv5_layers", "RmsNorm2d"): ("gamma", 0.0),
 }
 SCALES = {  # (module, class): (scale attribute, width config key)
     (M + "dinov2.dinov2_layers", "DINOV2LayerScale"): ("lambda1", "hidden_dim"),
@@ -81,8 +84,8 @@ def _class(module: str, name: str):
 def _register_all():
     handlers = [(_class(m, n), PassThroughHandler())
                 for m, n in DROP_PATHS.items()]
-    handlers += [(_class(m, n), ChannelNormHandler())
-                 for m, n in RMS_NORMS.items()]
+    handlers += [(_class(*where), ChannelNormHandler(*how))
+                 for where, how in RMS_NORMS.items()]
     handlers += [(_class(*where), ScaleHandler(*how))
                  for where, how in SCALES.items()]
     for cls, handler in dict(handlers).items():  # one per class

@@ -7,9 +7,9 @@ change the mean and variance the kept ones are normalised with (the slim
 model normalises over the kept channels), which methods that recover by
 training accept. Merged channels would count once where they counted as
 many times as the cluster has members: Keras's LayerNormalization and
-RMSNormalization are rebuilt as a `ClusterNormalization` that weighs them
-(exact); the others (keras_hub's RMS norms, whose formulas differ by
-family, and the norms inside keras_hub's encoders) make their group
+RMSNormalization and keras_hub's RMS norms are rebuilt as a
+`ClusterNormalization` that weighs them (exact). A norm that cannot be
+weighed (LayerNormalization's deprecated `rms_scaling`) makes its group
 prune-only (`ChannelGroup.exact`).
 """
 
@@ -150,22 +150,25 @@ class NormalizationHandler(LayerHandler):
         return [call.layouts[0]]
 
 
-class ChannelNormHandler(LayerHandler):
-    """A normalization over the channels with per-channel weights
-    (keras_hub's RMS norms): the weights are members and the group is
-    prune-only (no weighed rebuild: each family has its own formula, such
-    as Gemma's `1 + scale`). A config key that holds the width (`dim`,
-    `input_dim`, `head_dim`) follows the group.
+class ChannelNormHandler(LayerNormHandler):
+    """An RMS norm over the last axis with one scale per channel
+    (keras_hub's: `x / sqrt(mean(x ** 2) + eps) * (offset + scale)`): the
+    scale is a member, and merged channels are weighed in the slim model
+    (a `ClusterNormalization`), so merges are exact. A config key that
+    holds the width (`dim`, `input_dim`, `head_dim`) follows the group.
 
     Args:
-        what: how reasons name the layer. Defaults to
-            `"RMS normalization"`.
+        scale: the attribute holding the scale. Defaults to `"scale"`.
+        offset: added to the scale (Gemma's `1 + scale`). Defaults to
+            `0.0`.
     """
 
+    what = "RMS normalization"
     WIDTH_KEYS = ("dim", "input_dim", "head_dim")
 
-    def __init__(self, what: str = "RMS normalization"):
-        self.what = what
+    def __init__(self, scale: str = "scale", offset: float = 0.0):
+        self.scale = scale
+        self.offset = offset
 
     def channels(self, ctx, call):
         layer, (lay,) = call.layer, call.layouts
@@ -176,8 +179,18 @@ class ChannelNormHandler(LayerHandler):
             if getattr(layer, key, None) == width:
                 ctx.width(call, key, lay)
         return [normalized_channels(
-            ctx, call, [v for v in layer.weights if len(v.shape) == 1],
-            f"{self.what} `{call.name}`")]
+            ctx, call, [getattr(layer, self.scale)],
+            f"{self.what} `{call.name}`", weighed=True)]
+
+    def rebuild(self, config, widths):
+        if "counts" not in widths:  # narrower, one count each
+            config.update(widths)
+            return config
+        epsilon = config.get("epsilon", config.get("eps", 1e-6))
+        return ClusterNormalization(
+            widths["counts"], rms=True, epsilon=epsilon,
+            scale_name=self.scale, scale_offset=self.offset,
+            name=config["name"], dtype=config["dtype"])
 
 
 class ScaleHandler(LayerHandler):
