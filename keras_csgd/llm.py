@@ -10,10 +10,11 @@ config with the new `num_query_heads`, `num_key_value_heads`,
 `intermediate_dim` (and `head_dim`, `hidden_dim`), its weights copied from
 the slim model, and checked against it on random tokens.
 
-Where that cannot be (blocks of different widths; Llama, Qwen2 and Phi3,
-whose CausalLMs derive the head size as `hidden_dim // num_query_heads`,
-with pruned heads), the functional model is returned with a warning: it
-computes the same logits, but `generate` is not available for it.
+Where that cannot be (blocks of different widths; Llama, Qwen2, Phi3 and
+GPT-2, whose CausalLMs derive the head size as `hidden_dim //
+num_query_heads`, with pruned heads), the functional model is returned
+with a warning: it is the same slim model, but `generate` is not
+available for it.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def own_class(model, slim_model):
             return backbone
     warnings.warn(
         f"`slim` returns a functional model, not a {type(model).__name__}: "
-        f"{why}. It computes the same outputs, but a CausalLM cannot wrap "
-        "it, so `generate` is not available for it.", stacklevel=3)
+        f"{why}. A CausalLM cannot wrap the functional model, so "
+        "`generate` is not available for it.", stacklevel=3)
     return slim_model
 
 

@@ -26,7 +26,7 @@ pytest.importorskip("keras_hub")
 # Prunable groups each family has at least.
 MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "DeepLabV3": 6, "Gemma": 3, "Gemma3": 3, "Llama": 3,
-              "Mistral": 3, "Phi3": 3, "Qwen2": 3, "Qwen3": 3}
+              "Mistral": 3, "Phi3": 3, "Qwen2": 3, "Qwen3": 3, "GPT2": 2}
 # Families whose slim model does not save or load back as `.keras` although
 # the original does (a gap, issue 23): the original saves as its Backbone
 # class, by the Backbone's constructor arguments; the slim model is a

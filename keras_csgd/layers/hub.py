@@ -136,7 +136,11 @@ class TransformerEncoderHandler(_EncoderHandler):
         config.update(num_heads=heads,
                       intermediate_dim=widths["intermediate_dim"],
                       key_dim=widths["attention_dim"] // heads)
-        return PrunedTransformerEncoder.from_config(config)
+        return self.pruned().from_config(config)
+
+    def pruned(self) -> type:
+        """The class `rebuild` returns (GPT-2's decoder has its own)."""
+        return PrunedTransformerEncoder
 
 
 class ViTEncoderBlockHandler(_EncoderHandler):
@@ -280,18 +284,9 @@ class PrunedTransformerEncoder(TransformerEncoder):
 
     def build(self, inputs_shape):
         super().build(inputs_shape)
-        _weigh(self, ("_self_attention_layer_norm",
+        weigh(self, ("_self_attention_layer_norm",
                       "_feedforward_layer_norm"), inputs_shape)
-        derived = self._self_attention_layer
-        if derived.key_dim == self.key_dim:
-            return
-        config = {**derived.get_config(), "key_dim": self.key_dim,
-                  "value_dim": self.key_dim}
-        # Untrack the derived-size attention, then build the pinned one.
-        self._layers.remove(derived)
-        mha = keras.layers.MultiHeadAttention.from_config(config)
-        mha.build(inputs_shape, inputs_shape)
-        self._self_attention_layer = mha
+        pin_key_dim(self, inputs_shape)
 
     def get_config(self):
         return {**super().get_config(), "key_dim": self.key_dim,
@@ -326,7 +321,7 @@ class PrunedViTEncoderBlock(ViTEncoderBlock):
 
     def build(self, input_shape):
         super().build(input_shape)
-        _weigh(self, ("layer_norm_1", "layer_norm_2"), input_shape)
+        weigh(self, ("layer_norm_1", "layer_norm_2"), input_shape)
 
     def get_config(self):
         return {**super().get_config(), "key_dim": self.key_dim,
@@ -381,7 +376,7 @@ class PrunedViTEncoder(ViTEncoder):
             name="ln",
         )
         self.layer_norm.build((None, None, self.hidden_dim))
-        _weigh(self, ("layer_norm",), (None, None, self.hidden_dim))
+        weigh(self, ("layer_norm",), (None, None, self.hidden_dim))
         self.built = True
 
     def get_config(self):
@@ -389,7 +384,22 @@ class PrunedViTEncoder(ViTEncoder):
                 "norm_counts": self.norm_counts}
 
 
-def _weigh(layer, names, input_shape) -> None:
+def pin_key_dim(layer, shape) -> None:
+    """Replaces `layer`'s self-attention, built at the head size keras_hub
+    derives, by one at `layer.key_dim`."""
+    derived = layer._self_attention_layer
+    if derived.key_dim == layer.key_dim:
+        return
+    config = {**derived.get_config(), "key_dim": layer.key_dim,
+              "value_dim": layer.key_dim}
+    # Untrack the derived-size attention, then build the pinned one.
+    layer._layers.remove(derived)
+    mha = type(derived).from_config(config)
+    mha.build(shape, shape)
+    layer._self_attention_layer = mha
+
+
+def weigh(layer, names, input_shape) -> None:
     """Replaces `layer`'s LayerNormalizations `names` by
     `ClusterNormalization`s of its `norm_counts` (if any), same names."""
     if layer.norm_counts is None:

@@ -45,6 +45,7 @@ _REGISTRY: dict[type, object] = {}
 # looked up: {top-level package of the layer class: handler modules}.
 _DEFERRED = {
     "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple",
+                  "keras_csgd.layers.hub_decoder",
                   "keras_csgd.layers.decoders"),
 }
 
