@@ -306,7 +306,8 @@ def fine_tune(
             Defaults to `None` (Nesterov SGD, momentum 0.9).
         callbacks: Keras callbacks of the training; they see `model`
             itself only without a teacher (with one, `Distiller` is the
-            model `fit` runs). Defaults to `()`.
+            model `fit` runs, `model` its `.student`, which
+            `AsymptoticSoftFilterPruning` prunes). Defaults to `()`.
 
     Returns:
         A `FineTuneReport`; `report.model` is `model`, trained and compiled

@@ -110,6 +110,34 @@ def test_fit_zeroes_exact_count_and_slim_is_exact():
     )
 
 
+def test_step_intervals_follow_the_schedule_and_slim_is_exact():
+    """`steps=3` over 2 epochs of 5 batches: P(t) over 4 intervals (the
+    last one 1 batch long, ending with training); the end state is P(T)."""
+    model = one_by_one_model()
+    x, y = data(80)
+    cb = ASFP(0.3, steps=3, batchnorm="scale", verbose=0)
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(cb._batches)
+
+    hist = model.fit(x, y, epochs=2, batch_size=16, callbacks=[cb, Spy()],
+                     verbose=0)
+    assert cb._intervals == 4 and seen == list(range(1, 11))
+    # After epoch 1 (5 batches) one interval had ended: P(1).
+    np.testing.assert_allclose(hist.history["asfp_rate"],
+                               [cb.rate_at(1), cb.rate_at(3)])
+    assert cb.rate_at(4) == pytest.approx(0.3)
+    for g in prunable(model):
+        kept = [c[0] for c in cb.plan.clusters[g.name]]
+        assert len(kept) == g.size - int(np.floor(0.3 * g.size + 0.5))
+    np.testing.assert_allclose(
+        kc.slim(model, cb.plan).predict(x, verbose=0),
+        model.predict(x, verbose=0), atol=1e-5,
+    )
+
+
 def test_kernel_mode_sets_bn_moving_mean_of_zeroed_channels():
     model = one_by_one_model(5)
     x, y = data()
@@ -321,7 +349,7 @@ def test_mirrored_strategy():
 def test_config_round_trip():
     cb = ASFP(0.4, epochs=12, decay=0.2, norm="l1",
               schedule="constant", skip=("a", "b"), batchnorm="scale",
-              verbose=0)
+              verbose=0, steps=25)
     config = cb.get_config()
     # A keras.callbacks.Callback adds no base keys to its config.
     assert set(config) == constructor_arguments(ASFP)
@@ -348,6 +376,7 @@ def test_config_round_trip():
         ({"rate": 0.3, "norm": "l3"}, "`norm` must be"),
         ({"rate": 0.3, "schedule": "linear"}, "`schedule` must be"),
         ({"rate": 0.3, "epochs": 0}, "`epochs` must be"),
+        ({"rate": 0.3, "steps": 0}, "`steps` must be"),
         ({"rate": 0.3, "batchnorm": "gamma"}, "`batchnorm` must be"),
     ],
 )

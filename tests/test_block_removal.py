@@ -181,6 +181,26 @@ def test_asfp_fades_removed_blocks_and_slim_equals_soft(trained, digits):
                           model.predict(xv, verbose=0)) <= 1e-4
 
 
+def test_asfp_every_few_steps_under_distillation_slims_exactly(trained,
+                                                                digits):
+    """The command line's ASFP: pruning every 4 batches, inside
+    `kc.fine_tune` with a teacher (the callback prunes the distiller's
+    student); the last interval ends with training."""
+    (x, y), (xv, _) = digits
+    model = copy_of(trained)
+    asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
+        block_plan(model, method="even"), batchnorm="scale", steps=4,
+        verbose=0,
+    )
+    kc.fine_tune(model, (x[:600], y[:600]), teacher=trained, epochs=1,
+                 validation_split=0, batch_size=64, verbose=0,
+                 callbacks=[asfp])
+    assert asfp._intervals == 3  # 10 batches: 4 + 4 + 2
+    slim = kc.slim(model, asfp.plan, strict=True, inputs=xv)
+    assert relative_error(slim.predict(xv, verbose=0),
+                          model.predict(xv, verbose=0)) <= 1e-4
+
+
 # --------------------------------------------------------------- slim
 def test_slim_warns_on_a_live_removed_block_and_strict_raises(trained,
                                                               digits):

@@ -11,6 +11,7 @@ from scipy.optimize import brentq
 
 from keras_csgd import blocks, checks, graph
 from keras_csgd.methods.magnitude import NORMS, row_norms
+from keras_csgd.callbacks.soft_zeroing import Producer
 from keras_csgd.plan import PruningPlan
 
 SCHEDULES = ("asymptotic", "constant")
@@ -136,6 +137,13 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             `1 - P(t) / rate`, so the branch fades on the filters' schedule
             and is exactly 0 from epoch `T` on: `kc.slim(model, .plan)`
             then equals the soft-pruned model. Defaults to `()`.
+        steps: prune every `steps` training batches instead of at every
+            epoch's end: `t` counts these intervals, `T` is `epochs` worth
+            of them, and the last (shorter) interval ends with training.
+            For schedules of a few epochs, where channels that regrow for a
+            whole epoch and are zeroed at its end cost accuracy that no
+            epoch is left to recover (`keras-csgd prune --method asfp`).
+            Defaults to `None`: every epoch.
 
     Raises:
         ValueError: a bad argument; when training starts, a `skip` name that
@@ -167,6 +175,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         batchnorm="kernel",
         verbose=1,
         remove_blocks=(),
+        steps=None,
     ):
         super().__init__()
         if isinstance(rate, Mapping):
@@ -180,6 +189,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             rate = checks.fraction("rate", rate, low_open=False,
                                    high_closed=False)
         checks.positive_int("epochs", epochs, allow_none=True)
+        checks.positive_int("steps", steps, allow_none=True)
         # P(decay T) = 3/4 rate needs 0 < decay < 3/4.
         checks.number("decay", decay, 0, 0.75, low_open=True, high_open=True)
         checks.choice("norm", norm, NORMS)
@@ -193,6 +203,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self.rate = rate
         self.remove_blocks = tuple(remove_blocks)
         self.epochs = epochs
+        self.steps = steps
         self.decay = float(decay)
         self.norm = norm
         self.schedule = schedule
@@ -207,6 +218,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         self._gates = []
         self._zeroed = {}
         self._started = False
+        self._batches = 0
+        self._intervals = None
 
     def rate_at(self, epoch):
         """Fraction of channels zeroed after `epoch` completed epochs.
@@ -236,7 +249,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         """
         if self.schedule == "constant":
             return 1.0
-        total = self.epochs or (self.params or {}).get("epochs")
+        total = (self._intervals if self.steps else
+                 self.epochs or (self.params or {}).get("epochs"))
         if not total:
             raise ValueError(
                 "`rate_at` needs the number of epochs: pass `epochs=` to "
@@ -270,7 +284,10 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         return cls(rate, remove_blocks=plan.remove_blocks, **kwargs)
 
     def on_train_begin(self, logs=None):
-        an = graph.analyze(self.model)
+        # Under `keras.distillation.Distiller` (`kc.fine_tune` with a
+        # teacher) callbacks see the distiller: prune its student.
+        model = getattr(self.model, "student", self.model)
+        an = graph.analyze(model)
         groups = an.groups
         names = {g.name for g in groups}
         unknown = sorted(set(self.skip) - names)
@@ -294,8 +311,8 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
         ]
         self._producers = {
             g.name: [
-                _Producer(
-                    graph.get_variable(self.model, path), axis,
+                Producer(
+                    graph.get_variable(model, path), axis,
                     graph.following_batchnorm(an.layers[lname],
                                               scaled=True),
                     getattr(an.layers[lname], "bias", None),
@@ -305,38 +322,69 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             for g in self._groups
         }
         self._gates = [
-            graph.get_variable(self.model, path)
-            for paths in blocks.branch_gates(self.model,
+            graph.get_variable(model, path)
+            for paths in blocks.branch_gates(model,
                                              self.remove_blocks).values()
             for path in paths
         ]
         self._zeroed = {}
         self._started = False
+        self._batches = 0
+        if self.steps:
+            params = self.params or {}
+            per_epoch = params.get("steps")
+            if not per_epoch:
+                raise ValueError(
+                    "`steps=` needs the number of batches per epoch: pass "
+                    "`steps_per_epoch` to `fit`, or data of known size."
+                )
+            epochs = self.epochs or params.get("epochs")
+            self._intervals = math.ceil(epochs * per_epoch / self.steps)
         self.plan = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._started:
             self._started = True
-            self._prune(self.rate_at(epoch))
+            self._prune(self.rate_at(0 if self.steps else epoch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.steps:
+            self._batches += 1
+            if self._batches % self.steps == 0:
+                self._step(self._batches // self.steps)
 
     def on_epoch_end(self, epoch, logs=None):
-        rate = self.rate_at(epoch + 1)
-        count = self._prune(rate)
-        scale = 1.0 - self.progress_at(epoch + 1)
-        for gate in self._gates:
-            gate.assign(gate * scale)
-        top = (max(rate.values(), default=0.0) if isinstance(rate, dict)
-               else rate)
+        top = self._step(epoch + 1) if not self.steps else self._top(
+            self.rate_at(self._batches // self.steps))
         if logs is not None:
             logs["asfp_rate"] = top
+
+    def _step(self, t):
+        """Prunes at `P(t)` and scales the block gates; returns the rate."""
+        rate = self.rate_at(t)
+        count = self._prune(rate)
+        scale = 1.0 - self.progress_at(t)
+        for gate in self._gates:
+            gate.assign(gate * scale)
+        top = self._top(rate)
         if self.verbose:
             total = sum(g.size for g in self._groups)
+            unit = "Step" if self.steps else "Epoch"
             print(
-                f"\nEpoch {epoch + 1}: AsymptoticSoftFilterPruning zeroed "
-                f"{count} of {total} channels (rate {top:.4f})."
+                f"\n{unit} {t * (self.steps or 1)}: "
+                f"AsymptoticSoftFilterPruning zeroed {count} of {total} "
+                f"channels (rate {top:.4f})."
             )
+        return top
+
+    @staticmethod
+    def _top(rate):
+        return (max(rate.values(), default=0.0) if isinstance(rate, dict)
+                else rate)
 
     def on_train_end(self, logs=None):
+        if self.steps and self._batches % self.steps:
+            self._step(self._intervals)  # the last, shorter interval
         clusters = {
             name: [[int(i)] for i in np.setdiff1d(np.arange(size), zeroed)]
             for name, (size, zeroed) in self._zeroed.items()
@@ -376,57 +424,10 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             "batchnorm": self.batchnorm,
             "verbose": self.verbose,
             "remove_blocks": list(self.remove_blocks),
+            "steps": self.steps,
         }
 
     @classmethod
     def from_config(cls, config):
         return cls(**checks.renamed(config, {"criterion": "norm"},
                                     cls.__name__))
-
-
-class _Producer:
-    """One producer kernel of a group, with the BN that follows it."""
-
-    def __init__(self, kernel, axis, bn, bias):
-        self.kernel = kernel
-        self.axis = axis
-        self.bn = bn
-        self.bias = bias
-
-    def _per_channel(self, values):
-        shape = [1] * len(self.kernel.shape)
-        shape[self.axis] = -1
-        return np.reshape(values, shape)
-
-    def filters(self, scaled):
-        """The filters, `(channels, -1)`; BN-folded when `scaled`."""
-        w = self.kernel.numpy().astype(np.float64)
-        if scaled and self.bn is not None:
-            bn = self.bn
-            scale = np.abs(bn.gamma.numpy()) / np.sqrt(
-                bn.moving_variance.numpy().astype(np.float64) + bn.epsilon
-            )
-            w = w * self._per_channel(scale)
-        return np.moveaxis(w, self.axis, 0).reshape(w.shape[self.axis], -1)
-
-    def zero(self, channels, scaled):
-        """Zeroes `channels`: BN `gamma` and `beta` when `scaled`, else the
-        kernel."""
-        if scaled and self.bn is not None:
-            _assign_at(self.bn.gamma, channels, 0.0)
-            if self.bn.center:
-                _assign_at(self.bn.beta, channels, 0.0)
-            return
-        mask = np.ones(self.kernel.shape[self.axis], self.kernel.dtype)
-        mask[channels] = 0
-        self.kernel.assign(self.kernel.numpy() * self._per_channel(mask))
-        if self.bn is not None:
-            # What the zero filter now outputs: its bias, or 0.
-            value = 0.0 if self.bias is None else self.bias.numpy()[channels]
-            _assign_at(self.bn.moving_mean, channels, value)
-
-
-def _assign_at(variable, channels, value) -> None:
-    array = variable.numpy()
-    array[channels] = value
-    variable.assign(array)
