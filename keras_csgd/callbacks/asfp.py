@@ -10,8 +10,8 @@ import numpy as np
 from scipy.optimize import brentq
 
 from keras_csgd import blocks, checks, graph
-from keras_csgd.methods.magnitude import NORMS, row_norms
 from keras_csgd.callbacks.soft_zeroing import Producer
+from keras_csgd.methods.magnitude import NORMS, row_norms
 from keras_csgd.plan import PruningPlan
 
 SCHEDULES = ("asymptotic", "constant")
