@@ -63,7 +63,7 @@ def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
     recipe (cosine lr from `learning_rate`; flip/crop with `--augment`),
     with its `optimizer` (a function of the lr schedule) and `callbacks`;
     distilled from a copy of the input model when `distill` and
-    `--distill` (not with callbacks, which must see the model itself)."""
+    `--distill`."""
     teacher = frozen_copy(model) if distill and args.distill else None
     return recover.fine_tune(
         model, data, teacher=teacher, epochs=args.epochs,
