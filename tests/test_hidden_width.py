@@ -388,3 +388,27 @@ def test_mobilenet_v5_merges_exactly_through_its_rms_norms(tmp_path):
                for layer in small._flatten_layers(recursive=True))
     assert kc.count_macs(small) == kc.macs_under(model, plan)
     assert kc.count_macs(small) < 0.5 * kc.count_macs(model)
+
+
+def test_latency_plans_prune_the_stream_and_csgd_plans_leave_it_out():
+    model = randomize(_language_model())
+    hidden = _hidden(model).name
+
+    def macs_ms(m):
+        return 1.0 + kc.count_macs(m) / 1e4
+
+    kwargs = dict(measure=macs_ms, verbose=0, verify=False)
+    pruned = kc.plan_for_latency(model, 0.5, **kwargs)
+    assert hidden in pruned.clusters
+    merged = kc.plan_for_latency(model, 0.6, clusters="kmeans", **kwargs)
+    assert merged.clusters and hidden not in merged.clusters
+    kc.CSGD(merged)
+
+
+def test_compensation_leaves_prune_only_groups_out():
+    """CaP refits a consumer for removed inputs; behind a prune-only
+    group's normalization the kept inputs change too."""
+    model = randomize(_language_model())
+    stats = kc.methods.compensation.collect_statistics(
+        model, _ids(), verbose=0)
+    assert "fc2" in stats and "fc1" not in stats  # fc1 reads the stream

@@ -14,11 +14,8 @@ from __future__ import annotations
 import keras
 from keras_hub.layers import TransformerDecoder
 
-from keras_csgd.layers.hub import (
-    TransformerEncoderHandler,
-    pin_key_dim,
-    weigh,
-)
+from keras_csgd.layers.hub import TransformerEncoderHandler
+from keras_csgd.layers.hub_pruned import pin_key_dim, weigh
 from keras_csgd.layers.registry import register_layer
 
 

@@ -123,7 +123,8 @@ def collect_statistics(
             batches, an `.npz` or an image folder.
         layers: names of the consumer layers to measure. Defaults to `None`:
             every Conv1D, Conv2D and Dense consumer of every prunable
-            channel group of `model`.
+            channel group of `model` whose merges are exact (not of a
+            prune-only group, `ChannelGroup.exact`).
         max_batches: stop after this many batches. Defaults to `None` (all).
         verbose: `0` silent, `1` progress bar. Defaults to `1`.
         batch_size: batch size for a NumPy `data`. Defaults to `64`.
