@@ -53,8 +53,17 @@ class PrunedViTPatchingAndEmbedding(ViTPatchingAndEmbedding):
                 "data_format": self.data_format}
 
 
+class _Pinned:
+    """The config of a pruned encoder class: its pinned head size and its
+    norms' counts."""
+
+    def get_config(self):
+        return {**super().get_config(), "key_dim": self.key_dim,
+                "norm_counts": self.norm_counts}
+
+
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedTransformerEncoder(TransformerEncoder):
+class PrunedTransformerEncoder(_Pinned, TransformerEncoder):
     """A `TransformerEncoder` whose head size is `key_dim`, not derived.
 
     Args:
@@ -85,13 +94,9 @@ class PrunedTransformerEncoder(TransformerEncoder):
                       "_feedforward_layer_norm"), inputs_shape)
         pin_key_dim(self, inputs_shape)
 
-    def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim,
-                "norm_counts": self.norm_counts}
-
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedViTEncoderBlock(ViTEncoderBlock):
+class PrunedViTEncoderBlock(_Pinned, ViTEncoderBlock):
     """A ViT encoder block whose head size is `key_dim`, not derived.
 
     Args:
@@ -120,13 +125,9 @@ class PrunedViTEncoderBlock(ViTEncoderBlock):
         super().build(input_shape)
         weigh(self, ("layer_norm_1", "layer_norm_2"), input_shape)
 
-    def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim,
-                "norm_counts": self.norm_counts}
-
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedViTEncoder(ViTEncoder):
+class PrunedViTEncoder(_Pinned, ViTEncoder):
     """A ViT encoder with a head count and an MLP width per block.
 
     Args:
@@ -175,10 +176,6 @@ class PrunedViTEncoder(ViTEncoder):
         self.layer_norm.build((None, None, self.hidden_dim))
         weigh(self, ("layer_norm",), (None, None, self.hidden_dim))
         self.built = True
-
-    def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim,
-                "norm_counts": self.norm_counts}
 
 
 def pin_key_dim(layer, shape) -> None:
