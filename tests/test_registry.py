@@ -1,5 +1,6 @@
 """The layer registry: registering handlers, subclasses, failing handlers."""
 
+import os
 import subprocess
 import sys
 
@@ -161,10 +162,36 @@ def test_subclass_overriding_call_is_frozen():
     assert "unsupported layer `c1` (ShiftedConv)" in g.reason
 
 
-def test_keras_hub_handlers_load_only_when_needed():
+def test_keras_hub_stays_optional():
+    """Without keras_hub, none of its handlers is imported."""
     code = (
-        "import sys, keras_csgd; "
-        "assert 'keras_hub' not in sys.modules; "
+        "import sys; sys.modules['keras_hub'] = None; import keras_csgd; "
         "assert 'keras_csgd.layers.hub' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_slim_keras_hub_model_loads_in_a_fresh_process(tmp_path):
+    """Its `Pruned...` layer classes are registered by `import keras_csgd`
+    alone (no keras_hub layer looked up yet)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hub_zoo import FAMILIES, inputs
+
+    model = FAMILIES["BERT"].build()
+    small = kc.slim(model, kc.make_plan(model, keep=0.5, method="kmeans"))
+    assert any(type(layer).__name__.startswith("Pruned")
+               for layer in small._flatten_layers())
+    small.save(tmp_path / "slim.keras")
+    x = inputs(model, FAMILIES["BERT"].kind)
+    np.savez(tmp_path / "x.npz", **x)
+    code = (
+        "import sys, numpy as np, keras, keras_csgd; "
+        f"m = keras.saving.load_model({str(tmp_path / 'slim.keras')!r}); "
+        f"x = dict(np.load({str(tmp_path / 'x.npz')!r})); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, "
+        "keras.ops.convert_to_numpy(m(x)['sequence_output']))"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "y.npy"),
+        keras.ops.convert_to_numpy(small(x)["sequence_output"]))

@@ -1,8 +1,10 @@
 """The layer registry (see `registry`): one handler per layer type.
 
-Importing this package registers the built-in Keras layers; the handlers
-of keras_hub's layers (`hub`) are registered when a keras_hub layer is
-first looked up, so keras_hub stays optional.
+Importing this package registers the built-in Keras layers, and the
+handlers of keras_hub's layers (`hub`, `hub_simple`, `hub_decoder`,
+`decoders`) when keras_hub is installed: they register the `Pruned...`
+classes of slim keras_hub models, which `keras.saving.load_model` must
+find in a fresh process. keras_hub stays optional.
 """
 
 from keras_csgd.layers import (
@@ -21,5 +23,8 @@ from keras_csgd.layers.registry import (
     handler_for,
     mixes_channels,
     register_layer,
+    load_installed,
     unregister_layer,
 )
+
+load_installed()

@@ -37,6 +37,7 @@ touches, with the error as the reason (`graph.Context.visit`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 
 _REQUIRED = ("channels", "rebuild", "fold")
@@ -177,6 +178,18 @@ def handler_for(layer):
     if handler is None and _load_deferred(cls):
         handler = _lookup(cls)
     return handler
+
+
+def load_installed() -> None:
+    """Imports the deferred handlers of every installed optional package.
+
+    Their modules register the `Pruned...` layer classes that `kc.slim`
+    builds, which `keras.saving.load_model` must find in a process that
+    has not looked a keras_hub layer up yet.
+    """
+    for package in [p for p in _DEFERRED if importlib.util.find_spec(p)]:
+        for module in _DEFERRED.pop(package):
+            importlib.import_module(module)
 
 
 def _load_deferred(cls: type) -> bool:
