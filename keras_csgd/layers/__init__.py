@@ -21,9 +21,9 @@ from keras_csgd.layers.registry import (
     LayerHandler,
     attribute,
     handler_for,
+    load_installed,
     mixes_channels,
     register_layer,
-    load_installed,
     unregister_layer,
 )
 
