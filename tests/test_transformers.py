@@ -245,6 +245,7 @@ def test_csgd_segments_and_spread_cover_heads():
 def test_csgd_training_collapses_heads_then_slims_exactly():
     model = randomize(vit(depth=1))
     plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    assert "patch" in plan.clusters  # the stream too, through weighed norms
     model.compile(
         optimizer=kc.CSGD(plan, learning_rate=0.05, centripetal_strength=1.0),
         loss="sparse_categorical_crossentropy", jit_compile=False,
