@@ -186,7 +186,7 @@ def test_cluster_normalization_equals_the_norm_of_repeated_channels(rms):
     layer.build(x.shape)
     layer.set_weights([gamma] if rms else [gamma, -gamma])
     assert relative_error(layer(x), expected) < 1e-5
-    again = ClusterNormalization.from_config(layer.get_config())
+    again = kc.layers.ClusterNormalization.from_config(layer.get_config())
     assert again.get_config() == layer.get_config()
     with pytest.raises(ValueError, match="positive integers"):
         ClusterNormalization([1, 0])

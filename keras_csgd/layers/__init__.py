@@ -17,6 +17,7 @@ from keras_csgd.layers import (
     ops,
     structure,
 )
+from keras_csgd.layers.cluster_norm import ClusterNormalization
 from keras_csgd.layers.registry import (
     LayerHandler,
     attribute,
