@@ -95,6 +95,18 @@ def test_plan_keeps_the_most_active_heads(transformer):
     assert small.get_layer("mha").num_heads == 2
 
 
+def test_plan_for_latency_keeps_the_most_active_channels(transformer):
+    scores = kc.methods.activation_importance(transformer, _inputs())
+    plan = kc.plan_for_latency(
+        transformer, 0.6, scores=scores, verbose=0,
+        measure=lambda m: 1.0 + kc.count_macs(m) / 1e3)
+    assert any(len(c) < plan.groups[n].size
+               for n, c in plan.clusters.items())
+    for name, clusters in plan.clusters.items():
+        kept = [c[0] for c in clusters]
+        assert kept == sorted(np.argsort(-scores[name])[:len(kept)])
+
+
 def test_convolutions_read_behind_flatten():
     """A conv group read by a Dense through Flatten: mean |relu output|."""
     x = inp = keras.Input((5, 5, 2))
