@@ -15,7 +15,7 @@ import keras
 from keras_hub.layers import TransformerDecoder
 
 from keras_csgd.layers.hub import TransformerEncoderHandler
-from keras_csgd.layers.hub_pruned import pin_key_dim, weigh
+from keras_csgd.layers.hub_pruned import PinnedConfig, pin_key_dim, weigh
 from keras_csgd.layers.registry import register_layer
 
 
@@ -38,7 +38,7 @@ class TransformerDecoderHandler(TransformerEncoderHandler):
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedTransformerDecoder(TransformerDecoder):
+class PrunedTransformerDecoder(PinnedConfig, TransformerDecoder):
     """A `TransformerDecoder` whose head size is `key_dim`, not derived.
 
     Args:
@@ -75,10 +75,6 @@ class PrunedTransformerDecoder(TransformerDecoder):
         weigh(self, ("_self_attention_layer_norm", "_feedforward_layer_norm"),
               decoder_sequence_shape)
         pin_key_dim(self, decoder_sequence_shape)
-
-    def get_config(self):
-        return {**super().get_config(), "key_dim": self.key_dim,
-                "norm_counts": self.norm_counts}
 
 
 register_layer(TransformerDecoder, TransformerDecoderHandler())

@@ -53,8 +53,8 @@ class PrunedViTPatchingAndEmbedding(ViTPatchingAndEmbedding):
                 "data_format": self.data_format}
 
 
-class _Pinned:
-    """The config of a pruned encoder class: its pinned head size and its
+class PinnedConfig:
+    """The config of a pruned keras_hub class: its pinned head size and its
     norms' counts."""
 
     def get_config(self):
@@ -63,7 +63,7 @@ class _Pinned:
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedTransformerEncoder(_Pinned, TransformerEncoder):
+class PrunedTransformerEncoder(PinnedConfig, TransformerEncoder):
     """A `TransformerEncoder` whose head size is `key_dim`, not derived.
 
     Args:
@@ -96,7 +96,7 @@ class PrunedTransformerEncoder(_Pinned, TransformerEncoder):
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedViTEncoderBlock(_Pinned, ViTEncoderBlock):
+class PrunedViTEncoderBlock(PinnedConfig, ViTEncoderBlock):
     """A ViT encoder block whose head size is `key_dim`, not derived.
 
     Args:
@@ -127,7 +127,7 @@ class PrunedViTEncoderBlock(_Pinned, ViTEncoderBlock):
 
 
 @keras.saving.register_keras_serializable(package="keras_csgd")
-class PrunedViTEncoder(_Pinned, ViTEncoder):
+class PrunedViTEncoder(PinnedConfig, ViTEncoder):
     """A ViT encoder with a head count and an MLP width per block.
 
     Args:
