@@ -76,7 +76,10 @@ def cover(name: str) -> dict:
         warnings.simplefilter("ignore")
         with graph.static_inputs(model, family.input_shape) as static:
             an = graph.analyze(static)
-        groups = kc.channel_groups(model)
+        # Groups that hold no variable (the positions of attention scores
+        # on a last axis) are no channels of the model.
+        groups = [g for g in kc.channel_groups(model)
+                  if g.members or g.consumers]
         prunable = [g for g in groups if g.prunable]
         full = kc.count_macs(model, input_shape=family.input_shape)
         reference = reference_macs(model, inputs(model, family.kind, n=1))

@@ -17,6 +17,8 @@ import keras
 import numpy as np
 
 from keras_csgd import graph, layers
+from keras_csgd.graph.shapes import einsum_shapes_resolved
+from keras_csgd.graph.trace import output_specs_called
 from keras_csgd.layer_copy import copy_layer
 
 
@@ -61,7 +63,9 @@ def rebuild(
             counterpart and no value (a created bias) is zero. Defaults to
             `None`.
         input_widths: `(qualified name or "", model) -> widths` of the
-            inputs of the (nested) model, `None` for unchanged. Defaults to
+            inputs of the (nested) model, `None` for unchanged: for each
+            input, an int (its last axis) or a tuple (every axis, `None`
+            where unchanged). Defaults to
             `None`.
         expand: `{qualified name: functional model}`: layers rebuilt as
             the given model (a composite layer's traced graph,
@@ -128,7 +132,8 @@ def rebuild(
     # its plan, say) does not fit the new variables.
     compiled, model.compiled = model.compiled, False
     try:
-        new_model = clone(model, "")
+        with output_specs_called(), einsum_shapes_resolved():
+            new_model = clone(model, "")
     finally:
         model.compiled = compiled
     for name, (old, new) in clones.items():
@@ -212,19 +217,35 @@ def _saved_by_arguments(layer) -> None:
     DeiT and MiT encoders) saves those instead, so that the new model
     loads from `.keras`. Keras's own layers are trusted as they are.
     """
-    if type(layer).__module__.startswith("keras."):
+    if _config_loads(layer):
         return
-    try:
-        type(layer).from_config(layer.get_config())
-        return
-    except Exception:  # any failure of a third-party config
-        pass
     made = getattr(layer, "_auto_config", None)
     if made is None:
         return
     base = {"name": layer.name, "trainable": layer.trainable,
             "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
     layer.get_config = lambda: {**base, **made.config}
+
+
+def _config_loads(layer) -> bool:
+    """Whether `layer`'s class makes a layer of its config (Keras's own
+    layers are trusted)."""
+    if type(layer).__module__.startswith("keras."):
+        return True
+    try:
+        type(layer).from_config(layer.get_config())
+        return True
+    except Exception:  # any failure of a third-party config
+        return False
+
+
+def saves(layer) -> bool:
+    """Whether a copy of `layer` saves to `.keras` as its class: its config
+    loads back, or Keras recorded the arguments it was made with
+    (`_saved_by_arguments`). `slim` builds the others as their traced
+    graph, which saves layer by layer."""
+    return (_config_loads(layer)
+            or getattr(layer, "_auto_config", None) is not None)
 
 
 def _weights(old, new, given) -> list:

@@ -22,7 +22,7 @@ import numpy as np
 from keras_csgd import blocks, graph, layers, llm
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
-from keras_csgd.rebuild import rebuild, var_key, with_bias
+from keras_csgd.rebuild import rebuild, saves, var_key, with_bias
 
 SPREAD_TOLERANCE = 1e-4
 BLOCK_TOLERANCE = 1e-4  # largest branch / shortcut RMS of a removed block
@@ -272,10 +272,11 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         return NotImplemented
 
     def input_widths(name, source):
-        lays = an.nested.get(name) if name else None
-        if lays is None:
+        inputs = an.nested.get(name) if name else None
+        if inputs is None:
             return None
-        return [graph.layout_size(an.root(lay), index.new) for lay in lays]
+        return [tuple(None if lay is None else graph.layout_size(
+            an.root(lay), index.new) for lay in axes) for axes in inputs]
 
     changed = {e.lname for e in touched} | {
         name for name, keys in an.widths.items()
@@ -283,12 +284,15 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
                for lay in keys.values())
     }
     # A narrowed traced layer is built as its graph, and so is every traced
-    # layer inside it (no config round trip for keras_hub's classes).
+    # layer inside it (no config round trip for keras_hub's classes), and
+    # one whose copy would not save (with the traced layers around it).
     narrowed = [name for name in an.traced
                 if any(c.startswith(name + "/") for c in changed)]
+    unsaved = [name for name in an.traced if not saves(an.layers[name])]
     expand = {
         name: traced for name, traced in an.traced.items()
         if any(name == n or name.startswith(n + "/") for n in narrowed)
+        or any(n == name or n.startswith(name + "/") for n in unsaved)
     }
     edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
     return llm.own_class(model, rebuild(

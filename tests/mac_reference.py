@@ -5,7 +5,9 @@ the model eagerly on one example instead and counts every call of a
 convolution (of every kind), Dense and EinsumDense layer, wherever it sits
 (inside composite layers too), from the shapes the call actually saw and
 the layer's kernel; plus the `einsum`, `matmul` and `dot_product_attention`
-calls made outside those layers (attention scores and their weighted sum).
+calls made outside those layers (attention scores and their weighted sum):
+through `keras.ops`, as operations of a functional graph (a traced layer's
+graph, a slim model), and with the `@` operator on TensorFlow tensors.
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ def _attention(query, key, value, *args, **kwargs):
 
 OPS = {"einsum": _einsum, "matmul": _matmul,
        "dot_product_attention": _attention}
+# The same work as operations of a functional graph: `Operation.call`.
+OPERATIONS = {keras.src.ops.numpy.Matmul: _matmul,
+              keras.src.ops.numpy.Einsum: lambda op, *a: _einsum(
+                  op.subscripts, *a),
+              keras.src.ops.nn.DotProductAttention: lambda op, *a, **k: (
+                  _attention(*a, **k))}
 
 
 def reference_macs(model, x) -> int:
@@ -124,7 +132,27 @@ def reference_macs(model, x) -> int:
         def call(*args, **kwargs):
             if depth[0] == 0:
                 total[0] += count(*args, **kwargs)
-            return original(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return call
+
+    def operation_call(cls, count):
+        original = cls.call
+
+        def call(self, *args, **kwargs):
+            if depth[0] == 0:
+                total[0] += (count(*args, **kwargs) if cls is
+                             keras.src.ops.numpy.Matmul
+                             else count(self, *args, **kwargs))
+            depth[0] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
 
         return call
 
@@ -139,5 +167,14 @@ def reference_macs(model, x) -> int:
                 if hasattr(module, name):
                     stack.enter_context(mock.patch.object(
                         module, name, op_call(getattr(module, name), count)))
+        for cls, count in OPERATIONS.items():
+            stack.enter_context(
+                mock.patch.object(cls, "call", operation_call(cls, count)))
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            stack.enter_context(mock.patch.object(
+                tf.Tensor, "__matmul__",
+                op_call(tf.Tensor.__matmul__, _matmul)))
         model(x, training=False)
     return total[0]

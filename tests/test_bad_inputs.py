@@ -70,13 +70,13 @@ class Subclassed(keras.Model):
 
 class Odd(L.Layer):
     """A layer the channel analysis does not know, nor can trace: its
-    call uses a variable of its own."""
+    call uses a variable of its own that no attribute holds."""
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(), name="scale")
+        self.scales = [self.add_weight(shape=(), name="scale")]
 
     def call(self, x):
-        return x * self.scale
+        return x * self.scales[0]
 
 
 def odd_model():

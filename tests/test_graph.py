@@ -93,7 +93,7 @@ def test_nested_and_sequential_models():
     [
         (lambda x: L.LayerNormalization(axis=[-2, -1])(x),
          "LayerNormalization over channels and other axes"),
-        (lambda x: L.Reshape((6, 48, 1))(x), "unmappable Reshape"),
+        (lambda x: L.Reshape((6, 16, 3))(x), "reshape over channels"),
         (lambda x: L.Lambda(lambda t: keras.ops.flip(t, axis=-1))(x),
          "unsupported operation"),
         (lambda x: L.Softmax()(x), "channel-mixing"),

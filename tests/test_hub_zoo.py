@@ -17,7 +17,7 @@ import pytest
 
 import keras_csgd as kc
 from hub_zoo import FAMILIES, inputs
-from keras_csgd import export
+from keras_csgd.runtimes import litert
 from mac_reference import reference_macs
 from utils import collapse, relative_error
 
@@ -27,7 +27,12 @@ pytest.importorskip("keras_hub")
 MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "DeepLabV3": 6, "Gemma": 3, "Gemma3": 3, "Llama": 3,
               "Mistral": 3, "Phi3": 3, "Qwen2": 3, "Qwen3": 3, "GPT2": 2,
-              "MobileNetV5": 5}
+              "MobileNetV5": 5, "DeiT": 2, "DINOv2": 2, "Swin": 3, "MiT": 5,
+              "SegFormer": 7, "D-FINE": 40}
+# Families whose `count_macs` is within 5% of the reference even where a
+# warning names calls it does not count (D-FINE's deformable attention and
+# `map`s of Python functions).
+COUNTED = {"DeiT", "DINOv2", "Swin", "MiT", "SegFormer", "D-FINE"}
 # Families whose slim model does not save or load back as `.keras` although
 # the original does (a gap, issue 23): the original saves as its Backbone
 # class, by the Backbone's constructor arguments; the slim model is a
@@ -36,9 +41,9 @@ MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
 # SegFormer load so), but these keras_hub 0.32 layers have none on record
 # (an argument Keras cannot serialize), or fail to build when loaded:
 NOT_LOADABLE = {
-    "Swin": "Swin's get_config calls LayerNormalization.get_config unbound",
-    "D-FINE": "a decoder layer builds from a list where it wants a tuple",
-    "DeepLabV3": "a layer builds from a list where it wants a tuple",
+    "D-FINE": "its decoder's traced graph holds operations whose arguments "
+              "do not serialize (a `clip` by NumPy numbers, a `map` of a "
+              "Python function)",
     "MobileNetV5": "a narrowed block's traced graph holds keras_hub's "
                    "`Activation(lambda x: gelu(x))`: no safe-mode load",
 }
@@ -81,7 +86,7 @@ def test_identity_plan_is_exact_and_macs_are_honest(name):
     # Within 5% of the reference, or short of it with a warning naming
     # what is not counted.
     within = macs == pytest.approx(reference, rel=0.05)
-    assert within or (uncounted and macs < reference)
+    assert within or (uncounted and macs < reference and name not in COUNTED)
     assert _macs(small, family)[0] == _macs(model, family, plan)[0] == macs
 
 
@@ -99,12 +104,34 @@ def test_collapsed_family_slims_exactly(name):
     assert slim_macs < _macs(model, family)[0]
 
 
+@pytest.mark.parametrize("name", ["DeiT", "DINOv2"])
+def test_stream_of_a_vision_transformer_with_a_head_slims_exactly(name):
+    # The backbone's own output keeps its width; under a head (on the class
+    # token), the stream prunes: its class token, position embedding and
+    # LayerNormalizations are members, read in the traced embeddings.
+    family = FAMILIES[name]
+    backbone = family.build()
+    model = keras.Model(backbone.input, keras.layers.Dense(3, name="head")(
+        backbone.output[:, 0]))
+    stream = [g for g in kc.channel_groups(model)
+              if g.prunable and g.size == backbone.output.shape[-1]]
+    assert stream and stream[0].exact
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    collapse(model, plan)
+    x = inputs(model, family.kind)
+    small = kc.slim(model, plan)
+    assert _error(small(x), model(x)) < 1e-4
+    slim_macs = _macs(small, family)[0]
+    assert slim_macs == _macs(model, family, plan)[0]
+    assert slim_macs <= 0.65 * _macs(model, family)[0]
+
+
 def _reloaded(model, path):
     """`model` saved to `.keras` and loaded back, or the error raised."""
     try:
         model.save(path)
         return keras.saving.load_model(path)
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, NotImplementedError) as e:
         return e
 
 
@@ -127,7 +154,7 @@ def test_slim_model_keras_round_trip(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["CSPNet", "ResNetV2"])
+@pytest.mark.parametrize("name", ["CSPNet", "ResNetV2", "DeiT", "Swin"])
 def test_slim_model_exports_to_litert(name, tmp_path):
     family = FAMILIES[name]
     model = family.build()
@@ -136,5 +163,5 @@ def test_slim_model_exports_to_litert(name, tmp_path):
     small = kc.slim(model, plan)
     x = inputs(model, family.kind, n=8)
     result = kc.export_tflite(small, tmp_path / "slim.tflite")
-    actual = export.run_tflite(result.path, x)
-    assert relative_error(actual, small(x)) <= export.TOLERANCES[None]
+    actual = litert.run_tflite(result.path, x)
+    assert relative_error(actual, small(x)) <= litert.TOLERANCES[None]

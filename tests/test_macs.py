@@ -45,17 +45,18 @@ def test_keras_applications_mobilenet_v2_count_matches_reference():
 
 class Opaque(keras.layers.Layer):
     """A custom layer the registry does not know and the analysis does not
-    trace (its `call` reads its own weight), doing real work."""
+    trace (its `call` reads a weight of its own that no attribute holds),
+    doing real work."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.dense = L.Dense(16)
 
     def build(self, shape):
-        self.scale = self.add_weight(shape=(16,), initializer="ones")
+        self.scales = [self.add_weight(shape=(16,), initializer="ones")]
 
     def call(self, x):
-        return self.dense(x) * self.scale
+        return self.dense(x) * self.scales[0]
 
 
 def test_work_the_registry_cannot_count_is_named_in_a_warning():

@@ -12,6 +12,8 @@ from keras import layers as L
 from keras import ops
 
 import keras_csgd as kc
+from keras_csgd import graph
+from mac_reference import reference_macs
 from utils import collapse, relative_error
 from zoo import randomize
 
@@ -95,10 +97,11 @@ def test_elementwise_ops_pass_channels_and_slim_exactly():
         (lambda x: ops.sum(x, axis=-1, keepdims=True) + x,
          "reduction over channels"),
         (lambda x: x[..., :3], "slice of channels"),
-        (lambda x: ops.transpose(x, (0, 3, 1, 2)), "transpose over channels"),
-        (lambda x: ops.einsum("bhwc,bhwd->bhcd", x, x),
-         "unsupported operation"),
-        (lambda x: ops.softmax(x), "unsupported operation"),
+        (lambda x: ops.transpose(x, (0, 3, 1, 2)),
+         "channels on another axis than the last reach"),
+        (lambda x: ops.einsum("bhwc->bhw", x), "summed over by `einsum"),
+        (lambda x: ops.softmax(x), "channel-mixing softmax"),
+        (lambda x: ops.flip(x, axis=-1), "unsupported operation"),
     ],
 )
 def test_unmapped_ops_freeze_with_a_reason(make, reason):
@@ -211,20 +214,22 @@ class BatchScaled(L.Layer):
         return self.conv(x) * float(x.shape[0] or 1)
 
 
-class OwnScale(L.Layer):
-    """Uses a variable of its own in its call: not traced."""
+class ListedScale(L.Layer):
+    """Uses a variable of its own that no attribute holds: not traced."""
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(input_shape[-1],), name="scale")
+        self.scales = [self.add_weight(shape=(input_shape[-1],),
+                                       name="scale")]
 
     def call(self, x):
-        return x * self.scale
+        return x * self.scales[0]
 
 
 @pytest.mark.parametrize(
     "layer, reason",
     [
-        (OwnScale, "unsupported layer `odd` (OwnScale): it owns variables"),
+        (ListedScale, "unsupported layer `odd` (ListedScale): its call uses "
+         "the variable scale as a constant"),
         (BatchScaled, "unsupported layer `odd` (BatchScaled): its traced "
          "graph computes something else"),
     ],
@@ -248,3 +253,131 @@ def test_a_layout_narrower_than_its_output_freezes():
     assert not groups["c1"].prunable
     assert "a layout of 1 channels for an output of 4" in groups["c1"].reason
     assert groups["c2"].prunable
+
+
+def _attention_model(contract):
+    """Heads made by reshapes and transposes, scores by `contract`."""
+    x = inp = keras.Input((6, 8))
+    q, k, v = (L.Dense(8, name=n)(x) for n in "qkv")
+
+    def heads(t):
+        return ops.transpose(ops.reshape(t, (-1, 6, 2, 4)), (0, 2, 1, 3))
+
+    scores = contract(heads(q), heads(k))
+    x = ops.matmul(ops.softmax(scores * 0.5, axis=-1), heads(v))
+    x = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (-1, 6, 8))
+    x = L.GlobalAveragePooling1D()(L.Dense(8, name="proj")(x))
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+@pytest.mark.parametrize("contract", [
+    lambda q, k: ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))),
+    lambda q, k: ops.einsum("bhqd,bhkd->bhqk", q, k),
+])
+def test_heads_of_a_reshaped_projection_prune(contract):
+    model = randomize(_attention_model(contract))
+    groups = kc.channel_groups(model)
+    by_producers = {tuple(sorted({p[0] for p in g.producers})): g
+                    for g in groups if g.size < 8}
+    heads, size = by_producers[("k", "q", "v")], by_producers[("v",)]
+    assert heads.prunable and heads.size == 2
+    assert size.prunable and size.size == 4
+    assert ("proj", "proj/kernel", 0) in heads.consumers
+    contracted = by_producers[("k", "q")]  # the query/key head size
+    assert contracted.prunable and not contracted.exact
+    assert "contracted between two computed tensors" in contracted.prune_only
+    x = _x(model, n=1)
+    assert kc.count_macs(model) == reference_macs(model, x)
+    small = _slims_exactly(model)
+    assert small.get_layer("proj").kernel.shape[0] == 2
+
+
+class Tokens(L.Layer):
+    """A class token tiled to the batch and a position embedding."""
+
+    def build(self, input_shape):
+        self.proj = L.Dense(8, name="proj")
+        self.proj.build(input_shape)
+        self.token = self.add_weight(shape=(1, 1, 8), name="token")
+        self.position = self.add_weight(shape=(1, 7, 8), name="position")
+
+    def call(self, x):
+        token = ops.tile(self.token, (ops.shape(x)[0], 1, 1))
+        return ops.concatenate([token, self.proj(x)], axis=1) + self.position
+
+
+def _tokens_model():
+    x = inp = keras.Input((6, 4))
+    x = Tokens(name="tokens")(x)
+    x = L.GlobalAveragePooling1D()(L.Dense(5, name="mix")(x))
+    return keras.Model(inp, L.Dense(2, name="out")(x))
+
+
+def test_variables_of_a_traced_layer_are_members(tmp_path):
+    model = randomize(_tokens_model())
+    group = _groups(model)["tokens/proj"]
+    assert group.prunable
+    assert {m[1] for m in group.members} >= {
+        "tokens/token", "tokens/position", "tokens/proj/kernel"}
+    small = _slims_exactly(model)
+    tokens = small.get_layer("tokens")
+    assert tokens.get_layer("token").value.shape == (1, 1, 4)
+    path = tmp_path / "slim.keras"
+    small.save(path)
+    x = _x(model)
+    loaded = keras.saving.load_model(path)
+    assert relative_error(loaded(x), small(x)) == 0.0
+
+
+class Windows(L.Layer):
+    """Attention-free windows of an image: the batch size read in Python
+    and divided (Swin's window partition), a block returning `None`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = Pair(name="inner")
+
+    def call(self, x):
+        batch, c = ops.shape(x)[0], x.shape[-1]
+        w = ops.reshape(x, (batch, 2, 2, 2, 2, c))
+        w = ops.reshape(ops.transpose(w, (0, 1, 3, 2, 4, 5)), (-1, 4, c))
+        w, _ = self.inner(w)
+        w = ops.reshape(w, (ops.shape(w)[0] // 4, 2, 2, 2, 2, c))
+        return ops.reshape(ops.transpose(w, (0, 1, 3, 2, 4, 5)),
+                           (batch, 4, 4, c))
+
+
+class Pair(L.Layer):
+    """Returns its output and `None`, as DeiT's encoder blocks do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.up = L.Dense(6, activation="relu", name="up")
+        self.down = L.Dense(4, name="down")
+
+    def call(self, x):
+        return self.down(self.up(x)), None
+
+
+def test_windows_of_the_batch_and_none_outputs_are_traced():
+    x = inp = keras.Input((4, 4, 3))
+    x = L.Conv2D(4, 1, name="stem")(x)
+    x = x + Windows(name="windows")(x)
+    model = randomize(keras.Model(inp, L.Dense(2, name="out")(
+        L.GlobalAveragePooling2D()(x))))
+    groups = _groups(model)
+    assert groups["windows/inner/up"].prunable
+    assert groups["stem"].prunable
+    assert kc.count_macs(model) == reference_macs(model, _x(model, n=1))
+    _slims_exactly(model)
+
+
+def test_a_grid_layout_selects_and_sums_by_both_sides():
+    an = type("Analysis", (), {"sizes": {0: 2, 1: 3}, "gid_of": {
+        "a": 0, "b": 1}})()
+    plan = kc.PruningPlan({"a": [[1]], "b": [[0, 2], [1]]})
+    index = graph.Reindex(an, plan)
+    lay = ("grid", ("leaf", 0), ("leaf", 1))
+    np.testing.assert_array_equal(index.select(lay), [3, 4])
+    np.testing.assert_array_equal(index.assign(lay),
+                                  [-1, -1, -1, 0, 1, 0])

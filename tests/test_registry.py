@@ -99,10 +99,17 @@ def test_registered_custom_layer_slims_exactly(registered):
     assert small.count_params() < model.count_params()
 
 
-def test_unregistered_custom_layer_freezes_its_groups():
-    g = _groups(_scale_model())["d1"]
-    assert not g.prunable
-    assert "unsupported layer `scale` (ChannelScale)" in g.reason
+def test_unregistered_custom_layer_is_traced_with_its_variable():
+    # Its call reads `self.scale`: the traced graph reads it as a `Weight`.
+    model = randomize(_scale_model())
+    g = _groups(model)["d1"]
+    assert g.prunable
+    assert ("scale/scale", "scale/scale", 0) in g.members
+    plan = kc.make_plan(model, keep=0.5)
+    collapse(model, plan)
+    small = kc.slim(model, plan)
+    x = _x((6,))
+    assert relative_error(small(x), model(x)) < 1e-4
 
 
 def test_failing_handler_freezes_with_reason_and_never_slims(registered):
@@ -156,10 +163,12 @@ def test_subclass_without_call_is_handled_as_its_base():
     assert small.get_layer("c1").filters == 3
 
 
-def test_subclass_overriding_call_is_frozen():
-    g = _groups(_conv_model(ShiftedConv))["c1"]
-    assert not g.prunable
-    assert "unsupported layer `c1` (ShiftedConv)" in g.reason
+def test_subclass_overriding_call_is_not_handled_as_its_base():
+    # Traced instead: its convolution is an operation on its kernel.
+    groups = _groups(_conv_model(ShiftedConv))
+    assert not groups["c1/_kernel"].prunable
+    assert "unsupported operation `c1/conv` (Conv)" in groups[
+        "c1/_kernel"].reason
 
 
 def test_keras_hub_stays_optional():

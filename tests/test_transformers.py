@@ -194,11 +194,12 @@ def test_einsum_dense_mlp_slims_exactly():
     assert kc.count_macs(small) < kc.count_macs(model)
 
 
-def test_other_einsum_equations_freeze():
+def test_other_einsum_equations_map_their_indices():
+    # `d` is new channels on axis 1, which the pooling that follows reduces.
     model = _einsum_mlp("abc,cd->adb", bias_axes=None, shape=(16, 6))
-    (up,) = [g for g in kc.channel_groups(model) if g.name == "up"]
-    assert not up.prunable
-    assert "EinsumDense equation 'abc,cd->adb'" in up.reason
+    groups = {g.name: g for g in kc.channel_groups(model)}
+    assert ("up", "up/kernel", 1) in groups["up/axis1"].producers
+    assert "removes an axis of channels" in groups["up/axis1"].reason
 
 
 def test_plan_makers_work_on_heads_and_mlp_groups():

@@ -21,8 +21,10 @@ from keras_csgd.graph.analysis import (
     channel_groups,
 )
 from keras_csgd.graph.layout import (
+    Axes,
     Reindex,
     flat_channels,
+    group_maps,
     layout_size,
     leaves,
     map_leaves,
@@ -53,11 +55,13 @@ from keras_csgd.graph.variables import (
 )
 
 __all__ = [
-    "NODE_LISTS", "Analysis", "Call", "Context", "Cost", "Entry", "Reindex",
+    "NODE_LISTS", "Analysis", "Axes", "Call", "Context", "Cost", "Entry",
+    "Reindex",
     "analyze",
     "ancestors", "call_arguments", "call_inputs", "channel_groups",
     "channels", "check_functional", "flat_channels", "following_batchnorm",
-    "get_variable", "group_rows", "input_like", "is_graph_model",
+    "get_variable", "group_maps", "group_rows", "input_like",
+    "is_graph_model",
     "layout_size", "leaves",
     "map_leaves", "operations_between", "producer_filters", "producer_name",
     "producer_of", "short_name", "sole_reader", "static_inputs", "successors",

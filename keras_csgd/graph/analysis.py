@@ -9,7 +9,14 @@ calls (`trace`: their `call` run on Keras tensors): every tensor gets a
 - `("tile", layout, t)`: `t` copies (Flatten: positions outer, channels inner);
 - `("rep", layout, m)`: every channel repeated `m` times (depth multiplier);
 - `("grid", outer, inner)`: every pair of channels, outer-major (grouped
-  query heads).
+  query heads; an axis a reshape made of several, `grid(heads,
+  head_size)`).
+
+A tensor's other axes hold no channels (batch, positions), except where a
+reshape or transpose moved channels there (an attention's heads): the
+analysis keeps an `Axes` per tensor, one layout (or `None`) per axis.
+Handlers that declare `axes` read and return them (`Call.axes`); for the
+others, channels on any axis but the last freeze.
 
 Producers (Conv*, Dense, SeparableConv pointwise, Conv*Transpose) start a new
 group; per-channel layers (BatchNormalization, DepthwiseConv, PReLU) add their
@@ -22,12 +29,15 @@ operation or an unmappable reshape is frozen with a reason.
 from __future__ import annotations
 
 import dataclasses
+import math
+from fractions import Fraction
 
 import keras
 import numpy as np
 
 from keras_csgd import layers
 from keras_csgd.graph.layout import (
+    Axes,
     group_channels,
     group_maps,
     layout_size,
@@ -103,23 +113,31 @@ class Analysis:
         return [e for e in self.entries if e.lname == lname]
 
 
-@dataclasses.dataclass
 class Call:
     """One call of a layer in the model graph, as a handler sees it.
 
     Attributes:
         layer: the layer.
         name: its qualified name (`outer/inner` inside nested models).
-        layouts: the channel layout of every input tensor.
         inputs: the input Keras tensors.
         outputs: the output Keras tensors.
+        axes: the `Axes` of every input tensor.
+        layouts: the channel layout of every input tensor's last axis (a
+            new frozen group where it holds none, made when first read).
     """
 
-    layer: keras.layers.Layer
-    name: str
-    layouts: list
-    inputs: list
-    outputs: list
+    def __init__(self, layer, name: str, inputs, outputs, axes, ctx):
+        self.layer, self.name = layer, name
+        self.inputs, self.outputs, self.axes = inputs, outputs, axes
+        self._ctx = ctx
+        self._layouts = None
+
+    @property
+    def layouts(self) -> list:
+        if self._layouts is None:
+            self._layouts = [self._ctx.last_layout(t, a)
+                             for t, a in zip(self.inputs, self.axes)]
+        return self._layouts
 
 
 @dataclasses.dataclass
@@ -153,6 +171,11 @@ class Context(Spaces):
         self.calls: dict[int, int] = {}
         self.traced: dict[str, keras.Model] = {}
         self.weighed: dict[str, tuple] = {}
+        # The model inputs' batch size (`None`: dynamic), and for tensors
+        # whose dynamic axis holds `batch * k` (windows of an image), `k`.
+        self.batch: int | None = None
+        self.multiple: dict[int, Fraction | None] = {}
+        self.no_channels: dict[int, tuple] = {}  # tensor -> its new group
 
     # ------------------------------------------------------ for handlers
     def produce(self, call: Call, variable, axis: int, size: int,
@@ -193,14 +216,53 @@ class Context(Spaces):
         """The call does `macs` MACs, scaling with each layout's width."""
         self.costs.append(Cost(call.name, macs, layouts))
 
+    def positions(self, t) -> int | None:
+        """The entries of one example of tensor `t` along every axis but
+        the last (the rows a Dense layer computes), or `None` when a
+        dynamic dimension other than the batch leaves it unknown."""
+        return self.per_example(tuple(t.shape[:-1]), [t])
+
+    def per_example(self, dims, tensors) -> int | None:
+        """The product of `dims` (the sizes of a tensor's axes, or of the
+        indices of a contraction) for one example, or `None` when more than
+        one dynamic dimension leaves it unknown.
+
+        A dynamic dimension is the batch, and `tensors` say how many
+        examples each of its entries holds (`multiple`: windows of an
+        image); with static model inputs (`static_inputs`), only the first
+        may be (a nested model's own batch). Without one, the sizes hold
+        the model's static batch size, if it has one, as a factor.
+        """
+        dims = tuple(dims)
+        known = math.prod(d for d in dims if d is not None)
+        if None not in dims:
+            batch = self.batch or 1
+            return known // batch if known % batch == 0 else known
+        k = next((self.multiple[id(t)] for t in tensors
+                  if self.multiple.get(id(t), 1) != 1), 1)
+        if dims.count(None) > 1 or k is None or (
+                self.batch is not None and dims[0] is not None):
+            return None  # with static inputs, only a nested model's batch
+        return int(known * k)
+
     def unknown(self, call: Call, why: str, detail: str = "") -> list:
         """Freezes the call's inputs; returns new frozen output layouts."""
         reason = f"{why} `{call.name}` ({type(call.layer).__name__})"
         reason += f": {detail}" if detail else ""
-        for lay in call.layouts:
-            self.freeze(lay, reason)
+        for axes in call.axes:
+            for lay in axes:
+                if lay is not None:
+                    self.freeze(lay, reason)
         return [self.new_group(channels(t), call.name, reason)
                 for t in call.outputs]
+
+    def freeze_axes(self, call: Call, reason: str) -> None:
+        """Freezes the channels on every axis but the last of the call's
+        inputs."""
+        for axes in call.axes:
+            for lay in axes[:-1]:
+                if lay is not None:
+                    self.freeze(lay, reason)
 
     def uncounted_call(self, call: Call, why: str, detail: str = "") -> list:
         """`unknown`, for a call whose MACs nobody records."""
@@ -215,43 +277,101 @@ class Context(Spaces):
         )
 
     # ------------------------------------------------------ traversal
-    def run_model(self, model, inputs_layouts, prefix: str):
-        """Walks `model` given layouts of its inputs; returns output layouts."""
-        tensor_layout: dict[int, tuple] = {}
-        for t, lay in zip(model.inputs, inputs_layouts):
-            tensor_layout[id(t)] = lay
+    def run_model(self, model, inputs_axes, prefix: str):
+        """Walks `model` given the `Axes` of its inputs; returns those of
+        its outputs."""
+        axes_of: dict[int, Axes] = {}
+        for t, axes in zip(model.inputs, inputs_axes):
+            axes_of[id(t)] = axes
         for node in topological_nodes(model):
             ins = node.input_tensors
-            call = Call(node.operation, prefix + node.operation.name,
-                        [tensor_layout[id(t)] for t in ins], ins,
-                        node.outputs)
-            for t, lay in zip(node.outputs, self.visit(call)):
-                tensor_layout[id(t)] = lay
-        return [tensor_layout[id(t)] for t in model.outputs]
+            in_axes = [axes_of[id(t)] for t in ins]
+            call = Call(node.operation, prefix + node.operation.name, ins,
+                        node.outputs, in_axes, self)
+            for t, axes in zip(node.outputs, self.visit(call)):
+                axes_of[id(t)] = axes
+        return [axes_of[id(t)] for t in model.outputs]
 
-    def visit(self, call: Call) -> list:
-        op, lname = call.layer, call.name
-        self.layers[lname] = op
+    def last_layout(self, t, axes: Axes):
+        """The layout of `t`'s last axis; a new frozen group where it holds
+        no channels (attention scores over positions)."""
+        if axes[-1] is not None:
+            return axes[-1]
+        if id(t) not in self.no_channels:
+            self.no_channels[id(t)] = self.new_group(
+                channels(t), producer_name(t),
+                f"no channels on the last axis of `{producer_name(t)}`")
+        return self.no_channels[id(t)]
+
+    def visit(self, call: Call) -> list[Axes]:
+        """The `Axes` of the call's outputs, its channels declared."""
+        op = call.layer
+        self.layers[call.name] = op
         self.calls[id(op)] = self.calls.get(id(op), 0) + 1
+        self._carry_multiples(call)
         handler = layers.handler_for(op)
         if handler is not None:
-            return self.handle(handler, call)
-        if not isinstance(op, keras.layers.Layer):
-            return self.uncounted_call(call, "unsupported operation")
-        if is_graph_model(op) or self.calls[id(op)] > 1:
-            return self.nest(call, op)
-        graph = trace(call)
-        if isinstance(graph, str):
-            return self.uncounted_call(call, "unsupported layer", graph)
-        self.traced[lname] = graph
-        return self.nest(call, graph)
+            outs = self.handle(handler, call)
+        elif not isinstance(op, keras.layers.Layer):
+            outs = self.uncounted_call(call, "unsupported operation")
+        elif is_graph_model(op) or self.calls[id(op)] > 1:
+            outs = self.nest(call, op)
+        else:
+            graph = trace(call)
+            if isinstance(graph, str):
+                outs = self.uncounted_call(call, "unsupported layer", graph)
+            else:
+                self.traced[call.name] = graph
+                outs = self.nest(call, graph)
+        mode = getattr(handler, "axes", None)
+        return [self._as_axes(t, out, call, mode)
+                for t, out in zip(call.outputs, outs)]
 
-    def nest(self, call: Call, model) -> list:
+    def _as_axes(self, t, out, call: Call, mode) -> Axes:
+        """An output's `Axes` from what a handler returned for it."""
+        if isinstance(out, Axes):
+            return out
+        rank = max(len(t.shape), 1)
+        base = call.axes[0] if call.axes else ()
+        if mode == "elementwise" and len(base) != rank:
+            for lay in base[:-1]:  # a pooling over them, say
+                if lay is not None:
+                    self.freeze(lay, f"`{call.name}` removes an axis of "
+                                "channels")
+        if mode != "elementwise" or len(base) != rank:
+            return Axes((*(None,) * (rank - 1), out))
+        kept, src = [], call.inputs[0].shape
+        for i, lay in enumerate(base[:-1]):
+            if lay is not None and t.shape[i] != src[i]:
+                self.freeze(lay, f"`{call.name}` changes the size of an "
+                            "axis of channels")
+                lay = None
+            kept.append(lay)
+        return Axes((*kept, out))
+
+    def _carry_multiples(self, call: Call) -> None:
+        """An output with a dynamic axis holds as many examples per batch
+        entry as the call's inputs, unless its handler says otherwise (a
+        reshape, `reshape_axes`)."""
+        k = next((self.multiple[id(t)] for t in call.inputs
+                  if self.multiple.get(id(t), 1) != 1), 1)
+        for t in call.outputs:
+            if id(t) not in self.multiple and None in tuple(t.shape):
+                self.multiple[id(t)] = k
+
+    def nest(self, call: Call, model) -> list[Axes]:
         """Walks a nested functional model (or a traced layer's graph)."""
         lname = call.name
         if self.calls[id(call.layer)] == 1:
-            self.nested[lname] = call.layouts
-            return self.run_model(model, call.layouts, lname + "/")
+            self.nested[lname] = call.axes
+            for t, x in zip(call.inputs, model.inputs):
+                if id(t) in self.multiple:
+                    self.multiple[id(x)] = self.multiple[id(t)]
+            outs = self.run_model(model, call.axes, lname + "/")
+            for t, x in zip(call.outputs, model.outputs):
+                if id(x) in self.multiple:
+                    self.multiple[id(t)] = self.multiple[id(x)]
+            return outs
         reason = f"layer `{lname}` is shared (called twice)"
         for e in self.entries:
             if e.lname.startswith(lname + "/"):
@@ -261,6 +381,9 @@ class Context(Spaces):
     def handle(self, handler, call: Call) -> list:
         """A registered handler's declaration of the call's channels."""
         op, lname = call.layer, call.name
+        if getattr(handler, "axes", None) is None:
+            self.freeze_axes(call, "channels on another axis than the last "
+                             f"reach `{lname}` ({type(op).__name__})")
         start, costs = len(self.entries), len(self.costs)
         try:
             outs = handler.channels(self, call)
@@ -277,29 +400,38 @@ class Context(Spaces):
             for e in self.entries:
                 if e.layer is op:
                     self.freeze(e.layout, reason)
-            for lay in list(call.layouts) + list(outs):
+            for lay in [*call.layouts, *_layouts(outs)]:
                 self.freeze(lay, reason)
         if layers.mixes_channels(getattr(op, "activation", None)):
-            for lay in outs:  # Dense(activation="softmax"), say
+            for lay in _layouts(outs):  # Dense(activation="softmax"), say
                 self.freeze(lay, f"channel-mixing activation in `{lname}`")
         return outs
 
     def _check_outputs(self, call: Call, outs) -> None:
-        """Raises unless `outs` has one layout per output, each as wide
-        as its output's channel axis."""
+        """Raises unless `outs` has one layout (or `Axes`) per output, each
+        as wide as its output's axes."""
         if len(outs) != len(call.outputs):
             raise ValueError(f"{len(outs)} layouts for {len(call.outputs)} "
                              "outputs")
-        for t, lay in zip(call.outputs, outs):
-            width = layout_size(self.resolve(lay), self.size)
-            if len(t.shape) and t.shape[-1] not in (None, width):
-                raise ValueError(f"a layout of {width} channels for an "
-                                 f"output of {t.shape[-1]}")
+        for t, out in zip(call.outputs, outs):
+            shape = tuple(t.shape) or (1,)
+            axes = out if isinstance(out, Axes) else (out,)
+            if isinstance(out, Axes) and len(out) != len(shape):
+                raise ValueError(f"{len(out)} axes for a rank {len(shape)} "
+                                 "output")
+            for dim, lay in zip(shape[::-1], axes[::-1]):
+                if lay is None:
+                    continue
+                width = layout_size(self.resolve(lay), self.size)
+                if dim not in (None, width):
+                    raise ValueError(f"a layout of {width} channels for an "
+                                     f"output of {dim}")
 
     # ------------------------------------------------------ results
     def finish(self, model) -> Analysis:
-        for t, lay in zip(model.outputs, self.model_outputs):
-            self.freeze(lay, f"reaches model output `{producer_name(t)}`")
+        for t, axes in zip(model.outputs, self.model_outputs):
+            for lay in _layouts([axes]):
+                self.freeze(lay, f"reaches model output `{producer_name(t)}`")
         roots = {g: self.resolve(("leaf", g)) for g in self.parent}
         live = self.live()
         sizes = {r: self.size[r] for r in live}
@@ -344,6 +476,15 @@ class Context(Spaces):
         )
 
 
+def _layouts(outs) -> list:
+    """The layouts of a handler's outputs (every axis of an `Axes`)."""
+    out = []
+    for o in outs:
+        out += [lay for lay in o if lay is not None] if isinstance(
+            o, Axes) else [o]
+    return out
+
+
 def _unique(name: str, used: set) -> str:
     out, k = name, 1
     while out in used:
@@ -357,12 +498,13 @@ def analyze(model) -> Analysis:
     """Channel analysis of `model` (groups, entries, layouts)."""
     check_functional(model)
     an = Context()
-    in_lays = [
-        an.new_group(channels(t), f"input:{producer_name(t)}",
-                     "model input")
-        for t in model.inputs
-    ]
-    an.model_outputs = an.run_model(model, in_lays, "")
+    an.batch = model.inputs[0].shape[0] if model.inputs[0].shape else None
+    in_axes = []
+    for t in model.inputs:
+        lay = an.new_group(channels(t), f"input:{producer_name(t)}",
+                           "model input")
+        in_axes.append(Axes((*(None,) * (len(t.shape) - 1), lay)))
+    an.model_outputs = an.run_model(model, in_axes, "")
     return an.finish(model)
 
 

@@ -9,7 +9,11 @@ channel of which group it holds:
 - `("rep", layout, m)`: every channel repeated `m` times (depth multiplier);
 - `("grid", outer, inner)`: every channel of `outer` with every channel of
   `inner`, outer-major (grouped-query attention: query head `k * g + j`
-  belongs to key/value head `k` of `outer` and position `j` of `inner`).
+  belongs to key/value head `k` of `outer` and position `j` of `inner`; an
+  axis that a reshape made of several: `grid(heads, head_size)`).
+
+A tensor has one layout per axis (`Axes`; `None` where an axis holds no
+channels): channels may leave the last axis (an attention's heads).
 
 `Reindex` maps the entries of a layout between a model and its slim model.
 """
@@ -17,6 +21,14 @@ channel of which group it holds:
 from __future__ import annotations
 
 import numpy as np
+
+
+class Axes(tuple):
+    """The layout of every axis of one tensor (`None`: no channels there).
+
+    A handler that declares `axes` may return one for an output instead of
+    the layout of its last axis.
+    """
 
 
 def map_leaves(layout, fn):
@@ -71,9 +83,10 @@ def flat_channels(layout, sizes) -> tuple[np.ndarray, np.ndarray]:
         return np.full(n, layout[1]), np.arange(n)
     if kind == "cat":
         parts = [flat_channels(p, sizes) for p in layout[1]]
+        empty = [np.zeros(0, np.int64)]  # an empty part (a split of 0)
         return (
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[0] for p in parts] + empty),
+            np.concatenate([p[1] for p in parts] + empty),
         )
     g, c = flat_channels(layout[1], sizes)
     if kind == "tile":
@@ -89,7 +102,8 @@ def group_channels(layout, gid: int, sizes) -> np.ndarray:
         return np.arange(n) if layout[1] == gid else np.full(n, -1)
     if kind == "cat":
         return np.concatenate([group_channels(p, gid, sizes)
-                               for p in layout[1]])
+                               for p in layout[1]]
+                              + [np.zeros(0, np.int64)])
     inner = group_channels(layout[1], gid, sizes)
     if kind == "tile":
         return np.tile(inner, layout[2])
@@ -145,7 +159,7 @@ class Reindex:
             for part in lay[1]:
                 out.append(self.select(part) + off)
                 off += layout_size(part, self.old)
-            return np.concatenate(out)
+            return np.concatenate([*out, np.zeros(0, np.int64)])
         if kind == "grid":
             n = layout_size(lay[2], self.old)
             return (self.select(lay[1])[:, None] * n
@@ -168,7 +182,7 @@ class Reindex:
                 a = self.assign(part)
                 out.append(np.where(a >= 0, a + off, -1))
                 off += layout_size(part, self.new)
-            return np.concatenate(out)
+            return np.concatenate([*out, np.zeros(0, np.int64)])
         if kind == "grid":
             outer, last = self.assign(lay[1]), self.assign(lay[2])
             n = layout_size(lay[2], self.new)

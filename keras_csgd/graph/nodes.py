@@ -150,10 +150,23 @@ def successors(model) -> dict[str, list[str | None]]:
     return out
 
 
-def input_like(tensor, width: int | None = None):
-    """A new `keras.Input` like a model input (same name), `width` channels."""
-    shape = tensor.shape[1:] if width is None else (*tensor.shape[1:-1], width)
-    return keras.Input(shape, dtype=tensor.dtype, name=producer_name(tensor))
+def input_like(tensor, width=None):
+    """A new `keras.Input` like a model input (same name, same first axis:
+    a traced layer's input may be a tensor of one entry, not a batch).
+
+    Args:
+        tensor: the model input.
+        width: its new number of channels (last axis), or a new size for
+            every axis (a tuple, `None` where unchanged). Defaults to
+            `None` (the same shape).
+    """
+    shape = list(tensor.shape)
+    if isinstance(width, tuple):
+        shape = [d if w is None else w for d, w in zip(shape, width)]
+    elif width is not None:
+        shape[-1] = width
+    return keras.Input(batch_shape=shape, dtype=tensor.dtype,
+                       name=producer_name(tensor))
 
 
 def is_graph_model(model) -> bool:

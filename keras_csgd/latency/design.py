@@ -117,8 +117,9 @@ def cost_calls(an: graph.Analysis, names) -> list[dict]:
         if not cost.macs:
             continue
         layouts = []
-        for lay in cost.layouts:
-            gids, _ = graph.flat_channels(an.root(lay), an.sizes)
+        factors = [f for c in cost.layouts for f in _factors(an.root(c))]
+        for lay in factors:
+            gids, _ = graph.group_maps(lay, an.sizes)[0]
             counts = Counter(gids.tolist())
             groups = {name_of[g]: n for g, n in counts.items() if g in name_of}
             if groups:
@@ -128,6 +129,14 @@ def cost_calls(an: graph.Analysis, names) -> list[dict]:
             out.append({"op": cost.lname.split("/")[0], "macs": cost.macs,
                         "layouts": layouts})
     return out
+
+
+def _factors(layout) -> list:
+    """A layout as layouts whose kept shares multiply to its own: the two
+    sides of a grid (heads and head size), apart."""
+    if layout[0] == "grid":
+        return [*_factors(layout[1]), *_factors(layout[2])]
+    return [layout]
 
 
 def width_variants(options, seed: int = 0) -> list[dict[int, int]]:

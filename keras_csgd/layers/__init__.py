@@ -16,6 +16,7 @@ from keras_csgd.layers import (
     normalization,
     ops,
     structure,
+    traced,
 )
 from keras_csgd.layers.cluster_norm import ClusterNormalization
 from keras_csgd.layers.registry import (

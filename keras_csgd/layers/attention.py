@@ -23,6 +23,7 @@ import math
 import keras
 
 from keras_csgd import graph
+from keras_csgd.graph.layout import Axes
 from keras_csgd.layers.registry import LayerHandler, register_layer
 
 
@@ -180,12 +181,17 @@ def _einsum_dense_spec(layer) -> str | None:
 
 
 class EinsumDenseHandler(LayerHandler):
-    """`keras.layers.EinsumDense` used as a Dense on the last axis."""
+    """`keras.layers.EinsumDense`: as a Dense on the last axis, or by its
+    equation (`einsum_dense_channels`)."""
+
+    axes = "elementwise"
 
     def channels(self, ctx, call):
         why = _einsum_dense_spec(call.layer)
         if why:
-            return ctx.uncounted_call(call, why)
+            if "." in call.layer.equation:
+                return ctx.uncounted_call(call, why)
+            return einsum_dense_channels(ctx, call)
         layer, (lay,) = call.layer, call.layouts
         ctx.consumer(call, layer.kernel, 0, lay)
         out = ctx.produce(call, layer.kernel, 1, layer.kernel.shape[1],
@@ -193,18 +199,74 @@ class EinsumDenseHandler(LayerHandler):
         if layer.bias is not None:
             ctx.member(call, layer.bias, 0, out)
         # The other axes pass through (the output's may read `None`).
-        rows = _prod(call.inputs[0].shape[1:-1])
+        rows = ctx.positions(call.inputs[0])
         ctx.cost(call, _times(rows, *layer.kernel.shape), lay, out)
         return [out]
 
     def rebuild(self, config, widths):
         shape = config["output_shape"]
-        width = widths["output_shape"]
-        config["output_shape"] = (
-            (*shape[:-1], width) if isinstance(shape, (list, tuple))
-            else width
-        )
+        if "output_shape" in widths:
+            width = widths["output_shape"]
+            config["output_shape"] = (
+                (*shape[:-1], width) if isinstance(shape, (list, tuple))
+                else width
+            )
+            return config
+        shape = [shape] if isinstance(shape, int) else list(shape)
+        for key, width in widths.items():
+            shape[int(key.rsplit("/", 1)[1])] = width
+        config["output_shape"] = tuple(shape)
         return config
+
+
+def einsum_dense_channels(ctx, call) -> list:
+    """An `EinsumDense` of any equation (`"abc,cde->abde"`: a projection
+    to heads and head size), index by index:
+
+    - in the input and the kernel, not the output (contracted): the
+      kernel's axis consumes the input's channels there;
+    - in the kernel and the output only: new channels the kernel's axis
+      produces (a group per index, rebuilt in `output_shape`);
+    - in the input, the kernel and the output: the kernel's axis is a
+      member of the input's channels, which pass;
+    - in the input and the output only: they pass; in the input only: a
+      sum over them (channels there freeze).
+
+    The bias is a member of the output's channels on its axes.
+    """
+    layer, (x,), (axes,) = call.layer, call.inputs, call.axes
+    given, out_spec = layer.equation.replace(" ", "").split("->")
+    lhs, spec = given.split(",")
+    kernel = layer.kernel
+    layout = {letter: axes[i] for i, letter in enumerate(lhs)}
+    size = {letter: d for letter, d in zip(lhs, x.shape)}
+    for i, letter in enumerate(spec):
+        size[letter] = kernel.shape[i]
+        lay = layout.get(letter)
+        if letter in lhs and letter not in out_spec:
+            if lay is not None:
+                ctx.consumer(call, kernel, i, lay)
+        elif letter not in lhs:
+            k = out_spec.index(letter)
+            lay = layout[letter] = ctx.new_group(kernel.shape[i],
+                                                 f"{call.name}/axis{k}")
+            ctx.member(call, kernel, i, lay, producer=True)
+            ctx.width(call, f"output_shape/{k - 1}", lay)
+        elif lay is not None:
+            ctx.member(call, kernel, i, lay)
+    for letter in set(lhs) - set(spec) - set(out_spec):
+        if layout[letter] is not None:
+            ctx.freeze(layout[letter], f"summed over by `{call.name}`")
+    if layer.bias is not None:
+        first = min(out_spec.index(c) for c in layer.bias_axes)
+        for j, letter in enumerate(out_spec[first:]):
+            if letter in layer.bias_axes and layout[letter] is not None:
+                ctx.member(call, layer.bias, j, layout[letter])
+    held = {id(lay): lay for letter, lay in layout.items()
+            if lay is not None and (letter in spec or letter in out_spec)}
+    ctx.cost(call, ctx.per_example(size.values(), call.inputs),
+             *held.values())
+    return [Axes(layout[letter] for letter in out_spec)]
 
 
 register_layer(keras.layers.MultiHeadAttention, MultiHeadAttentionHandler())

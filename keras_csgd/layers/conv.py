@@ -11,12 +11,6 @@ from keras_csgd.layers.registry import LayerHandler, register_layer
 L = keras.layers
 
 
-def spatial(shape) -> int | None:
-    """Product of the spatial dimensions, or `None` when one is unknown."""
-    dims = shape[1:-1]
-    return None if any(d is None for d in dims) else math.prod(dims)
-
-
 def _times(n, *factors):
     return None if n is None else n * math.prod(factors)
 
@@ -59,7 +53,7 @@ class ConvHandler(_ConvFamily):
         ctx.width(call, "filters", lay)
         ctx.width(call, "groups", lay)
         taps = math.prod(layer.kernel.shape[:-1])
-        ctx.cost(call, _times(spatial(call.outputs[0].shape), taps,
+        ctx.cost(call, _times(ctx.positions(call.outputs[0]), taps,
                               layer.filters), lay)
         return [lay]
 
@@ -69,10 +63,10 @@ class ConvHandler(_ConvFamily):
         taps = math.prod(layer.kernel.shape[:-2])
         if self.transpose:
             in_axis, out_axis = rank - 1, rank - 2
-            macs = _times(spatial(call.inputs[0].shape), taps)
+            macs = _times(ctx.positions(call.inputs[0]), taps)
         else:
             in_axis, out_axis = rank - 2, rank - 1
-            macs = _times(spatial(call.outputs[0].shape), taps)
+            macs = _times(ctx.positions(call.outputs[0]), taps)
         ctx.consumer(call, layer.kernel, in_axis, lay)
         out = ctx.produce(call, layer.kernel, out_axis, layer.filters,
                           key="filters")
@@ -100,7 +94,7 @@ class SeparableHandler(_ConvFamily):
             ctx.member(call, layer.bias, 0, out)
         taps = math.prod(layer.depthwise_kernel.shape[:-2])
         cin = call.inputs[0].shape[-1]
-        n = spatial(call.outputs[0].shape)
+        n = ctx.positions(call.outputs[0])
         ctx.cost(call, _times(n, cin, m, taps), lay)
         ctx.cost(call, _times(n, cin, m, layer.filters), lay, out)
         return [out]
@@ -119,7 +113,7 @@ class DepthwiseHandler(_ConvFamily):
         if layer.use_bias:
             ctx.member(call, layer.bias, 0, out)
         taps = math.prod(layer.kernel.shape[:-2])
-        ctx.cost(call, _times(spatial(call.outputs[0].shape), taps,
+        ctx.cost(call, _times(ctx.positions(call.outputs[0]), taps,
                               *layer.kernel.shape[-2:]), lay)
         return [out]
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import keras
 
 from keras_csgd.layers.registry import LayerHandler, register_layer
@@ -11,6 +9,8 @@ from keras_csgd.layers.registry import LayerHandler, register_layer
 
 class DenseHandler(LayerHandler):
     """`keras.layers.Dense` (on any rank: the last axis is contracted)."""
+
+    axes = "elementwise"
 
     patches = "dense"
 
@@ -20,8 +20,9 @@ class DenseHandler(LayerHandler):
         out = ctx.produce(call, layer.kernel, 1, layer.units, key="units")
         if layer.use_bias:
             ctx.member(call, layer.bias, 0, out)
-        rows = math.prod(d for d in call.outputs[0].shape[1:-1] if d)
-        ctx.cost(call, rows * layer.kernel.shape[0] * layer.units, lay, out)
+        rows = ctx.positions(call.outputs[0])
+        ctx.cost(call, rows and rows * layer.kernel.shape[0] * layer.units,
+                 lay, out)
         return [out]
 
     def fold(self, layer):

@@ -30,6 +30,8 @@ PASS_THROUGH = (
 class PassThroughHandler(LayerHandler):
     """A layer whose output channel `c` depends on input channel `c` only."""
 
+    axes = "elementwise"
+
     def channels(self, ctx, call):
         layer = call.layer
         if getattr(layer, "data_format", None) == "channels_first":
@@ -42,17 +44,12 @@ class PassThroughHandler(LayerHandler):
 class ActivationHandler(LayerHandler):
     """`keras.layers.Activation`: passes channels unless it mixes them."""
 
+    axes = "elementwise"
+
     def channels(self, ctx, call):
         if mixes_channels(call.layer.activation):
             return ctx.unknown(call, "channel-mixing activation")
         return list(call.layouts)
-
-
-class SoftmaxHandler(LayerHandler):
-    """`keras.layers.Softmax` mixes the channels it normalises."""
-
-    def channels(self, ctx, call):
-        return ctx.unknown(call, "channel-mixing Softmax")
 
 
 class PReLUHandler(LayerHandler):
@@ -70,5 +67,4 @@ class PReLUHandler(LayerHandler):
 for _cls in PASS_THROUGH:
     register_layer(_cls, PassThroughHandler())
 register_layer(L.Activation, ActivationHandler())
-register_layer(L.Softmax, SoftmaxHandler())
 register_layer(L.PReLU, PReLUHandler())

@@ -70,12 +70,20 @@ class LayerHandler:
             at unchanged widths (its own class does not load back from its
             config; `rebuild` returns one that does). Otherwise a layer
             whose widths do not change is copied as it is.
+        axes: what the handler knows of channels on other axes than the
+            last (`call.axes`, a `graph.Axes` per input): `None` (nothing:
+            channels there freeze), `"elementwise"` (every other axis passes
+            from the first input to the output, as for an activation or a
+            Dense layer), or `"full"` (`channels` reads `call.axes` and may
+            return a `graph.Axes` for an output: a reshape, a transpose, a
+            matmul).
     """
 
     normalizes = False
     patches = None
     replaces = False
     shared = False
+    axes = None
 
     def channels(self, ctx, call):
         """Declares the call's channel structure; returns output layouts."""
