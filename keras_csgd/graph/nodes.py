@@ -58,6 +58,16 @@ def producer_of(tensor):
     return tensor._keras_history.operation
 
 
+def producing_call(tensor) -> tuple:
+    """`(operation, input tensors)` of the call that computed a Keras
+    tensor; `(None, [])` for a graph input."""
+    h = getattr(tensor, "_keras_history", None)
+    op = h.operation if h else None
+    if op is None or isinstance(op, keras.layers.InputLayer):
+        return None, []
+    return op, list(op._inbound_nodes[h.node_index].input_tensors)
+
+
 def producer_name(tensor) -> str:
     """The name of the operation (or input layer) of a Keras tensor."""
     return tensor._keras_history.operation.name

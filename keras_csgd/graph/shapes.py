@@ -33,6 +33,7 @@ from keras.src.ops import numpy as src_numpy
 from keras.src.ops.numpy import Reshape
 from keras.src.saving.serialization_lib import SerializableDict
 
+from keras_csgd.graph import nodes
 from keras_csgd.layers.traced import BatchTile
 
 
@@ -166,17 +167,14 @@ def _per_batch(x) -> Fraction | None:
     graph that computed it: a reshape keeps the count; another operation
     carries its one dynamic axis (its static sizes give the rest)."""
     shape = tuple(x.shape)
-    history = getattr(x, "_keras_history", None)
-    op = history.operation if history else None
-    if op is None or isinstance(op, keras.layers.InputLayer):
+    op, inputs = nodes.producing_call(x)
+    if op is None:
         if shape and shape[0] is None and None not in shape[1:]:
             return Fraction(math.prod(shape[1:]))
         return None
     if isinstance(op, BatchTile):
         return Fraction(*op.multiple) * math.prod(shape[1:])
-    node = op._inbound_nodes[history.node_index]
-    src = next((t for t in node.input_tensors if None in tuple(t.shape)),
-               None)
+    src = next((t for t in inputs if None in tuple(t.shape)), None)
     n = None if src is None else _per_batch(src)
     if n is None or isinstance(op, Reshape):
         return n

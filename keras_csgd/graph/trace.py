@@ -38,7 +38,7 @@ import numpy as np
 from keras.src.ops.node import Node
 from keras.src.utils.backend_utils import DynamicBackend
 
-from keras_csgd.graph.nodes import call_arguments
+from keras_csgd.graph.nodes import call_arguments, topological_nodes
 from keras_csgd.graph.shapes import (
     batch_sizes_inferred,
     einsum_shapes_resolved,
@@ -91,9 +91,7 @@ def _trace(call):
     )
     kwargs = _accepted(layer.call, kwargs)
     try:
-        with batch_sizes_inferred(), einsum_shapes_resolved(), \
-                _non_tensor_outputs_kept(), output_specs_called(), \
-                _keras_ops_backend(), _variables_read(layer, inputs[0]):
+        with _replayed(layer, inputs[0]):
             outputs = keras.tree.map_structure(
                 lambda o: _as_tensor(o, inputs[0]), layer.call(*args, **kwargs))
         model = keras.Model(inputs if len(inputs) > 1 else inputs[0],
@@ -108,6 +106,18 @@ def _trace(call):
         return why
     checked.add(shapes)
     return model
+
+
+@contextlib.contextmanager
+def _replayed(layer, x):
+    """Everything a traced call needs to leave a graph: the batch size as a
+    `BatchDim`, static shapes, non-tensor outputs, sub-layers' output specs,
+    `keras.ops` for Keras utilities, and `layer`'s variables as `Weight`
+    tensors (called on `x`, the graph's first input)."""
+    with batch_sizes_inferred(), einsum_shapes_resolved(), \
+            _non_tensor_outputs_kept(), output_specs_called(), \
+            _keras_ops_backend(), _variables_read(layer, x):
+        yield
 
 
 def _accepted(fn, kwargs: dict) -> dict:
@@ -220,13 +230,12 @@ def _constants(model, layer) -> str | None:
     """Why the traced `model` holds variables of `layer` as constants, or
     `None`."""
     mine = {id(v): v for v in layer.weights}
-    for op in model.operations:
-        for node in op._inbound_nodes:
-            for value in keras.tree.flatten(
-                    (node.arguments.args, node.arguments.kwargs)):
-                if isinstance(value, keras.Variable) and id(value) in mine:
-                    return (f"its call uses the variable {value.name} as a "
-                            "constant (no attribute of the layer holds it)")
+    for node in topological_nodes(model):
+        for value in keras.tree.flatten(
+                (node.arguments.args, node.arguments.kwargs)):
+            if isinstance(value, keras.Variable) and id(value) in mine:
+                return (f"its call uses the variable {value.name} as a "
+                        "constant (no attribute of the layer holds it)")
     return None
 
 

@@ -547,25 +547,6 @@ def _join(ctx, call, letter, lays, out, constant: bool):
     return held[0]
 
 
-def _last_key(key, rank):
-    """What an index `key` does to the last axis of a rank-`rank` tensor.
-
-    Returns:
-        A `slice` (the last axis stays last, sliced), or `None` (the last
-        axis is indexed away, moved, or the key is not static).
-    """
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is None for k in key) and key[-1] is None:
-        return None
-    used = [k for k in key if k is not None and k is not Ellipsis]
-    if any(not isinstance(k, (int, slice)) for k in used):
-        return None
-    if Ellipsis in key or len(used) == rank:
-        last = key[-1]
-        return last if isinstance(last, slice) else None
-    return slice(None) if len(used) < rank else None
-
-
 def _index_axes(key, axes, shape):
     """The output axes of `x[key]`, and the input axes it indexes or
     slices (`None` when the key is not static)."""
@@ -574,11 +555,12 @@ def _index_axes(key, axes, shape):
            for k in key):
         return None, None
     used = sum(k is not None and k is not Ellipsis for k in key)
+    rest = (slice(None),) * (len(axes) - used)
     if Ellipsis in key:
         at = key.index(Ellipsis)
-        key = (*key[:at], *(slice(None),) * (len(axes) - used),
-               *key[at + 1:])
-    key = (*key, *(slice(None),) * (len(axes) - used))
+        key = (*key[:at], *rest, *key[at + 1:])
+    else:
+        key = (*key, *rest)
     out, touched, i = [], [], 0
     for k in key:
         if k is None:
@@ -596,24 +578,25 @@ def _index_axes(key, axes, shape):
 
 
 class GetItemHandler(LayerHandler):
-    """`x[:, 0]`, `x[:, 1:]`: the axes it leaves whole pass; channels it
-    indexes or slices freeze (`slim` does not edit an index)."""
+    """`x[:, 0]`, `x[:, 1:]`, `x[..., None]`: the axes it leaves whole pass
+    (new axes hold no channels); channels it indexes or slices freeze
+    (`slim` does not edit an index)."""
 
     axes = "full"
 
     def channels(self, ctx, call):
         args, _ = graph.call_arguments(call)
         x, (axes,) = call.inputs[0], call.axes
-        last = _last_key(args[1], _rank(x))
-        if last is None:
-            return ctx.unknown(call, "indexing over channels")
-        n = graph.channels(x)
-        if last.indices(n) != (0, n, 1):
-            return ctx.unknown(call, "slice of channels",
-                               "its index is an argument `slim` does not "
-                               "edit")
         out, touched = _index_axes(args[1], axes, tuple(x.shape))
         if out is None:
+            return ctx.unknown(call, "indexing over channels")
+        last = _rank(x) - 1
+        if last in touched:
+            key = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if isinstance(key[-1], slice):
+                return ctx.unknown(call, "slice of channels",
+                                   "its index is an argument `slim` does "
+                                   "not edit")
             return ctx.unknown(call, "indexing over channels")
         _freeze(ctx, [axes[i] for i in touched], f"indexed channels "
                 f"`{call.name}`")

@@ -37,8 +37,8 @@ def merge_axes(ctx, call, skip: int | None = None) -> list:
     that are not broadcast along it (size 1) are one channel space. An
     input broadcast over channels freezes them, and so does an axis of
     channels that meets one of positions (no channels). On the last axis,
-    as before there were other axes, inputs with one entry are the
-    broadcast ones, and the first input's layout is kept if all are.
+    the inputs of one entry are the broadcast ones, and if all inputs have
+    one entry, the first input's layout is kept.
 
     Args:
         ctx: the `graph.Context`.
