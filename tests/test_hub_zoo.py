@@ -38,8 +38,8 @@ COUNTED = {"DeiT", "DINOv2", "Swin", "MiT", "SegFormer", "D-FINE"}
 # class, by the Backbone's constructor arguments; the slim model is a
 # functional model whose layers save one by one. A copied layer whose own
 # config fails saves the constructor arguments Keras recorded (DeiT, MiT,
-# SegFormer load so), but these keras_hub 0.32 layers have none on record
-# (an argument Keras cannot serialize), or fail to build when loaded:
+# SegFormer load so), and a traced layer with neither is built as its
+# traced graph (Swin, DeepLabV3), but these graphs hold what does not load:
 NOT_LOADABLE = {
     "D-FINE": "its decoder's traced graph holds operations whose arguments "
               "do not serialize (a `clip` by NumPy numbers, a `map` of a "
