@@ -7,14 +7,23 @@ key/value cache of `generate`, and `save_to_preset` writes its config. So
 when every decoder block of the slim model has the same widths (what
 uniform keeps give), the backbone is rebuilt *as its own class* from its
 config with the new `num_query_heads`, `num_key_value_heads`,
-`intermediate_dim` (and `head_dim`, `hidden_dim`), its weights copied from
-the slim model, and checked against it on random tokens.
+`intermediate_dim`, `hidden_dim` (and `head_dim`), its weights copied
+from the slim model, and checked against it on random tokens. The hidden
+width may change: the CausalLM reads the backbone's output through the
+backbone's own token embedding, which narrows with it
+(`keras_csgd.layers.embedding.output_projection`).
 
-Where that cannot be (blocks of different widths; Llama, Qwen2, Phi3 and
-GPT-2, whose CausalLMs derive the head size as `hidden_dim //
-num_query_heads`, with pruned heads), the functional model is returned
-with a warning: it is the same slim model, but `generate` is not
-available for it.
+Where that cannot be, the functional model is returned with a warning: it
+is the same slim model, but `generate` is not available for it. That is
+for blocks of different widths, and for Llama, Qwen2, Phi3 and GPT-2 when
+the slim `hidden_dim` is not `num_query_heads * head_dim`: their backbone
+config has no `head_dim`, and both their attention layers
+(`LlamaAttention.build`) and their CausalLM's key/value cache
+(`LlamaCausalLM._build_cache`) derive it as `hidden_dim //
+num_query_heads`. A backbone subclass with a pinned `head_dim` would fix
+the first, not the second: `generate` would build its cache at the derived
+size. A plan that keeps the same share of the hidden width as of the query
+heads keeps the head size, and the class.
 """
 
 from __future__ import annotations
@@ -47,12 +56,15 @@ def own_class(model, slim_model):
     blocks = _decoder_blocks(slim_model)
     if not blocks or not type(model).__module__.startswith("keras_hub"):
         return slim_model
-    why = _why_not(model, blocks)
+    hidden = int(slim_model.outputs[0].shape[-1])
+    why = _why_not(model, blocks, hidden)
     if why is None:
-        backbone = type(model).from_config(_config(model, slim_model,
-                                                   blocks))
-        why = _copy_weights(slim_model, backbone) or _differs(
-            slim_model, backbone)
+        config = _config(model, blocks, hidden)
+        backbone = type(model).from_config(config)
+        why = _copy_weights(slim_model, backbone)
+        if why is None:
+            _rescale_stream(model, backbone, hidden)
+            why = _differs(slim_model, backbone)
         if why is None:
             return backbone
     warnings.warn(
@@ -72,7 +84,7 @@ def _widths(block) -> dict[str, int]:
     return layers.handler_for(block).backbone_widths(block)
 
 
-def _why_not(model, blocks) -> str | None:
+def _why_not(model, blocks, hidden: int) -> str | None:
     """Why the slim blocks cannot form a backbone of `model`'s class."""
     widths = [_widths(b) for b in blocks]
     if any(w != widths[0] for w in widths[1:]):
@@ -82,25 +94,56 @@ def _why_not(model, blocks) -> str | None:
     params = inspect.signature(type(model).__init__).parameters
     key = next(k for k in ("num_query_heads", "num_heads") if k in params)
     heads = widths[0][key]
-    derived = model.hidden_dim // heads
-    if "head_dim" not in params and widths[0]["head_dim"] != derived:
+    size = widths[0]["head_dim"]
+    if "head_dim" not in params and hidden != heads * size:
         return (f"{type(model).__name__} derives the head size as "
-                f"`hidden_dim // {key}` ({model.hidden_dim} // {heads} = "
-                f"{derived}), and the pruned heads keep theirs "
-                f"({widths[0]['head_dim']}); a plan that prunes only the MLP "
-                "units keeps the class")
+                f"`hidden_dim // {key}` ({hidden} // {heads} = "
+                f"{hidden // heads}), and the "
+                f"pruned heads keep theirs ({size}); a plan that keeps "
+                f"`hidden_dim = {key} * {size}` (the same share of the "
+                "hidden width as of the query heads) keeps the class")
     return None
 
 
-def _config(model, slim_model, blocks) -> dict:
+def _config(model, blocks, hidden: int) -> dict:
     """`model`'s config with the slim blocks' widths."""
     config = model.get_config()
     widths = _widths(blocks[0])
     if "head_dim" not in config:
         del widths["head_dim"]
-    config.update(widths)
-    config["hidden_dim"] = int(slim_model.outputs[0].shape[-1])
+    config.update(widths, hidden_dim=hidden)
     return config
+
+
+# Backbones that multiply their token embeddings by `sqrt(hidden_dim)`.
+_SCALED_EMBEDDINGS = ("GemmaBackbone", "Gemma3Backbone")
+
+
+def _rescale_stream(model, backbone, hidden: int) -> None:
+    """Carries the residual stream of a narrower Gemma scaled.
+
+    Gemma multiplies its embeddings by `sqrt(hidden_dim)`: the slim model
+    keeps the factor of `model`'s width, `backbone` (its own class) takes
+    its own, so its stream is `c = sqrt(hidden / model.hidden_dim)` times
+    the slim model's. Every write into the stream is scaled by `c` too (an
+    output projection's kernel, or the post-norm after it, `1 + scale`),
+    so the stream stays `c` times the slim one everywhere; the RMS norms
+    that read it do not see `c`, so the outputs are the slim model's.
+    """
+    if type(model).__name__ not in _SCALED_EMBEDDINGS:
+        return
+    c = np.sqrt(hidden / model.hidden_dim)
+    if c == 1:
+        return
+    for block in backbone.transformer_layers:
+        writers = ((block.attention.output_dense, "post_attention_norm"),
+                   (block.ffw_linear, "post_ffw_norm"))
+        for dense, post in writers:
+            norm = getattr(block, post, None)
+            if norm is not None:
+                norm.scale.assign(c * (1 + norm.scale) - 1)
+            else:
+                dense.kernel.assign(c * dense.kernel)
 
 
 def _copy_weights(source, target) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 import keras_csgd as kc
 from hub_zoo import FAMILIES, TOKENS, VOCABULARY, inputs
 from utils import collapse, relative_error
+from zoo import randomize
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -33,7 +34,8 @@ def _groups(model):
 def test_heads_are_grouped_query_consistent(name):
     model = FAMILIES[name].build()  # 4 query heads, 2 key/value heads
     groups = _groups(model)
-    assert sorted(groups) == ["kv_heads", "mlp", "query_heads"]
+    assert sorted(groups) == ["kv_heads", "mlp", "query_heads",
+                              "token_embedding"]
     kv, positions = groups["kv_heads"], groups["query_heads"]
     assert (kv.size, positions.size) == (2, 2)
     # Query head k * 2 + j belongs to key/value head k, position j.
@@ -64,6 +66,21 @@ def _generated(lm, prompt=4):
 
 def _logits(lm, x):
     return keras.ops.convert_to_numpy(lm(x))
+
+
+def _greedy(backbone, prompt=4, scale=1.0):
+    """Greedy tokens computed without `generate` (or a cache): the whole
+    sequence again for every new token. `scale`: what the backbone's
+    logits are multiplied by (argmax does not see it)."""
+    x = inputs(backbone, "text", n=2)
+    tokens = x["token_ids"].copy()
+    tokens[:, prompt:] = 0
+    for t in range(prompt, tokens.shape[1]):
+        feed = {**x, "token_ids": tokens}  # causal: later tokens unseen
+        logits = backbone.token_embedding(backbone(feed), reverse=True)
+        tokens[:, t] = np.argmax(keras.ops.convert_to_numpy(logits)[:, t - 1],
+                                 axis=-1)
+    return tokens
 
 
 def _collapsed_slim(model, plan):
@@ -149,7 +166,8 @@ def test_activation_importance_plans_a_slim_llm_that_generates():
     batches = [inputs(model, "text", n=4, seed=s) for s in range(2)]
     scores = kc.methods.activation_importance(model, batches)
     sizes = {name.split("/")[-1]: len(s) for name, s in scores.items()}
-    assert sizes == {"kv_heads": 2, "query_heads": 2, "mlp": 32}
+    assert sizes == {"kv_heads": 2, "query_heads": 2, "mlp": 32,
+                     "token_embedding": 16}
     plan = kc.plan_from_scores(model, scores, keep=0.5)
     small = kc.slim(model, plan)
     assert type(small) is type(model)
@@ -177,3 +195,127 @@ def test_csgd_pulls_query_heads_by_both_their_clusters(kv, positions,
     axis, ids, _ = segments[layer + "self_attention/query/kernel"]
     assert axis == 1
     np.testing.assert_array_equal(ids, expected)
+
+
+FAMILY_NAMES = HEAD_DIM + DERIVED
+GEMMA = ("Gemma", "Gemma3")  # `intermediate_dim` counts gate and up units
+
+
+def _wide(name):
+    """The family at sizes no two axes share (hidden 24, 4 query heads of
+    6 over 2 key/value heads, 40 MLP units), random weights."""
+    model = FAMILIES[name].build()
+    config = model.get_config()
+    config.update(hidden_dim=24,
+                  intermediate_dim=80 if name in GEMMA else 40)
+    config["num_heads" if name == "GPT2" else "num_query_heads"] = 4
+    if "head_dim" in config:
+        config["head_dim"] = 6
+    return randomize(type(model).from_config(config))
+
+
+def _half_plan(model, seed=0):
+    """Half of every group's channels (chosen at random) but the key/value
+    heads': the hidden width and the query heads keep one share, so
+    the head size stays `hidden_dim // num_query_heads`."""
+    groups = kc.channel_groups(model)
+    rng = np.random.default_rng(seed)
+    clusters = {}
+    for g in groups:
+        if g.prunable:
+            keep = g.size if g.name.endswith("kv_heads") else g.size // 2
+            kept = np.sort(rng.permutation(g.size)[:keep])
+            clusters[g.name] = [[int(i)] for i in kept]
+    return kc.PruningPlan(clusters, groups=groups)
+
+
+def _reference(name, model, plan):
+    """`model`'s class built at half the widths, every weight sliced by
+    hand: on each axis the narrower class shortens, the kept channels of
+    the group of that size (query head `k * 2 + j` of key/value head `k`
+    and position `j`)."""
+    kept = {}
+    for group, clusters in plan.clusters.items():
+        ids = [c[0] for c in clusters]
+        if group.endswith("query_heads"):
+            ids = [k * 2 + j for k in range(2) for j in ids]
+        kept[4 if "heads" in group else plan.groups[group].size] = ids
+    config = model.get_config()
+    config.update(hidden_dim=12,
+                  intermediate_dim=config["intermediate_dim"] // 2)
+    config["num_heads" if name == "GPT2" else "num_query_heads"] = 2
+    reference = type(model).from_config(config)
+    source = {v.path: v.numpy() for v in model.weights}
+    for v in reference.weights:
+        w = source[v.path]
+        for axis, (old, new) in enumerate(zip(w.shape, v.shape)):
+            if old != new:
+                w = np.take(w, kept[old], axis=axis)
+        v.assign(w)
+    return reference
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_hidden_width_is_a_prune_only_group(name):
+    model = FAMILIES[name].build()
+    groups = {g.name: g for g in kc.channel_groups(model)}
+    stream = groups["token_embedding"]
+    assert stream.prunable and not stream.exact
+    assert "output projection `token_embedding`" in stream.prune_only
+    members = {path for _, path, _ in stream.members}
+    norms = [model.layer_norm, *(
+        layer for block in model.transformer_layers
+        for layer in block._flatten_layers(include_self=False)
+        if "norm" in layer.name and "query" not in layer.name
+        and "key" not in layer.name)]
+    assert len(norms) >= 3  # the final norm and two per block, at least
+    assert {v.path for n in norms for v in n.weights} <= members
+    assert model.token_embedding.embeddings.path in members
+    assert any(path.endswith("query/kernel") or "query" in path
+               for _, path, _ in stream.consumers)
+    # C-SGD merges: it may not plan the stream; pruning methods do.
+    plan = kc.make_plan(model, keep=0.5)
+    assert "token_embedding" not in plan.clusters
+    assert set(plan.clusters) == {n for n, g in groups.items()
+                                  if g.prunable and g.exact}
+    kc.CSGD(plan)
+    pruned = kc.methods.magnitude_plan(model, keep=0.5)
+    assert pruned.widths()["token_embedding"] == 8
+    with pytest.raises(ValueError, match="prune-only group"):
+        kc.CSGD(pruned)
+    identity = kc.PruningPlan(
+        {n: [[i] for i in range(g.size)] for n, g in groups.items()
+         if g.prunable}, groups=list(groups.values()))
+    small = kc.slim(model, identity)
+    assert type(small) is type(model)
+    x = inputs(model, "text")
+    assert relative_error(small(x), model(x)) == 0.0
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_hidden_width_plan_keeps_the_class_and_generates(name, tmp_path):
+    model = _wide(name)
+    plan = _half_plan(model)
+    assert plan.widths()["token_embedding"] == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no functional model
+        small = kc.slim(model, plan)
+    assert type(small) is type(model)
+    assert small.hidden_dim == 12 and small.intermediate_dim == (
+        model.intermediate_dim // 2)
+    reference = _reference(name, model, plan)
+    # Gemma multiplies its embeddings by sqrt(hidden_dim): the slim model
+    # keeps the full width's factor.
+    scale = np.sqrt(2.0) if name in GEMMA else 1.0
+    reference.token_embedding.embeddings.assign(
+        scale * reference.token_embedding.embeddings)
+    x = inputs(model, "text")
+    assert relative_error(small(x), reference(x)) < 1e-4
+    expected = reference.token_embedding(reference(x), reverse=True) / scale
+    slim_lm = _lm(name, small)
+    assert relative_error(_logits(slim_lm, x), expected) < 1e-4
+    np.testing.assert_array_equal(_generated(slim_lm), _greedy(reference))
+    small.save(tmp_path / "slim.keras")
+    loaded = keras.saving.load_model(tmp_path / "slim.keras")
+    assert type(loaded) is type(model)
+    assert relative_error(loaded(x), small(x)) == 0.0

@@ -429,9 +429,15 @@ class Context(Spaces):
 
     # ------------------------------------------------------ results
     def finish(self, model) -> Analysis:
+        # A decoder backbone's output is read through its embedding (its
+        # CausalLM's logits), which follows it.
+        tied = layers.embedding.output_projection(model)
         for t, axes in zip(model.outputs, self.model_outputs):
             for lay in _layouts([axes]):
-                self.freeze(lay, f"reaches model output `{producer_name(t)}`")
+                if tied is None or not layers.handler_for(tied).reverse(
+                        self, tied, lay, tied.name):
+                    self.freeze(lay,
+                                f"reaches model output `{producer_name(t)}`")
         roots = {g: self.resolve(("leaf", g)) for g in self.parent}
         live = self.live()
         sizes = {r: self.size[r] for r in live}

@@ -22,7 +22,13 @@ the sub-layers by the few names the families give them. It declares:
   frequencies depend on it) are unchanged;
 - the **MLP hidden units** (`<block>/mlp`): the gate and up kernels' output
   axis, the down kernel's input axis;
-- the **residual stream**, frozen (RMS norms over it).
+- the **residual stream** (the block's input and output): its RMS norms'
+  scales are members, its query, key, value, gate and up kernels read it,
+  the output and down projections write it. It is prune-only: merged
+  channels would need norms that weigh them (`ClusterNormalization`
+  would, but a backbone of its own class cannot hold their counts), and
+  the CausalLM's output projection reads it through the embedding
+  (`keras_csgd.layers.embedding.output_projection`).
 
 Rebuilt narrower, a block is a `Pruned...` subclass of its class (one per
 family, serializable): its config holds the head size, which Llama, Qwen2
@@ -38,9 +44,14 @@ import math
 
 import keras
 
-from keras_csgd import graph
 from keras_csgd.layers.attention import _einsum_dense_spec, _prod, _times
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.hub import residual_input
+from keras_csgd.layers.normalization import normalized_channels
+from keras_csgd.layers.registry import (
+    LayerHandler,
+    arguments,
+    register_layer,
+)
 
 _ATTENTION = ("_self_attention_layer", "attention")
 _QUERY = ("_query_dense", "query_dense")
@@ -52,10 +63,12 @@ _UP = ("_feedforward_intermediate_dense", "feedforward_intermediate_dense",
        "gating_ffw_2")
 _DOWN = ("_feedforward_output_dense", "feedforward_output_dense",
          "ffw_linear")
-_STREAM = (
-    "RMS normalization over channels in `{}` ({}): the residual stream "
-    "stays whole"
-)
+# The norms over the residual stream (Llama's and its kin's, Phi3's,
+# Gemma's and Gemma3's); the query and key norms are over the head size.
+_NORMS = ("_self_attention_layernorm", "_feedforward_layernorm",
+          "pre_attention_layernorm", "post_attention_layernorm",
+          "pre_attention_norm", "post_attention_norm", "pre_ffw_norm",
+          "post_ffw_norm")
 
 
 def _attr(layer, names: tuple[str, ...]) -> str:
@@ -98,13 +111,23 @@ def block_widths(block) -> dict[str, int]:
 
 
 def _stream(ctx, call):
-    """The block's input and its layout, frozen as a residual stream."""
-    args, kwargs = graph.call_arguments(call)
-    x = args[0] if args else next(iter(kwargs.values()))
-    lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
-    for lay in call.layouts:
-        ctx.freeze(lay, _STREAM.format(call.name, type(call.layer).__name__))
-    return x, lay_of[id(x)]
+    """The block's input and its layout, the residual stream.
+
+    Its norms' scales are members; the stream is prune-only (the blocks
+    are rebuilt with plain norms, which would count merged channels
+    once).
+    """
+    block = call.layer
+    x, lay = residual_input(ctx, call)
+    for name in _NORMS:
+        norm = getattr(block, name, None)
+        if norm is not None:
+            normalized_channels(
+                ctx, call, [norm.scale],
+                f"RMS normalization `{call.name}/{norm.name}`", lay)
+    if "hidden_dim" in inspect.signature(type(block).__init__).parameters:
+        ctx.width(call, "hidden_dim", lay)
+    return x, lay
 
 
 def _attention(ctx, call, attention, lay, rows):
@@ -194,37 +217,6 @@ class DecoderBlockHandler(LayerHandler):
     def rebuild(self, config, widths):
         config.update(widths)
         return self.pruned.from_config(config)
-
-
-def arguments(layer, cls: type | None = None) -> dict:
-    """A layer's config, read from its attributes by the parameter names
-    of `cls`'s constructor (default: the layer's class), with the base
-    layer's `name`, `trainable` and `dtype`.
-
-    Raises:
-        ValueError: a parameter without a default is not an attribute.
-    """
-    config = {"name": layer.name, "trainable": layer.trainable,
-              "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
-    params = inspect.signature((cls or type(layer)).__init__).parameters
-    for name, param in list(params.items())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if hasattr(layer, name):
-            config[name] = _serialized(getattr(layer, name))
-        elif param.default is param.empty:
-            raise ValueError(f"{type(layer).__name__} keeps no `{name}`")
-    return config
-
-
-def _serialized(value):
-    """A constructor argument as a config holds it."""
-    if value is None or isinstance(value, (bool, int, float, str, list,
-                                           tuple, dict)):
-        return value
-    if inspect.isfunction(value):
-        return keras.activations.serialize(value)
-    return keras.saving.serialize_keras_object(value)
 
 
 def _pin_heads(attention, size: int) -> None:

@@ -17,7 +17,11 @@ import math
 import keras
 
 from keras_csgd import graph
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.registry import (
+    LayerHandler,
+    handler_for,
+    register_layer,
+)
 
 
 class EmbeddingHandler(LayerHandler):
@@ -59,22 +63,54 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
                 ctx.member(call, layer.reverse_embeddings, 0, out)
             return [out]
         (lay,) = call.layouts
-        if len(forward) != 1 or not ctx.unify(lay, forward[0]):
+        if not self.reverse(ctx, layer, lay, call.name):
             return self._refuse(ctx, call, forward, "reversed without its "
                                 "forward call's channels")
-        ctx.prune_only(lay, f"the output projection `{call.name}` shares "
-                       "the embedding's table (merging channels would "
-                       "scale its columns by cluster sizes)")
         rows = math.prod(d for d in call.inputs[0].shape[1:-1] if d)
         ctx.cost(call, rows * layer.output_dim * layer.input_dim, lay)
         return [ctx.new_group(layer.input_dim, call.name,
                               f"vocabulary logits of `{call.name}`")]
 
     @staticmethod
+    def reverse(ctx, layer, lay, name: str) -> bool:
+        """Declares a reverse call of `layer` (named `name`) reading `lay`:
+        the channels of its forward call, prune-only. False (nothing
+        declared) when `lay` cannot be them."""
+        forward = [e.layout for e in ctx.entries
+                   if e.layer is layer and e.producer]
+        if len(forward) != 1 or not ctx.unify(lay, forward[0]):
+            return False
+        if layer.tie_weights:
+            why = ("shares the embedding's table (merging channels would "
+                   "scale its columns by cluster sizes)")
+        else:
+            why = ("slices its `reverse_embeddings` like the table (merged "
+                   "channels would need their rows summed)")
+        ctx.prune_only(lay, f"the output projection `{name}` {why}")
+        return True
+
+    @staticmethod
     def _refuse(ctx, call, forward, why: str) -> list:
         for lay in forward:
             ctx.freeze(lay, f"embedding `{call.name}` {why}")
         return ctx.uncounted_call(call, f"embedding {why}")
+
+
+def output_projection(model):
+    """The embedding a keras_hub decoder backbone's output is read through.
+
+    A CausalLM computes its logits as `backbone.token_embedding(x,
+    reverse=True)` on the backbone's output: that output's channels are
+    the embedding's, and narrowing them narrows both (the CausalLM wraps
+    the slim backbone). `None` for any other model.
+    """
+    embedding = getattr(model, "token_embedding", None)
+    if not isinstance(handler_for(embedding), ReversibleEmbeddingHandler):
+        return None
+    if not any(hasattr(handler_for(layer), "backbone_widths")
+               for layer in model.layers):
+        return None  # an encoder (BERT's masked LM reads another layer)
+    return embedding
 
 
 register_layer(keras.layers.Embedding, EmbeddingHandler())

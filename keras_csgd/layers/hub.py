@@ -50,21 +50,27 @@ from keras_csgd.layers.normalization import normalized_channels
 from keras_csgd.layers.registry import LayerHandler, register_layer
 
 
-def _stream(ctx, call, norms):
-    """The call's first input and its layout, the residual stream.
-
-    The `norms` (the LayerNormalizations over it) weigh merged channels
-    once rebuilt (`norm_counts` of the pruned classes); any other input
-    (an attention mask) is frozen.
-    """
+def residual_input(ctx, call):
+    """A block's first input and its layout, the residual stream; its
+    other inputs (attention masks) are frozen."""
     args, kwargs = graph.call_arguments(call)
-    x = args[0] if args else kwargs["inputs"]
+    x = args[0] if args else next(iter(kwargs.values()))
     lay = None
     for t, other in zip(call.inputs, call.layouts):
         if t is x:
             lay = other
         else:
             ctx.freeze(other, f"attention mask of `{call.name}`")
+    return x, lay
+
+
+def _stream(ctx, call, norms):
+    """The call's first input and its layout, the residual stream.
+
+    The `norms` (the LayerNormalizations over it) weigh merged channels
+    once rebuilt (`norm_counts` of the pruned classes).
+    """
+    x, lay = residual_input(ctx, call)
     for norm in norms:
         normalized_channels(ctx, call, norm.weights,
                             f"LayerNormalization `{call.name}/{norm.name}`",

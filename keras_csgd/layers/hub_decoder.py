@@ -30,6 +30,14 @@ class TransformerDecoderHandler(TransformerEncoderHandler):
     def pruned(self) -> type:
         return PrunedTransformerDecoder
 
+    def rebuild(self, config, widths):
+        # Its config holds the input shape it builds from.
+        shape = config.get("decoder_sequence_shape")
+        if shape is not None:
+            config["decoder_sequence_shape"] = (*shape[:-1],
+                                                widths["hidden_dim"])
+        return super().rebuild(config, widths)
+
     def backbone_widths(self, layer) -> dict[str, int]:
         """The block's widths by its backbone's config keys (`kc.llm`)."""
         return {"num_heads": layer.num_heads,

@@ -20,8 +20,9 @@ A handler is an object with three methods:
   of another class (keras_hub's encoders pin their head size in
   a subclass, see `keras_csgd.layers.hub`).
 - `config(layer) -> dict` (optional): the config `rebuild` edits;
-  `layer.get_config()` by default (keras_hub's decoder blocks write theirs
-  from their constructor arguments, since their own do not load back).
+  `layer.get_config()` by default, or its constructor arguments read from
+  its attributes (`arguments`) when that fails (keras_hub's decoder blocks
+  always write theirs so, since their own do not load back).
 - `fold(layer) -> str | None`: the name of the kernel variable whose last
   axis is the layer's (linear) output channels, into which a following
   BatchNormalization or a constant input can be folded; `None` if none.
@@ -39,6 +40,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+
+import keras
 
 _REQUIRED = ("channels", "rebuild", "fold")
 _REGISTRY: dict[type, object] = {}
@@ -90,8 +93,14 @@ class LayerHandler:
         raise NotImplementedError
 
     def config(self, layer) -> dict:
-        """The config of `layer` that `rebuild` edits."""
-        return layer.get_config()
+        """The config of `layer` that `rebuild` edits: its own, or, when a
+        constructor argument cannot be serialized (a dtype policy object,
+        as keras_hub hands its layers when a model is loaded), read from
+        its attributes (`arguments`)."""
+        try:
+            return layer.get_config()
+        except NotImplementedError:
+            return arguments(layer)
 
     def rebuild(self, config: dict, widths: dict) -> dict:
         """`config` with each declared width key set to its new size."""
@@ -217,3 +226,34 @@ def _lookup(cls: type):
         if base in _REGISTRY:
             return _REGISTRY[base] if cls.call is base.call else None
     return None
+
+
+def arguments(layer, cls: type | None = None) -> dict:
+    """A layer's config, read from its attributes by the parameter names
+    of `cls`'s constructor (default: the layer's class), with the base
+    layer's `name`, `trainable` and `dtype`.
+
+    Raises:
+        ValueError: a parameter without a default is not an attribute.
+    """
+    config = {"name": layer.name, "trainable": layer.trainable,
+              "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
+    params = inspect.signature((cls or type(layer)).__init__).parameters
+    for name, param in list(params.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(layer, name):
+            config[name] = _serialized(getattr(layer, name))
+        elif param.default is param.empty:
+            raise ValueError(f"{type(layer).__name__} keeps no `{name}`")
+    return config
+
+
+def _serialized(value):
+    """A constructor argument as a config holds it."""
+    if value is None or isinstance(value, (bool, int, float, str, list,
+                                           tuple, dict)):
+        return value
+    if inspect.isfunction(value):
+        return keras.activations.serialize(value)
+    return keras.saving.serialize_keras_object(value)
