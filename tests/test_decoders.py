@@ -281,6 +281,8 @@ def test_hidden_width_is_a_prune_only_group(name):
     kc.CSGD(plan)
     pruned = kc.methods.magnitude_plan(model, keep=0.5)
     assert pruned.widths()["token_embedding"] == 8
+    full = kc.count_macs(model, input_shape=(TOKENS,))
+    assert kc.macs_under(model, pruned, input_shape=(TOKENS,)) <= 0.3 * full
     with pytest.raises(ValueError, match="prune-only group"):
         kc.CSGD(pruned)
     identity = kc.PruningPlan(
