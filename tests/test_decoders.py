@@ -321,3 +321,14 @@ def test_hidden_width_plan_keeps_the_class_and_generates(name, tmp_path):
     loaded = keras.saving.load_model(tmp_path / "slim.keras")
     assert type(loaded) is type(model)
     assert relative_error(loaded(x), small(x)) == 0.0
+
+
+def test_query_scale_of_hidden_width_over_heads_freezes():
+    # Gemma's attention may scale queries by (hidden_dim // heads) ** -0.5,
+    # which pruning heads or the stream would change.
+    model = FAMILIES["Gemma"].build()
+    model.get_layer("decoder_block_0").attention.query_head_dim_normalize = (
+        False)
+    groups = kc.channel_groups(model)
+    assert not any(g.prunable for g in groups)
+    assert any("query scale" in g.reason for g in groups)

@@ -131,7 +131,17 @@ def _stream(ctx, call):
 
 
 def _attention(ctx, call, attention, lay, rows):
-    """The grouped-query heads of `attention`, reading and writing `lay`."""
+    """The grouped-query heads of `attention`, reading and writing `lay`.
+
+    Raises:
+        ValueError: the attention scales its queries by `(hidden_dim //
+            num_query_heads) ** -0.5` (Gemma's `query_head_dim_normalize
+            =False`, which keras_hub 0.32's blocks never pass on), a size
+            pruning would change.
+    """
+    if getattr(attention, "query_head_dim_normalize", True) is False:
+        raise ValueError("its query scale is `(hidden_dim // "
+                         "num_query_heads) ** -0.5`")
     block = call.layer
     query, key, value, output = (sub_layer(attention, n)
                                  for n in (_QUERY, _KEY, _VALUE, _OUTPUT))
