@@ -10,8 +10,9 @@ Conv/Dense/EinsumDense call (`tests/mac_reference.py`), and what freezes
 and why. Shares and ratios are of the independent count, which also sees
 the work inside layers keras_csgd does not know yet. Writes
 benchmarks/results/hub_coverage.json and the Markdown table
-benchmarks/results/hub_coverage.md (quoted in the README). A few minutes
-on two CPU cores.
+benchmarks/results/hub_coverage.md (quoted in the README); with
+`--families`, only their rows change (each row names the command that
+made it). A few minutes on two CPU cores.
 """
 
 import argparse
@@ -149,12 +150,27 @@ def main():
               f"keep0.5 {r['keep_0.5_macs_ratio']:.2f}x "
               f"exact {r['exact']} count/ref {r['count_vs_reference']:.2f} "
               f"{r['seconds']:.1f}s", flush=True)
-    result = {"command": command("hub_coverage.py"), "machine": machine(),
-              "keras_hub": _hub_version(), "rows": rows}
+    run = command("hub_coverage.py")
+    for r in rows:
+        r["command"] = run
+    result = {"command": run, "machine": machine(),
+              "keras_hub": _hub_version(), "rows": _merged(args.out, rows)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=_plain)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(markdown(rows))
+        f.write(markdown(result["rows"]))
+
+
+def _merged(path: str, rows: list) -> list:
+    """`rows` with the other families' rows of the table at `path` (a run
+    of a few `--families` updates their rows; each row names the command
+    that made it)."""
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        old = {r["family"]: r for r in json.load(f)["rows"]}
+    old.update({r["family"]: r for r in rows})
+    return [old[name] for name in sorted(old)]
 
 
 def _hub_version() -> str:
