@@ -28,7 +28,10 @@ MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "DeepLabV3": 6, "Gemma": 4, "Gemma3": 4, "Llama": 4,
               "Mistral": 4, "Phi3": 4, "Qwen2": 4, "Qwen3": 4, "GPT2": 3,
               "MobileNetV5": 5, "DeiT": 2, "DINOv2": 2, "Swin": 3, "MiT": 5,
-              "SegFormer": 7, "D-FINE": 40}
+              "SegFormer": 7, "D-FINE": 40, "ResNet": 8, "VGG": 2,
+              "DenseNet": 6, "Xception": 4, "EfficientNet": 8, "ViT": 2,
+              "DINOv3": 2, "ViTDet": 4, "DistilBERT": 2, "RoBERTa": 2,
+              "XLM-RoBERTa": 2, "ELECTRA": 3, "ALBERT": 3}
 # Families whose `count_macs` is within 5% of the reference even where a
 # warning names calls it does not count (D-FINE's deformable attention and
 # `map`s of Python functions).
@@ -101,7 +104,7 @@ def test_collapsed_family_slims_exactly(name):
     assert _error(small(x), model(x)) < 1e-4
     slim_macs = _macs(small, family)[0]
     assert slim_macs == _macs(model, family, plan)[0]
-    assert slim_macs < _macs(model, family)[0]
+    assert slim_macs <= 0.65 * _macs(model, family)[0]  # issue 23's target
 
 
 @pytest.mark.parametrize("name", ["DeiT", "DINOv2"])

@@ -381,3 +381,71 @@ def test_a_grid_layout_selects_and_sums_by_both_sides():
     np.testing.assert_array_equal(index.select(lay), [3, 4])
     np.testing.assert_array_equal(index.assign(lay),
                                   [-1, -1, -1, 0, 1, 0])
+
+
+def _rotary_attention_model():
+    """DINOv3's attention: heads on their own axis, half of the query and
+    key head size rotated (sliced on the last axis), and
+    `ops.dot_product_attention`."""
+    x = inp = keras.Input((6, 8))
+    q, k, v = (ops.reshape(L.Dense(8, name=n)(x), (-1, 6, 2, 4))
+               for n in "qkv")
+
+    def rotated(t):
+        return t + ops.concatenate([-t[..., 2:], t[..., :2]], axis=-1)
+
+    x = ops.nn.dot_product_attention(rotated(q), rotated(k), v)
+    x = L.Dense(8, name="proj")(ops.reshape(x, (-1, 6, 8)))
+    return keras.Model(inp, L.Dense(2, name="out")(
+        L.GlobalAveragePooling1D()(x)))
+
+
+def test_dot_product_attention_prunes_heads():
+    model = randomize(_rotary_attention_model())
+    groups = kc.channel_groups(model)
+    by_producers = {tuple(sorted({p[0] for p in g.producers})): g
+                    for g in groups if g.size < 8}
+    heads = by_producers[("k", "q", "v")]
+    assert heads.prunable and heads.exact and heads.size == 2
+    assert "slice of channels" in by_producers[("k", "q")].reason
+    assert "value head size" in by_producers[("v",)].reason
+    assert kc.count_macs(model) == reference_macs(model, _x(model, n=1))
+    small = _slims_exactly(model)
+    assert small.get_layer("proj").kernel.shape[0] == 4
+
+
+class FoldedHeads(L.Layer):
+    """ViTDet's blocks: heads folded into the batch axis (`(3, batch *
+    heads, n, d)`), and an MLP `Sequential` built for any length."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.qkv = L.Dense(24, name="qkv")
+        self.mlp = keras.Sequential(
+            [L.Dense(6, activation="relu", name="up"), L.Dense(8, name="down")],
+            name="mlp")
+
+    def build(self, input_shape):
+        self.qkv.build(input_shape)
+        self.mlp.build((None, None, 8))
+
+    def call(self, x):
+        batch, n = ops.shape(x)[0], x.shape[1]
+        qkv = ops.reshape(self.qkv(x), (batch, n, 3, 2, 4))
+        qkv = ops.reshape(ops.transpose(qkv, (2, 0, 3, 1, 4)),
+                          (3, batch * 2, n, 4))
+        q, k, v = ops.unstack(qkv, axis=0)
+        scores = ops.softmax(ops.matmul(q, ops.transpose(k, (0, 2, 1))))
+        x = ops.reshape(ops.matmul(scores, v), (batch, 2, n, 4))
+        x = ops.reshape(ops.transpose(x, (0, 2, 1, 3)), (batch, n, 8))
+        return x + self.mlp(x)
+
+
+def test_heads_folded_into_the_batch_and_nested_models_are_counted():
+    x = inp = keras.Input((6, 8))
+    x = FoldedHeads(name="folded")(x)
+    model = randomize(keras.Model(inp, L.Dense(2, name="out")(
+        L.GlobalAveragePooling1D()(x))))
+    assert _groups(model)["folded/mlp/up"].prunable
+    assert kc.count_macs(model) == reference_macs(model, _x(model, n=1))
+    _slims_exactly(model)

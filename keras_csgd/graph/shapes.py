@@ -130,6 +130,14 @@ def batch_sizes_inferred():
             elif isinstance(first, BatchDim):
                 raise TypeError(f"a reshape to the batch size, {shape}, "
                                 "with another unknown size")
+        elif isinstance(shape, tuple) and -1 not in shape and sum(
+                isinstance(d, BatchDim) for d in shape) == 1 and all(
+                isinstance(d, (int, BatchDim)) for d in shape):
+            # The batch folded into another axis (`(3, batch * heads, n,
+            # d)`): that axis is the one Keras leaves unknown.
+            op.newshape = tuple(
+                -1 if isinstance(d, BatchDim) else d for d in shape)
+            op._auto_config = SerializableDict(newshape=op.newshape)
         return plain(op, *args, **kwargs)
 
     saved = [(m, name, getattr(m, name)) for m in _modules() if m
@@ -153,13 +161,25 @@ def _batch_inferred(x, shape) -> tuple | None:
         return None
     if -1 not in rest:
         return (-1, *rest)
-    n = _per_batch(x)
-    m = shape[0].multiple if isinstance(shape[0], BatchDim) else 1
-    fill = None if n is None else n / (m * math.prod(
-        d for d in rest if d != -1))
-    if fill is None or fill != int(fill):
+    n, m = _per_batch(x), _rows(shape[0])
+    if n is None or m is None:
+        return None
+    fill = n / (m * math.prod(d for d in rest if d != -1))
+    if fill != int(fill):
         return None
     return (-1, *(int(fill) if d == -1 else d for d in rest))
+
+
+def _rows(dim) -> Fraction | None:
+    """The rows a batch size `dim` (`None` or a `BatchDim`) stands for per
+    entry of the model's batch: a `BatchDim` read from a tensor of windows
+    (Swin's, ViTDet's `batch // windows`) counts the windows too."""
+    if not isinstance(dim, BatchDim):
+        return Fraction(1)
+    n = _per_batch(dim.tensor)
+    if n is None:
+        return None
+    return dim.multiple * n / math.prod(tuple(dim.tensor.shape)[1:])
 
 
 def _per_batch(x) -> Fraction | None:

@@ -38,7 +38,11 @@ import numpy as np
 from keras.src.ops.node import Node
 from keras.src.utils.backend_utils import DynamicBackend
 
-from keras_csgd.graph.nodes import call_arguments, topological_nodes
+from keras_csgd.graph.nodes import (
+    call_arguments,
+    is_graph_model,
+    topological_nodes,
+)
 from keras_csgd.graph.shapes import (
     batch_sizes_inferred,
     einsum_shapes_resolved,
@@ -112,12 +116,53 @@ def _trace(call):
 def _replayed(layer, x):
     """Everything a traced call needs to leave a graph: the batch size as a
     `BatchDim`, static shapes, non-tensor outputs, sub-layers' output specs,
-    `keras.ops` for Keras utilities, and `layer`'s variables as `Weight`
-    tensors (called on `x`, the graph's first input)."""
+    `keras.ops` for Keras utilities, nested models at the shapes they are
+    called with, and `layer`'s variables as `Weight` tensors (called on
+    `x`, the graph's first input)."""
     with batch_sizes_inferred(), einsum_shapes_resolved(), \
             _non_tensor_outputs_kept(), output_specs_called(), \
-            _keras_ops_backend(), _variables_read(layer, x):
+            _keras_ops_backend(), _graph_models_at_call_shapes(), \
+            _variables_read(layer, x):
         yield
+
+
+@contextlib.contextmanager
+def _graph_models_at_call_shapes():
+    """A functional or Sequential model called meanwhile on Keras tensors
+    of other shapes than its inputs' (ViTDet's MLP, a Sequential built for
+    images of any size, called on a static one) is called as its copy on
+    inputs of those shapes: the same layers (`clone_model`), a graph whose
+    tensors have the sizes the model computes with (its MACs count)."""
+    plain = keras.Model.__call__
+
+    def call(model, *args, **kwargs):
+        given = keras.tree.flatten(args[0]) if args else []
+        own = _inputs(model) if is_graph_model(model) else []
+        if own and all(isinstance(t, keras.KerasTensor) for t in given) and [
+                tuple(t.shape[1:]) for t in given] != [
+                tuple(t.shape[1:]) for t in own]:
+            inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype)
+                      for t in given]
+            model = keras.models.clone_model(
+                model, inputs[0] if len(inputs) == 1 else
+                keras.tree.pack_sequence_as(model.input, inputs),
+                clone_function=lambda op: op)
+        return plain(model, *args, **kwargs)
+
+    keras.Model.__call__ = call
+    try:
+        yield
+    finally:
+        keras.Model.__call__ = plain
+
+
+def _inputs(model) -> list:
+    """The inputs of a graph model; none for a Sequential model that was
+    built but never called (its layers are called one by one)."""
+    try:
+        return model.inputs
+    except AttributeError:
+        return []
 
 
 def _accepted(fn, kwargs: dict) -> dict:

@@ -25,6 +25,8 @@ projections to heads and head size and moves the heads to their own axis.
   prune-only (its channels may be removed from both operands, but merging
   two would add their products, which a slim model does not compute).
   Softmax passes every axis but the one it normalises over;
+  `dot_product_attention` is the two contractions it computes, with heads
+  as one group;
 - concatenation on the last axis lays layouts end to end, and splitting it
   splits the channel group into parts (an index map), rebuilt with the new
   part sizes;
@@ -453,6 +455,41 @@ class EinsumHandler(LayerHandler):
         return contract(ctx, call, list(zip(specs, operands)), out)
 
 
+class DotProductAttentionHandler(LayerHandler):
+    """`ops.dot_product_attention(query, key, value)` on `(batch,
+    positions, heads, head size)` tensors: two contractions, the scores
+    (`btnh,bsnh->bnts`) and the weighted sum of the values
+    (`bnts,bsnh->btnh`), with a softmax over the key positions between
+    them. The heads are one group across the three tensors, the query and
+    key head size is contracted (prune-only). The value head size freezes:
+    Keras gives the output the query's shape, so a narrower value would
+    leave the slim model's graph with a wrong one. A bias or a mask
+    freezes what it meets; grouped heads (fewer key than query heads) and
+    other ranks are not read (uncounted)."""
+
+    axes = "full"
+
+    def channels(self, ctx, call):
+        args, kwargs = graph.call_arguments(call)
+        q, k, v = (_operand(call, t) for t in args[:3])
+        if {len(o.shape) for o in (q, k, v)} != {4}:
+            return ctx.uncounted_call(call, "attention not on 4-D tensors")
+        if not q.shape[2] == k.shape[2] == v.shape[2]:
+            return ctx.uncounted_call(call, "grouped-query attention")
+        for extra in (*args[3:], *kwargs.values()):
+            if isinstance(extra, keras.KerasTensor):
+                _freeze(ctx, _operand(call, extra).axes or (),
+                        f"bias or mask of `{call.name}`")
+        if v.axes is not None:  # Keras gives the output the query's shape
+            _freeze(ctx, [v.axes[3]], f"value head size of `{call.name}` "
+                    "(Keras infers the output's from the query's)")
+        (scores,) = contract(ctx, call, [("btnh", q), ("bsnh", k)], "bnts")
+        _freeze(ctx, [scores[3]], f"channel-mixing softmax `{call.name}`")
+        weights = _Operand((q.shape[0], q.shape[2], q.shape[1], k.shape[1]),
+                           Axes((*scores[:3], None)))
+        return contract(ctx, call, [("bnts", weights), ("bsnh", v)], "btnh")
+
+
 _ELLIPSIS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -578,9 +615,10 @@ def _index_axes(key, axes, shape):
 
 
 class GetItemHandler(LayerHandler):
-    """`x[:, 0]`, `x[:, 1:]`, `x[..., None]`: the axes it leaves whole pass
+    """`x[:, 0]`, `x[:, 1:]`, `x[..., :8]`: the axes it leaves whole pass
     (new axes hold no channels); channels it indexes or slices freeze
-    (`slim` does not edit an index)."""
+    (`slim` does not edit an index), on any axis, the last included (the
+    half of a rotary embedding's head size leaves the heads whole)."""
 
     axes = "full"
 
@@ -588,18 +626,15 @@ class GetItemHandler(LayerHandler):
         args, _ = graph.call_arguments(call)
         x, (axes,) = call.inputs[0], call.axes
         out, touched = _index_axes(args[1], axes, tuple(x.shape))
-        if out is None:
+        if out is None or len(out) != max(_rank(call.outputs[0]), 1):
             return ctx.unknown(call, "indexing over channels")
-        last = _rank(x) - 1
-        if last in touched:
-            key = args[1] if isinstance(args[1], tuple) else (args[1],)
-            if isinstance(key[-1], slice):
-                return ctx.unknown(call, "slice of channels",
-                                   "its index is an argument `slim` does "
-                                   "not edit")
-            return ctx.unknown(call, "indexing over channels")
-        _freeze(ctx, [axes[i] for i in touched], f"indexed channels "
-                f"`{call.name}`")
+        key = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if _rank(x) - 1 in touched and isinstance(key[-1], slice):
+            reason = (f"slice of channels `{call.name}` (GetItem): its index "
+                      f"is an argument `slim` does not edit")
+        else:
+            reason = f"indexed channels `{call.name}`"
+        _freeze(ctx, [axes[i] for i in touched], reason)
         return [Axes(out)]
 
 
@@ -635,6 +670,7 @@ def _register_all():
     register_layer(knp.GetItem, GetItemHandler())
     register_layer(knp.Matmul, MatmulHandler())
     register_layer(knp.Einsum, EinsumHandler())
+    register_layer(nn.DotProductAttention, DotProductAttentionHandler())
     register_layer(nn.Softmax, SoftmaxHandler())
     register_layer(keras.layers.Softmax, SoftmaxHandler())
     register_layer(nn.LogSoftmax, SoftmaxHandler())

@@ -113,19 +113,19 @@ def reshape_axes(ctx, call):
     common = _suffixes(src[a:]).keys() & _suffixes(dst[b:]).keys()
     size = max(common)
     a, b = _suffixes(src[a:])[size] + a, _suffixes(dst[b:])[size] + b
+    k = ctx.multiple.get(id(x), 1)
+    if None in dst[:b]:  # whether or not channels pass (heads into batch)
+        same = src[:a].count(None) == dst[:b].count(None) == 1
+        ctx.multiple[id(y)] = k * Fraction(
+            math.prod(d for d in src[:a] if d is not None),
+            math.prod(d for d in dst[:b] if d is not None),
+        ) if same and k is not None else None
     if any(lay is not None for lay in axes[:a]):
         return None
     out = ctx.reshape(axes[a:], src[a:], dst[b:]) if size > 1 else [
         None] * (len(dst) - b)
     if out is None:
         return None
-    k = ctx.multiple.get(id(x), 1)
-    if None in dst[:b]:
-        same = src[:a].count(None) == dst[:b].count(None) == 1
-        ctx.multiple[id(y)] = k * Fraction(
-            math.prod(d for d in src[:a] if d is not None),
-            math.prod(d for d in dst[:b] if d is not None),
-        ) if same and k is not None else None
     return Axes((None,) * b + tuple(out))
 
 
