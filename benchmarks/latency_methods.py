@@ -25,6 +25,13 @@ methods' plans differ for that reason alone.
 Each row records the command's printed output (latency measured by the
 command, its accuracies), the held-out accuracy of the base, of the
 trained model where the method trains one, and of the slim model.
+Each slim model is also exported as float32 and full-integer int8
+LiteRT (`kc.export`, int8 calibrated on the first 100 training images)
+and its held-out accuracy measured in the interpreter (issue #25: int8
+within 1 point of float); `--rescore` adds these to the rows of an
+existing `--out` that lack them, from the slim files the runs wrote.
+`--table A.json B.json ...` prints the README's table of the rows of
+several runs (the last row of each method, target and seed wins).
 Writes `benchmarks/results/latency_methods_quick.json` after every run,
 with the machine (CPU model, SIMD flags, load).
 """
@@ -32,10 +39,12 @@ with the machine (CPU model, SIMD flags, load).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -95,6 +104,71 @@ def base_model(train, val):
     return model, path
 
 
+def runtime_accuracies(slim, train, val) -> dict:
+    """`{format: held-out accuracy}` of `slim` exported as float32 and as
+    full-integer int8 LiteRT (calibrated on 100 training images)."""
+    out = {}
+    for fmt in ("litert", "litert-int8"):
+        runtime = kc.runtimes.for_format(fmt)
+        with tempfile.TemporaryDirectory() as folder:
+            path = kc.export(slim, os.path.join(folder, f"m{runtime.suffix}"),
+                             fmt, data=train[0][:100]).path
+            program = runtime.load(path, 2)
+            logits = np.concatenate([program.run(x[None])
+                                     for x in val[0]])
+        out[fmt] = float(np.mean(np.argmax(logits, -1) == val[1]))
+    return out
+
+
+def rescore(path, train, val):
+    """Adds `runtime_accuracies` to the rows of the JSON at `path`."""
+    with open(path) as f:
+        result = json.load(f)
+    for row in result["rows"]:
+        out = row["command"].split("--out ")[-1].split()[0]
+        if "runtime_accuracy_val" in row or not os.path.isfile(out):
+            continue
+        slim = keras.saving.load_model(out, compile=False)
+        row["runtime_accuracy_val"] = runtime_accuracies(slim, train, val)
+        print(row["method"], row["target"], row["seed"],
+              row["runtime_accuracy_val"], flush=True)
+        write_atomically(path, lambda tmp: dump_json(result, tmp))
+
+
+def table(paths) -> str:
+    """The markdown table of the rows in the JSONs at `paths`: per target
+    and method, the held-out accuracy of every seed, their mean and the
+    int8 - float LiteRT difference, the measured latency and MACs."""
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                if "slim_accuracy_val" in row:
+                    rows[row["target"], row["method"], row["seed"]] = row
+    lines = ["| target | method | held-out accuracy per seed | mean | "
+             "int8 - float (LiteRT) | latency measured by the command | "
+             "MACs |", "|---|---|---|---|---|---|---|"]
+    for target, method in sorted({k[:2] for k in rows},
+                                 key=lambda k: (-k[0], METHODS.index(k[1]))):
+        runs = [rows[k] for k in sorted(rows) if k[:2] == (target, method)]
+        accuracy = [r["slim_accuracy_val"] for r in runs]
+        int8 = [r["runtime_accuracy_val"]["litert-int8"]
+                - r["runtime_accuracy_val"]["litert"]
+                for r in runs if "runtime_accuracy_val" in r]
+        cells = [
+            f"{target:g}", method,
+            " / ".join(f"{a:.2%} (s{r['seed']})"
+                       for a, r in zip(accuracy, runs)),
+            f"{np.mean(accuracy):.2%}",
+            " / ".join(f"{d:+.2%}" for d in int8) or "-",
+            " / ".join("-" if r["measured_ratio"] is None
+                       else f"{r['measured_ratio']:.3f}" for r in runs),
+            " / ".join(f"{r['macs_ratio']:.2f}x" for r in runs),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def train_file(train, images):
     """The `--data` file of the runs: the first `images` training images."""
     path = os.path.join(CACHE, f"train{images // 1000}k.npz")
@@ -106,10 +180,12 @@ def train_file(train, images):
 def run_cli(args, method, target, seed, base_path, data_path):
     """Runs `keras-csgd prune` alone; returns its output and slim path."""
     out = os.path.join(CACHE, f"slim_{method}_{target:g}_s{seed}.keras")
+    planned = (["--plan", args.plan] if args.plan and method != "adaptive"
+               else ["--latency", f"{target:g}"])
     cli = [
         sys.executable, "-m", "keras_csgd.cli", "prune", base_path,
-        "--method", method, "--latency", f"{target:g}", "--runtime",
-        "litert", "--batch-size", "1", "--data", data_path, "--epochs",
+        "--method", method, *planned, "--runtime", "litert",
+        "--batch-size", "1", "--data", data_path, "--epochs",
         str(args.epochs), "--seed", str(seed), "--out", out,
     ]
     start = time.perf_counter()
@@ -135,7 +211,8 @@ def measured_ratio(lines) -> float | None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir",
+                        help="CIFAR-10 folder (see data.load_cifar10)")
     parser.add_argument("--targets", type=float, nargs="+",
                         default=[0.5, 0.35])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -146,8 +223,25 @@ def main(argv=None):
     parser.add_argument("--out", default=RESULT, help="result JSON")
     parser.add_argument("--base-only", action="store_true",
                         help="train (or load) the base model and stop")
+    parser.add_argument("--plan", help="a plan JSON (e.g. the magnitude "
+                        "run's at the one --targets) that every method but "
+                        "adaptive carries out (`prune --plan`) instead of "
+                        "planning to the target itself: equal plans on a "
+                        "busy machine, whose timings would make each "
+                        "method's plan differ")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the table of these results and stop")
+    parser.add_argument("--rescore", action="store_true",
+                        help="add the LiteRT float/int8 accuracies to the "
+                        "rows of --out and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        return print(table(args.table))
+    if args.data_dir is None:
+        parser.error("--data-dir is required")
     train, val = split(args.data_dir)
+    if args.rescore:
+        return rescore(args.out, train, val)
     base, base_path = base_model(train, val)
     result = {
         "command": command("latency_methods.py", argv),
@@ -182,6 +276,8 @@ def main(argv=None):
                     row["measured_ratio"] = measured_ratio(row["stdout"])
                     row["macs_ratio"] = kc.count_macs(slim) / kc.count_macs(
                         base)
+                    row["runtime_accuracy_val"] = runtime_accuracies(
+                        slim, train, val)
                 result["rows"].append(row)
                 print(method, target, seed, row.get("slim_accuracy_val"),
                       row.get("measured_ratio"), row["seconds"], flush=True)

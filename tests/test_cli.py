@@ -285,15 +285,32 @@ def test_prune_cap_compensates_the_magnitude_plan(files, tmp_path, capsys):
     )
 
 
-def test_prune_adaptive_writes_a_plan_that_slims_to_the_model(
+def test_prune_adaptive_slims_its_gated_model_exactly_then_fine_tunes(
     files, tmp_path, capsys
 ):
-    model, slim, plan = _prune(files, tmp_path, capsys, "adaptive")
-    # Without a lock, finalize closes gates until the MACs of --keep 0.5
-    # per group are reached; the slim model is the plan applied.
+    out = str(tmp_path / "slim.keras")
+    code, stdout, err = run(
+        ["prune", files["model"], "--method", "adaptive", "--keep", "0.5",
+         "--data", files["data"], "--epochs", "1", "--out", out], capsys)
+    assert code == 0, err
+    model, slim = (keras.saving.load_model(p) for p in (files["model"], out))
+    plan = kc.PruningPlan.from_json((tmp_path / "slim.plan.json").read_text())
+    # The gates lock by the MACs of --keep 0.5 per group; the slim model is
+    # the plan applied.
     target = kc.macs_under(model, kc.make_plan(model, keep=0.5))
     assert kc.count_macs(slim) == kc.macs_under(model, plan)
     assert target <= kc.count_macs(slim) < kc.count_macs(model)
+    # Before fine-tuning, the slim model is the gated one, exactly.
+    agreement = re.search(r"\(before fine-tuning\): argmax agreement "
+                          r"([\d.]+)%, max logit difference ([\d.e+-]+)",
+                          stdout)
+    assert float(agreement.group(1)) == 100.0
+    assert float(agreement.group(2)) < 1e-4
+    printed = printed_accuracies(stdout)
+    assert printed.keys() == {"input", "trained", "slim", "tuned"}
+    assert printed["trained"] == printed["slim"]
+    (_, _), (x_val, y_val) = validation_split(files)
+    assert abs(printed["tuned"] - evaluated(slim, x_val, y_val)) <= 5e-5
 
 
 def validation_split(files):

@@ -83,7 +83,7 @@ def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("method", ["asfp", "cap", "adaptive"])
+@pytest.mark.parametrize("method", ["asfp", "cap", "adaptive", "ensembles"])
 def test_trained_and_compensated_methods_take_a_latency_target(
         model_path, tmp_path, capsys, method):
     data = tmp_path / "data.npz"
@@ -100,11 +100,52 @@ def test_trained_and_compensated_methods_take_a_latency_target(
     assert kc.count_macs(small) == kc.macs_under(model, plan)
 
 
+@pytest.fixture(scope="module")
+def given_plan(model_path, tmp_path_factory):
+    """A plan JSON that narrows every group and removes the first block."""
+    model = keras.saving.load_model(model_path)
+    plan = kc.make_plan(model, keep=0.5)
+    block = next(layer.name for layer in model.layers
+                 if isinstance(layer, keras.layers.Add))
+    plan = kc.PruningPlan(plan.clusters, remove_blocks=[block])
+    path = tmp_path_factory.mktemp("given") / "given.plan.json"
+    path.write_text(plan.to_json())
+    return str(path), plan
+
+
+@pytest.mark.parametrize("method", ["cap", "csgd", "asfp", "ensembles"])
+def test_methods_carry_out_a_given_plan(model_path, given_plan, tmp_path,
+                                        capsys, method):
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.uniform(size=(32, 8, 8, 1)).astype("float32"),
+             y=rng.integers(0, 10, 32))
+    out_path = str(tmp_path / "slim.keras")
+    code, out, err = run(
+        ["prune", model_path, "--method", method, "--plan", given_plan[0],
+         "--data", str(data), "--epochs", "1", "--ensemble-images", "16",
+         "--out", out_path], capsys)
+    assert code == 0, err
+    written = kc.PruningPlan.from_json(
+        (tmp_path / "slim.plan.json").read_text())
+    given = given_plan[1]
+    assert written.widths() == given.widths()
+    assert written.remove_blocks == given.remove_blocks
+    model = keras.saving.load_model(model_path)
+    small = keras.saving.load_model(out_path)
+    assert kc.count_macs(small) == kc.macs_under(model, written)
+    if method == "csgd":  # k-means clusters at the given widths
+        assert any(len(c) > 1 for cl in written.clusters.values()
+                   for c in cl)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "magnitude", "--latency", "1.5"], "fraction in (0, 1)"),
     (["--method", "gsm", "--latency", "0.5"], "--latency works with"),
     (["--method", "magnitude", "--latency", "0.5", "--keep", "0.5"],
-     "not both"),
+     "give one of --keep, --latency, --plan; got --keep and --latency"),
+    (["--method", "adaptive", "--plan", "p.json"], "--plan works with"),
+    (["--method", "cap", "--plan", "missing.json"], "not an existing file"),
     (["--method", "magnitude", "--latency", "0.5", "--runtime", "onnx"],
      "invalid choice"),
 ])

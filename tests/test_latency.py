@@ -244,6 +244,22 @@ def test_removed_blocks_round_trip_through_json_and_slim():
     np.testing.assert_allclose(small(x), reference(x), atol=1e-5)
 
 
+def test_plan_at_widths_keeps_the_best_channels_or_clusters():
+    model = zoo.randomize(tiny(), seed=3)
+    scores = {"stem": np.arange(8.0)[::-1], "b_conv1": np.arange(8.0)}
+    widths = {"stem": 3, "b_conv1": 5}
+    plan = latency.plan_at_widths(model, widths, ["b_add"], scores)
+    assert plan.widths() == widths and plan.remove_blocks == ("b_add",)
+    assert plan.clusters["stem"] == [[0], [1], [2]]
+    assert plan.clusters["b_conv1"] == [[3], [4], [5], [6], [7]]
+    merged = latency.plan_at_widths(model, widths, clusters="kmeans")
+    assert merged.widths() == widths
+    assert sorted(i for c in merged.clusters["stem"] for i in c) == list(
+        range(8))
+    with pytest.raises(ValueError, match=r"widths\['stem'\]"):
+        latency.plan_at_widths(model, {"stem": 9})
+
+
 def test_kmeans_plans_train_with_csgd():
     model = tiny(16)
     plan = kc.plan_for_latency(model, 0.5, measure=macs_ms,

@@ -41,8 +41,14 @@ CSGD_SETTINGS = {
 # GSM as in its paper's CIFAR runs (`prune --method gsm`).
 GSM_LEARNING_RATE = 5e-3
 GSM_SETTINGS = {"momentum": 0.98, "weight_decay": 1e-4}
-# Adaptive gates: Nesterov SGD from this learning rate.
+# Adaptive gates: they learn (Nesterov SGD from this learning rate) for
+# ADAPTIVE_GATE_EPOCHS, lock by the budget, and the slim model is then
+# fine-tuned for `--epochs` like a planned method's. Learning the gates in
+# the first half of `--epochs` and fine-tuning the locked network for the
+# second (no distillation) gave 61.2% on `benchmarks/latency_methods.py`'s
+# seed 1, against 75.1% for magnitude + 3 distilled epochs.
 SGD_LEARNING_RATE = 0.01
+ADAPTIVE_GATE_EPOCHS = 1
 # ASFP: zeroes a BN-followed channel's gamma and beta (`batchnorm="scale"`;
 # zeroing kernels behind BN collapsed a trained ResNet-20 to 17.6% in 3
 # epochs), every ASFP_STEPS batches rather than every epoch, from this
@@ -53,6 +59,12 @@ SGD_LEARNING_RATE = 0.01
 # `kc.fine_tune`: 75.7%).
 ASFP_STEPS = 5
 ASFP_LEARNING_RATE = 0.03
+# Ensembles with --latency: the latency plan (L1 norms scaled per group)
+# sets the widths and removed blocks, and the ensembles' scores choose
+# which channels each group keeps. Planning the widths from the ensembles'
+# scores themselves (noisy regression coefficients of accuracy, which do
+# not compare across layers) gave 73.6% against magnitude's 76.0% on
+# `benchmarks/latency_methods.py` (seed 0); raw, unscaled scores 69.4%.
 
 
 def _needs_data(data, args):
@@ -66,7 +78,7 @@ def _needs_data(data, args):
 # full model for `--epochs`; the ones in PLANNED plan from the trained
 # model, and `--epochs` fine-tunes their slim model.
 def _csgd(model, data, args):
-    if args.latency is not None:
+    if _targeted(args):
         plan = _latency_plan(model, args, clusters="kmeans")
     else:
         plan = kc.make_plan(model, keep=args.keep, method="kmeans",
@@ -79,7 +91,7 @@ def _csgd(model, data, args):
 
 def _asfp(model, data, args):
     settings = {"batchnorm": "scale", "steps": ASFP_STEPS, "verbose": 0}
-    if args.latency is not None:
+    if _targeted(args):
         asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
             _latency_plan(model, args), **settings)
     else:
@@ -102,7 +114,9 @@ def _gsm(model, data, args):
 
 def _adaptive(model, data, args):
     """Learnt gates with the MACs of `--keep` per group as the target, or
-    `--latency` costed by the measured latency table."""
+    `--latency` costed by the measured latency table. The gates learn for
+    ADAPTIVE_GATE_EPOCHS and lock by the budget (so the slim model equals
+    the gated one); `--epochs` then fine-tunes the slim model."""
     if args.latency is not None:
         table = kc.latency.profile(model, args.runtime, args.batch_size,
                                    threads=args.threads,
@@ -115,27 +129,28 @@ def _adaptive(model, data, args):
                                 round_to=args.round_to)
         ) / kc.count_macs(model)
         gates = AdaptiveGates(model, macs_target=target)
+    print(f"adaptive: gates learn for {ADAPTIVE_GATE_EPOCHS} epoch(s), then "
+          "lock by the budget")
     recovery.train(gates.model, data, args, SGD_LEARNING_RATE,
-                   callbacks=[_gate_schedule(gates, len(data[0]), args)])
+                   callbacks=[_gate_schedule(gates, len(data[0]))],
+                   epochs=ADAPTIVE_GATE_EPOCHS)
     folded, plan = gates.finalize()
     args.trained = folded
     return plan, kc.slim(folded, plan)
 
 
-def _gate_schedule(gates, samples, args):
-    """The gates learn in the first half of `--epochs` (the penalty grows
-    1.5x twenty times), lock by the budget at the half at the latest, and
-    the second half fine-tunes the locked network, whose removal is then
-    exact."""
-    batches = args.epochs * -(-samples // recovery.BATCH_SIZE)
+def _gate_schedule(gates, samples):
+    """The penalty grows 1.5x twenty times over the gate epochs and the
+    gates lock by the budget at their end at the latest, so that removal
+    is exact."""
+    batches = ADAPTIVE_GATE_EPOCHS * -(-samples // recovery.BATCH_SIZE)
     return kc.callbacks.MacsTargetCallback(
-        gates, factor=1.5, steps=max(1, batches // 40),
-        lock_by=max(1, batches // 2),
+        gates, factor=1.5, steps=max(1, batches // 20), lock_by=batches,
     )
 
 
 def _magnitude(model, data, args):
-    if args.latency is not None:
+    if _targeted(args):
         plan = _latency_plan(model, args)  # L1 norms by default
     else:
         plan = kc.methods.magnitude_plan(model, keep=args.keep,
@@ -163,8 +178,12 @@ def _ensembles(model, data, args):
         model, recovery.sample(data, args), seed=args.seed,
         verbose=args.verbose,
     )
-    if args.latency is not None:
-        plan = _latency_plan(model, args, scores=scores)
+    if _targeted(args):
+        # The L1 latency plan's widths and blocks; the ensembles' scores
+        # choose the channels (ensembles note at the top).
+        timed = _latency_plan(model, args)
+        plan = kc.latency.plan_at_widths(model, timed.widths(),
+                                         timed.remove_blocks, scores)
     else:
         plan = kc.plan_from_scores(model, scores, keep=args.keep,
                                    round_to=args.round_to)
@@ -175,7 +194,7 @@ def _cap(model, data, args):
     """Magnitude (or latency) plan, consumers refitted by least squares
     (CaP)."""
     _needs_data(data, args)
-    if args.latency is not None:
+    if _targeted(args):
         plan = _latency_plan(model, args)
     else:
         plan = kc.methods.magnitude_plan(model, keep=args.keep,
@@ -185,8 +204,20 @@ def _cap(model, data, args):
     return plan, compensation.compensate(model, plan, stats, data=data)
 
 
+def _targeted(args) -> bool:
+    """Whether the plan is `--latency`'s or `--plan`'s (not `--keep`'s)."""
+    return args.latency is not None or args.plan is not None
+
+
 def _latency_plan(model, args, scores=None, clusters="prune"):
-    """`kc.plan_for_latency` at `--latency`; its report goes to `args`."""
+    """`kc.plan_for_latency` at `--latency`, its report going to `args`;
+    or `--plan`'s widths and removed blocks, carried out with `scores`
+    (default L1 norms) or `clusters`."""
+    if args.plan is not None:
+        given = args.given_plan
+        return kc.latency.plan_at_widths(
+            model, given.widths(), given.remove_blocks, scores,
+            clusters=clusters, seed=args.seed)
     plan, args.latency_report = kc.plan_for_latency(
         model, args.latency, args.runtime, args.batch_size, scores=scores,
         clusters=clusters, threads=args.threads, seed=args.seed,
@@ -196,6 +227,9 @@ def _latency_plan(model, args, scores=None, clusters="prune"):
 
 
 TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm, "adaptive": _adaptive}
+# Trained methods whose slim model `--epochs` fine-tunes as well (their
+# training only chooses the plan).
+TUNED = ("adaptive",)
 PLANNED = {
     "magnitude": _magnitude,
     "similarity": _similarity,
@@ -204,9 +238,11 @@ PLANNED = {
     "cap": _cap,
 }
 METHODS = {**TRAINED, **PLANNED}
-# The methods that plan to `--latency` (the others take `--keep` only).
+# The methods that plan to `--latency` (the others take `--keep` only),
+# and those that carry out a given `--plan` (adaptive learns its own).
 LATENCY_METHODS = ("adaptive", "asfp", "cap", "csgd", "ensembles",
                    "magnitude")
+PLAN_METHODS = tuple(m for m in LATENCY_METHODS if m != "adaptive")
 
 
 def _plan_path(out):
@@ -223,10 +259,22 @@ def cmd_prune(args):
             f"--latency works with --method {', '.join(LATENCY_METHODS)}; "
             f"got --method {args.method}"
         )
-    if args.latency is not None and args.keep is not None:
-        raise CommandError("give --keep or --latency, not both")
+    if args.plan is not None and args.method not in PLAN_METHODS:
+        raise CommandError(
+            f"--plan works with --method {', '.join(PLAN_METHODS)}; got "
+            f"--method {args.method}"
+        )
+    given = [f"--{k}" for k in ("keep", "latency", "plan")
+             if getattr(args, k) is not None]
+    if len(given) > 1:
+        raise CommandError(f"give one of --keep, --latency, --plan; got "
+                           f"{' and '.join(given)}")
     if args.keep is None:
         args.keep = 0.625
+    if args.plan is not None:
+        existing_file(args.plan, "--plan")
+        with open(args.plan) as f:
+            args.given_plan = kc.PruningPlan.from_json(f.read())
     trains = args.method in TRAINED
     if trains and args.data is None:
         raise CommandError(f"--method {args.method} needs --data")
@@ -248,8 +296,10 @@ def cmd_prune(args):
     for w in caught:  # slim's checks: clusters not collapsed, live blocks
         if str(w.message).startswith("`slim`"):
             print(f"warning: {w.message}")
+    trained = getattr(args, "trained", model) if trains else None
+    agreement = recovery.agreement(args, val, trained, slim)
     tuned = None
-    if args.epochs and not trains:
+    if args.epochs and (not trains or args.method in TUNED):
         tuned = recovery.fine_tune(slim, model, data, val, args)
     report = getattr(args, "latency_report", None)
     if report is not None:
@@ -271,8 +321,7 @@ def cmd_prune(args):
         f"{slim.count_params():,}; wrote {args.out} and "
         f"{_plan_path(args.out)}"
     )
-    trained = getattr(args, "trained", model) if trains else None
-    recovery.report(args, val, model_accuracy, slim, trained, tuned)
+    recovery.report(val, model_accuracy, slim, trained, tuned, agreement)
     if args.latency is None:
         return
     full_ms, slim_ms, ratio = measured
@@ -345,12 +394,21 @@ def add_prune(sub):
                        "--runtime on this machine (methods: "
                        + ", ".join(LATENCY_METHODS) + ")")
     _add_runtime(prune)
+    prune.add_argument("--plan", help="instead of --keep or --latency: "
+                       "carry out the widths and removed blocks of this "
+                       "plan JSON (e.g. the .plan.json of a `prune "
+                       "--latency` run, made where the model will run), "
+                       "this method choosing the channels (methods: "
+                       + ", ".join(PLAN_METHODS) + ")")
     prune.add_argument("--data", help="image folder or .npz (x, y)")
     prune.add_argument("--epochs", type=int,
-                       help="training epochs (" + ", ".join(TRAINED)
+                       help="training epochs (" + ", ".join(
+                           m for m in TRAINED if m not in TUNED)
                        + "; default 10) or fine-tuning epochs of the slim "
-                       "model (others; default 0; kc.fine_tune: cosine "
-                       "lr, distilled from the input model)")
+                       "model (others; default 0, adaptive 10; "
+                       "kc.fine_tune: cosine lr, distilled from the input "
+                       "model; adaptive's gates learn for "
+                       f"{ADAPTIVE_GATE_EPOCHS} epoch before)")
     recovery.add_arguments(prune)
     prune.add_argument("--round-to", type=positive_int,
                        help="round widths to a multiple of this")

@@ -58,15 +58,16 @@ def frozen_copy(model):
 
 
 def train(model, data, args, learning_rate, optimizer=None, callbacks=(),
-          distill=False):
-    """Trains a trained method's model on `--data` by `kc.fine_tune`'s
-    recipe (cosine lr from `learning_rate`; flip/crop with `--augment`),
-    with its `optimizer` (a function of the lr schedule) and `callbacks`;
-    distilled from a copy of the input model when `distill` and
-    `--distill`."""
+          distill=False, epochs=None):
+    """Trains a trained method's model on `--data` for `epochs` (default
+    `--epochs`) by `kc.fine_tune`'s recipe (cosine lr from
+    `learning_rate`; flip/crop with `--augment`), with its `optimizer` (a
+    function of the lr schedule) and `callbacks`; distilled from a copy of
+    the input model when `distill` and `--distill`."""
     teacher = frozen_copy(model) if distill and args.distill else None
     return recover.fine_tune(
-        model, data, teacher=teacher, epochs=args.epochs,
+        model, data, teacher=teacher,
+        epochs=args.epochs if epochs is None else epochs,
         validation_split=0, learning_rate=learning_rate,
         batch_size=BATCH_SIZE, augment=_augment(args), seed=args.seed,
         verbose=args.verbose, optimizer=optimizer, callbacks=callbacks,
@@ -88,9 +89,19 @@ def fine_tune(slim, teacher, train, val, args):
     )
 
 
-def report(args, val, model_accuracy, slim, trained=None, tuned=None):
-    """Prints the validation accuracies (and the agreement of EXACT
-    methods' slim and trained models)."""
+def agreement(args, val, trained, slim):
+    """`(argmax agreement, max logit difference)` of an EXACT method's
+    slim and trained models on `val`, measured before any fine-tuning;
+    `None` for the other methods or without `val`."""
+    if val is None or trained is None or args.method not in EXACT:
+        return None
+    return recover.agreement(trained, slim, val[0])
+
+
+def report(val, model_accuracy, slim, trained=None, tuned=None,
+           agreement=None):
+    """Prints the validation accuracies (and the `agreement` of an EXACT
+    method's slim and trained models)."""
     if val is None:
         return
     parts = [f"input model {model_accuracy:.2%}"]
@@ -107,10 +118,12 @@ def report(args, val, model_accuracy, slim, trained=None, tuned=None):
                      f"{tuned.epochs} epochs{how}")
     print(f"accuracy on the {len(val[0])} held-out samples: "
           + "; ".join(parts + [slim_part]))
-    if trained is not None and args.method in EXACT:
-        same, difference = recover.agreement(trained, slim, val[0])
-        print(f"slim vs trained model on them: argmax agreement {same:.2%}, "
-              f"max logit difference {difference:.1e} of the largest logit")
+    if agreement is not None:
+        same, difference = agreement
+        when = "" if tuned is None else " (before fine-tuning)"
+        print(f"slim vs trained model on them{when}: argmax agreement "
+              f"{same:.2%}, max logit difference {difference:.1e} of the "
+              "largest logit")
 
 
 def add_arguments(parser):

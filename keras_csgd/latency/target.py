@@ -165,8 +165,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     chosen, reason = _search(model, an, table, values, target, tolerance,
                              max_iterations, measure, verify,
                              (runtime, batch_size, threads, jit_compile))
-    plan = _plan(model, an, scores, chosen["widths"], chosen["remove"],
-                 clusters, seed)
+    plan = plan_at_widths(model, chosen["widths"], chosen["remove"], scores,
+                          clusters=clusters, seed=seed, analysis=an)
     if reason:
         warnings.warn(f"`plan_for_latency`: {reason}", stacklevel=2)
     if not return_report:
@@ -316,18 +316,52 @@ def corrected_ratio(points, target) -> float:
     return float(line)
 
 
-def _plan(model, an, scores, widths, remove, clusters, seed) -> PruningPlan:
-    """The bound plan of the chosen widths: best-scored channels or
-    k-means clusters."""
-    sizes = {g.name: g.size for g in an.groups}
+def plan_at_widths(model, widths, remove_blocks=(), scores=None, *,
+                   clusters="prune", seed=0, analysis=None) -> PruningPlan:
+    """The bound plan of given widths and removed blocks (the result of a
+    latency search, or a plan made elsewhere carried out by another
+    method): each group keeps its best-scored channels, or k-means
+    clusters of its producer filters (C-SGD's merges).
+
+    Args:
+        model: the functional or Sequential `keras.Model`.
+        widths: `{group_name: kept channels}`.
+        remove_blocks: the `Add` layers whose branch goes. Defaults to `()`.
+        scores: `{group_name: one score per channel}` choosing the kept
+            channels of every group in `widths` (`"prune"`). Defaults to
+            `None` (L1 filter norms).
+        clusters: `"prune"` or `"kmeans"`. Defaults to `"prune"`.
+        seed: k-means seed. Defaults to `0`.
+        analysis: `graph.analyze(model)` when at hand. Defaults to `None`.
+
+    Returns:
+        A bound `PruningPlan`, with the gates of its removed blocks where
+        `PruningPlan.bind_blocks` finds them (`kc.CSGD` drives those to 0).
+
+    Raises:
+        ValueError: an unknown or frozen group, a width out of range, bad
+            `clusters`.
+    """
+    checks.choice("clusters", clusters, CLUSTERS)
+    an = analysis or graph.analyze(model)
+    by_name = {g.name: g for g in an.groups}
     if clusters == "kmeans" and widths:
         chosen = make_plan(
-            model, keep={n: w / sizes[n] for n, w in widths.items()},
+            model, keep={n: w / by_name[n].size for n, w in widths.items()},
             method="kmeans", seed=seed,
         ).clusters
     else:
-        chosen = {n: top_channels(scores[n], w) for n, w in widths.items()}
-    plan = PruningPlan(chosen, groups=an.groups, remove_blocks=remove)
+        scores = checked_scores(
+            default_scores(model, an) if scores is None else scores, by_name)
+        chosen = {}
+        for name, width in widths.items():
+            if name not in scores or not 1 <= width <= by_name[name].size:
+                raise ValueError(
+                    f"`widths[{name!r}]` must be in [1, size] of a scored, "
+                    f"prunable group. Received: {width!r}"
+                )
+            chosen[name] = top_channels(scores[name], int(width))
+    plan = PruningPlan(chosen, groups=an.groups, remove_blocks=remove_blocks)
     plan.analysis = (model, an)
     try:  # the gates `kc.CSGD` drives to 0; without them it says why
         plan.bind_blocks(model)
