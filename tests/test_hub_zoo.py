@@ -48,7 +48,11 @@ NOT_LOADABLE = {
               "do not serialize (a `clip` by NumPy numbers, a `map` of a "
               "Python function)",
     "MobileNetV5": "a narrowed block's traced graph holds keras_hub's "
-                   "`Activation(lambda x: gelu(x))`: no safe-mode load",
+                   "`Activation(lambda x: gelu(x))`, which Keras saves as "
+                   "bytecode and does not load, in safe mode or not",
+    "DeBERTaV3": "keras_hub's `RelativeEmbedding` does not build its layer "
+                 "norm in `build()`: loaded alone, its weights find no "
+                 "variables",
 }
 
 
