@@ -250,3 +250,17 @@ def test_recovery_variants_fine_tune_and_add_to_their_file(folder, tmp_path):
     assert distilled["teacher_accuracy"] == result["base"]["val_accuracy"]
     assert cosine["accuracy_before"] == distilled["accuracy_before"]
     assert cosine["validation_samples"] == result["data"]["val_images"] == 8
+
+
+def test_hub_coverage_rows_and_target():
+    pytest.importorskip("keras_hub")
+    coverage = _load("hub_coverage")
+    row = coverage.cover("VGG")
+    assert row["exact"] and row["count_vs_reference"] == 1.0
+    assert row["keep_0.5_macs_ratio"] <= 0.65 and row["meets_target"]
+    for key, value in [("keep_0.5_macs_ratio", 0.7), ("exact", False),
+                       ("count_vs_reference", 0.9)]:
+        assert not coverage.meets_target({**row, key: value})
+    table = coverage.markdown([row, {**row, "family": "X", "exact": False}])
+    assert table.startswith("1 of 2 families meet the target")
+    assert "| X |" in table and "| NO |" in table
