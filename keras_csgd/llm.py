@@ -11,7 +11,9 @@ config with the new `num_query_heads`, `num_key_value_heads`,
 from the slim model, and checked against it on random tokens. The hidden
 width may change: the CausalLM reads the backbone's output through the
 backbone's own token embedding, which narrows with it
-(`keras_csgd.layers.embedding.output_projection`).
+(`keras_csgd.layers.embedding.output_projection`). Merged hidden channels,
+which the slim model's norms weigh, and Gemma's `sqrt(hidden_dim)` on the
+embeddings are carried by a scaled stream (`_carry_stream`).
 
 Where that cannot be, the functional model is returned with a warning: it
 is the same slim model, but `generate` is not available for it. That is
@@ -63,7 +65,7 @@ def own_class(model, slim_model):
         backbone = type(model).from_config(config)
         why = _copy_weights(slim_model, backbone)
         if why is None:
-            _rescale_stream(model, backbone, hidden)
+            _carry_stream(model, slim_model, backbone, hidden)
             why = _differs(slim_model, backbone)
         if why is None:
             return backbone
@@ -119,31 +121,39 @@ def _config(model, blocks, hidden: int) -> dict:
 _SCALED_EMBEDDINGS = ("GemmaBackbone", "Gemma3Backbone")
 
 
-def _rescale_stream(model, backbone, hidden: int) -> None:
-    """Carries the residual stream of a narrower Gemma scaled.
+def _carry_stream(model, slim_model, backbone, hidden: int) -> None:
+    """Carries `backbone`'s residual stream scaled, where its class
+    computes the slim model's function so.
 
-    Gemma multiplies its embeddings by `sqrt(hidden_dim)`: the slim model
-    keeps the factor of `model`'s width, `backbone` (its own class) takes
-    its own, so its stream is `c = sqrt(hidden / model.hidden_dim)` times
-    the slim model's. Every write into the stream is scaled by `c` too (an
-    output projection's kernel, or the post-norm after it, `1 + scale`),
-    so the stream stays `c` times the slim one everywhere; the RMS norms
-    that read it do not see `c`, so the outputs are the slim model's.
+    Two things of the slim model a backbone class cannot hold:
+
+    - merged channels: the slim model's norms weigh each channel by its
+      cluster's size (`ClusterNormalization` counts); a plain RMS norm over
+      `w * x`, `w = sqrt(counts * hidden / sum(counts))`, computes the
+      weighed statistics of `x`;
+    - Gemma's `sqrt(hidden_dim)` on the embeddings: the slim model keeps
+      the factor of `model`'s width, the class takes its own, a stream
+      `sqrt(hidden / model.hidden_dim)` times the slim one.
+
+    So the stream is carried as `factor * w * x`: the embedding table's
+    columns times `w`, every block reading and writing it so
+    (`layers.decoders.carry_stream`), the final norm's gain over `w`.
     """
-    if type(model).__name__ not in _SCALED_EMBEDDINGS:
+    final = slim_model.get_layer(backbone.layer_norm.name)
+    counts = getattr(final, "counts", None)
+    weights = np.ones(hidden) if counts is None else np.sqrt(
+        np.asarray(counts) * hidden / np.sum(counts))
+    factor = (np.sqrt(hidden / model.hidden_dim)
+              if type(model).__name__ in _SCALED_EMBEDDINGS else 1.0)
+    if factor == 1 and (weights == 1).all():
         return
-    c = np.sqrt(hidden / model.hidden_dim)
-    if c == 1:
-        return
+    from keras_csgd.layers import decoders  # imports keras_hub
+
+    table = backbone.token_embedding.embeddings
+    table.assign(table.numpy() * weights.astype("float32"))
     for block in backbone.transformer_layers:
-        writers = ((block.attention.output_dense, "post_attention_norm"),
-                   (block.ffw_linear, "post_ffw_norm"))
-        for dense, post in writers:
-            norm = getattr(block, post, None)
-            if norm is not None:
-                norm.scale.assign(c * (1 + norm.scale) - 1)
-            else:
-                dense.kernel.assign(c * dense.kernel)
+        decoders.carry_stream(block, weights, factor)
+    decoders.times_gain(backbone.layer_norm, 1 / weights)
 
 
 def _copy_weights(source, target) -> str | None:

@@ -62,6 +62,20 @@ def inputs(model, kind: str, n: int = 2, seed: int = 0):
     return rng.uniform(0, 1, shape).astype("float32")
 
 
+def outputs(model, x, original=None):
+    """`model(x)`, or, for a decoder LLM backbone (or its slim model), its
+    logits over the vocabulary through its token embedding: the backbone's
+    own output narrows with a merged hidden width, the logits do not.
+    `original`: the model `model` was slimmed from. Defaults to `model`."""
+    from keras_csgd.layers.embedding import output_projection
+
+    y = model(x)
+    embedding = output_projection(original or model)
+    if embedding is None:
+        return y
+    return model.get_layer(embedding.name)(y, reverse=True)
+
+
 def _hub():
     import keras_hub
 

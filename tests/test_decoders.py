@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_csgd as kc
-from hub_zoo import FAMILIES, TOKENS, VOCABULARY, inputs
+from hub_zoo import FAMILIES, TOKENS, VOCABULARY, inputs, outputs
 from utils import collapse, relative_error
 from zoo import randomize
 
@@ -83,6 +83,15 @@ def _greedy(backbone, prompt=4, scale=1.0):
     return tokens
 
 
+def _assert_same_lm(name, model, small):
+    """The CausalLMs of `model` and of its slim backbone `small` compute the
+    same logits (1e-4) and greedy tokens."""
+    x = inputs(model, "text")
+    lm, slim_lm = _lm(name, model), _lm(name, small)
+    assert relative_error(_logits(slim_lm, x), _logits(lm, x)) < 1e-4
+    np.testing.assert_array_equal(_generated(slim_lm), _generated(lm))
+
+
 def _collapsed_slim(model, plan):
     collapse(model, plan)
     with warnings.catch_warnings(record=True) as caught:
@@ -98,10 +107,7 @@ def test_uniform_plan_keeps_the_class_and_generates_the_same(name):
     small, _ = _collapsed_slim(model, plan)
     assert type(small) is type(model)
     assert (small.num_query_heads, small.num_key_value_heads) == (1, 1)
-    x = inputs(model, "text")
-    lm, slim_lm = _lm(name, model), _lm(name, small)
-    assert relative_error(_logits(slim_lm, x), _logits(lm, x)) < 1e-4
-    np.testing.assert_array_equal(_generated(slim_lm), _generated(lm))
+    _assert_same_lm(name, model, small)
     macs = kc.count_macs(small, input_shape=(TOKENS,))
     assert macs == kc.macs_under(model, plan, input_shape=(TOKENS,))
     assert macs < 0.6 * kc.count_macs(model, input_shape=(TOKENS,))
@@ -111,7 +117,8 @@ def test_uniform_plan_keeps_the_class_and_generates_the_same(name):
 def test_derived_head_size_keeps_the_class_for_the_mlp_only(name):
     model = FAMILIES[name].build()
     plan = kc.make_plan(model, keep=0.5, method="kmeans")
-    mlp = {n: c for n, c in plan.clusters.items() if "heads" not in n}
+    mlp = {n: c for n, c in plan.clusters.items()
+           if "heads" not in n and n != "token_embedding"}
     small, _ = _collapsed_slim(model, kc.PruningPlan(mlp, groups=plan.groups))
     assert type(small) is type(model)
     assert small.intermediate_dim == model.intermediate_dim // 2
@@ -122,7 +129,7 @@ def test_derived_head_size_keeps_the_class_for_the_mlp_only(name):
     assert not isinstance(heads, type(model))
     assert any("derives the head size" in m for m in messages)
     x = inputs(model, "text")
-    assert relative_error(heads(x), model(x)) < 1e-4
+    assert relative_error(outputs(heads, x, model), outputs(model, x)) < 1e-4
 
 
 def test_layers_of_different_widths_give_a_functional_model(tmp_path):
@@ -256,12 +263,11 @@ def _reference(name, model, plan):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_hidden_width_is_a_prune_only_group(name):
+def test_hidden_width_is_a_group_that_merges_unless_tied(name):
     model = FAMILIES[name].build()
     groups = {g.name: g for g in kc.channel_groups(model)}
     stream = groups["token_embedding"]
-    assert stream.prunable and not stream.exact
-    assert "output projection `token_embedding`" in stream.prune_only
+    assert stream.prunable
     members = {path for _, path, _ in stream.members}
     norms = [model.layer_norm, *(
         layer for block in model.transformer_layers
@@ -271,11 +277,8 @@ def test_hidden_width_is_a_prune_only_group(name):
     assert len(norms) >= 3  # the final norm and two per block, at least
     assert {v.path for n in norms for v in n.weights} <= members
     assert model.token_embedding.embeddings.path in members
-    assert any(path.endswith("query/kernel") or "query" in path
-               for _, path, _ in stream.consumers)
-    # C-SGD merges: it may not plan the stream; pruning methods do.
+    assert any("query" in path for _, path, _ in stream.consumers)
     plan = kc.make_plan(model, keep=0.5)
-    assert "token_embedding" not in plan.clusters
     assert set(plan.clusters) == {n for n, g in groups.items()
                                   if g.prunable and g.exact}
     kc.CSGD(plan)
@@ -283,8 +286,20 @@ def test_hidden_width_is_a_prune_only_group(name):
     assert pruned.widths()["token_embedding"] == 8
     full = kc.count_macs(model, input_shape=(TOKENS,))
     assert kc.macs_under(model, pruned, input_shape=(TOKENS,)) <= 0.3 * full
-    with pytest.raises(ValueError, match="prune-only group"):
-        kc.CSGD(pruned)
+    if model.token_embedding.tie_weights:
+        # The CausalLM's logits read the table itself: C-SGD, which
+        # merges, may not plan the stream; pruning methods do.
+        assert not stream.exact
+        assert "output projection `token_embedding`" in stream.prune_only
+        assert "token_embedding" not in plan.clusters
+        with pytest.raises(ValueError, match="prune-only group"):
+            kc.CSGD(pruned)
+    else:
+        # The output projection's rows are summed, the norms weighed.
+        assert stream.exact
+        assert (model.token_embedding.reverse_embeddings.path
+                in {path for _, path, _ in stream.consumers})
+        assert "token_embedding" in plan.clusters
     identity = kc.PruningPlan(
         {n: [[i] for i in range(g.size)] for n, g in groups.items()
          if g.prunable}, groups=list(groups.values()))
@@ -292,6 +307,35 @@ def test_hidden_width_is_a_prune_only_group(name):
     assert type(small) is type(model)
     x = inputs(model, "text")
     assert relative_error(small(x), model(x)) == 0.0
+
+
+UNTIED = [n for n in FAMILY_NAMES if n in ("Llama", "Mistral", "Phi3")]
+
+
+@pytest.mark.parametrize("name", UNTIED)
+def test_merged_hidden_width_keeps_the_class_and_generates_the_same(
+        name, tmp_path):
+    model = randomize(FAMILIES[name].build())
+    groups = kc.channel_groups(model)
+    # Key/value heads whole; the query heads' positions, the hidden width
+    # and the MLP units merged in pairs: the head size stays
+    # hidden_dim // num_query_heads (8 // 2).
+    plan = kc.PruningPlan({
+        g.name: [[i] for i in range(g.size)] if g.name.endswith("kv_heads")
+        else [[i, i + g.size // 2] for i in range(g.size // 2)]
+        for g in groups if g.prunable}, groups=groups)
+    assert plan.widths()["token_embedding"] == 8
+    collapse(model, plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the class, no functional model
+        small = kc.slim(model, plan, strict=True)
+    assert type(small) is type(model)
+    assert (small.hidden_dim, small.num_query_heads) == (8, 2)
+    _assert_same_lm(name, model, small)
+    x = inputs(model, "text")
+    small.save_to_preset(str(tmp_path))
+    loaded = keras_hub.models.Backbone.from_preset(str(tmp_path))
+    assert relative_error(loaded(x), small(x)) == 0.0
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

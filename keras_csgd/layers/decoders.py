@@ -24,17 +24,20 @@ the sub-layers by the few names the families give them. It declares:
   axis, the down kernel's input axis;
 - the **residual stream** (the block's input and output): its RMS norms'
   scales are members, its query, key, value, gate and up kernels read it,
-  the output and down projections write it. It is prune-only: merged
-  channels would need norms that weigh them (`ClusterNormalization`
-  would, but a backbone of its own class cannot hold their counts), and
-  the CausalLM's output projection reads it through the embedding
+  the output and down projections write it. Merged channels are weighed
+  by the norms of the rebuilt block (`norm_counts`: `ClusterNormalization`
+  norms), so merges are exact; the stream is prune-only only where the
+  CausalLM's output projection is the tied embedding table
   (`keras_csgd.layers.embedding.output_projection`).
 
 Rebuilt narrower, a block is a `Pruned...` subclass of its class (one per
 family, serializable): its config holds the head size, which Llama, Qwen2
-and Phi3 would otherwise derive as `hidden_dim // num_query_heads`, and its
-`get_config` is written from the constructor's arguments (Llama's reads a
-missing attribute, Qwen3's lacks `head_dim`).
+and Phi3 would otherwise derive as `hidden_dim // num_query_heads`, and
+the norms' counts, and its `get_config` is written from the constructor's
+arguments (Llama's reads a missing attribute, Qwen3's lacks `head_dim`).
+A backbone class rebuilt by `kc.llm` holds plain norms: `carry_stream`
+lets its blocks carry the stream scaled per channel instead, which an RMS
+norm turns into the weighed statistics.
 """
 
 from __future__ import annotations
@@ -43,13 +46,14 @@ import inspect
 import math
 
 import keras
+import numpy as np
 
 from keras_csgd.layers.attention import _einsum_dense_spec, _prod, _times
-from keras_csgd.layers.hub import residual_input
+from keras_csgd.layers.hub import StreamHandler, residual_input
 from keras_csgd.layers.normalization import normalized_channels
 from keras_csgd.layers.registry import (
-    LayerHandler,
     arguments,
+    handler_for,
     register_layer,
 )
 
@@ -63,12 +67,15 @@ _UP = ("_feedforward_intermediate_dense", "feedforward_intermediate_dense",
        "gating_ffw_2")
 _DOWN = ("_feedforward_output_dense", "feedforward_output_dense",
          "ffw_linear")
-# The norms over the residual stream (Llama's and its kin's, Phi3's,
-# Gemma's and Gemma3's); the query and key norms are over the head size.
-_NORMS = ("_self_attention_layernorm", "_feedforward_layernorm",
-          "pre_attention_layernorm", "post_attention_layernorm",
-          "pre_attention_norm", "post_attention_norm", "pre_ffw_norm",
-          "post_ffw_norm")
+# The norms over the residual stream's channels: those that read it
+# (Llama's and its kin's, Phi3's, Gemma's), and Gemma's after the
+# attention and the MLP, which write into it (by the projection before
+# them); the query and key norms are over the head size.
+_READ_NORMS = ("_self_attention_layernorm", "_feedforward_layernorm",
+               "pre_attention_layernorm", "post_attention_layernorm",
+               "pre_attention_norm", "pre_ffw_norm")
+_WRITE_NORMS = {"attention": "post_attention_norm", "mlp": "post_ffw_norm"}
+_NORMS = (*_READ_NORMS, *_WRITE_NORMS.values())
 
 
 def _attr(layer, names: tuple[str, ...]) -> str:
@@ -113,9 +120,8 @@ def block_widths(block) -> dict[str, int]:
 def _stream(ctx, call):
     """The block's input and its layout, the residual stream.
 
-    Its norms' scales are members; the stream is prune-only (the blocks
-    are rebuilt with plain norms, which would count merged channels
-    once).
+    Its norms' scales are members, weighed when channels merge (the
+    `Pruned...` block's `norm_counts`).
     """
     block = call.layer
     x, lay = residual_input(ctx, call)
@@ -123,8 +129,9 @@ def _stream(ctx, call):
         norm = getattr(block, name, None)
         if norm is not None:
             normalized_channels(
-                ctx, call, [norm.scale],
-                f"RMS normalization `{call.name}/{norm.name}`", lay)
+                ctx, call, norm.weights,
+                f"RMS normalization `{call.name}/{norm.name}`", lay,
+                weighed=True)
     if "hidden_dim" in inspect.signature(type(block).__init__).parameters:
         ctx.width(call, "hidden_dim", lay)
     return x, lay
@@ -198,7 +205,7 @@ def _mlp(ctx, call, lay, rows):
               ctx.rep(hidden, block.intermediate_dim // units))
 
 
-class DecoderBlockHandler(LayerHandler):
+class DecoderBlockHandler(StreamHandler):
     """A keras_hub decoder block: grouped-query heads and a gated MLP.
 
     Args:
@@ -218,14 +225,15 @@ class DecoderBlockHandler(LayerHandler):
         return [lay]
 
     def config(self, layer) -> dict:
-        return {**arguments(layer), "head_dim": head_dim(layer)}
+        return {**arguments(layer), "head_dim": head_dim(layer),
+                "norm_counts": getattr(layer, "norm_counts", None)}
 
     def backbone_widths(self, layer) -> dict[str, int]:
         """The block's widths by its backbone's config keys (`kc.llm`)."""
         return block_widths(layer)
 
     def rebuild(self, config, widths):
-        config.update(widths)
+        config.update(self.take_counts(config, widths))
         return self.pruned.from_config(config)
 
 
@@ -252,33 +260,109 @@ def _pin_heads(attention, size: int) -> None:
         new = keras.layers.EinsumDense.from_config(config)
         with keras.name_scope(attention.name):  # its variables' paths
             new.build(shape)
-        # The attention is built (its state locked): swap under the key.
-        tracker, locked = attention._tracker, attention._tracker.locked
-        tracker.unlock()
-        tracker.untrack(old)
-        setattr(attention, name, new)
-        if locked:
-            attention._lock_state()
+        _swap(attention, name, new)
     attention._inv_norm_factor = 1.0 / math.sqrt(size)
+
+
+def _weigh_norms(block, counts, shape) -> None:
+    """Replaces `block`'s norms over the stream by `ClusterNormalization`s
+    weighing each channel by `counts` (same names and scales), while
+    `block` builds (in its name scope)."""
+    for name in _NORMS:
+        norm = getattr(block, name, None)
+        if norm is not None:
+            handler = handler_for(norm)
+            weighed = handler.rebuild(handler.config(norm),
+                                      {"counts": counts})
+            weighed.build(shape)
+            _swap(block, name, weighed)
+
+
+def _swap(owner, name: str, new) -> None:
+    """Sets `new` as `owner`'s sub-layer `name`, under the key of
+    `owner`'s locked state."""
+    tracker, locked = owner._tracker, owner._tracker.locked
+    tracker.unlock()
+    tracker.untrack(getattr(owner, name))
+    setattr(owner, name, new)
+    if locked:
+        owner._lock_state()
+
+
+def carry_stream(block, weights, factor: float = 1.0) -> None:
+    """Lets `block` read and write the residual stream carried as
+    `factor * weights * x` (per channel) instead of `x`.
+
+    What it writes is scaled alike: its output and down projections'
+    columns by `weights * factor`, or by `weights` where a norm follows
+    them (Gemma's post-norms), whose gain is scaled by `factor` (a norm's
+    output does not see its input's scale; an RMS norm over `weights * a`
+    with `weights = sqrt(counts * n / sum(counts))` computes the
+    `counts`-weighed one's statistics). The norms that read the stream
+    divide their gains by `weights` (their statistics see the same
+    weighing, and not `factor`, but through their epsilon).
+
+    Args:
+        block: a decoder block of one of the seven families, built.
+        weights: one positive factor per stream channel.
+        factor: one factor for all channels. Defaults to `1.0`.
+    """
+    weights = np.asarray(weights, "float32")
+    attention = sub_layer(block, _ATTENTION)
+    writers = {"attention": (sub_layer(attention, _OUTPUT), True),
+               "mlp": (sub_layer(block, _DOWN), False)}
+    for role, (dense, einsum) in writers.items():
+        norm = getattr(block, _WRITE_NORMS[role], None)
+        scale = weights if norm is not None else weights * factor
+        axis = _axes(dense, output=True)[0] if einsum else 1
+        _times_axis(dense.kernel, scale, axis)
+        if dense.bias is not None:
+            _times_axis(dense.bias, scale, -1)
+        if norm is not None:
+            times_gain(norm, factor)
+    for name in _READ_NORMS:
+        norm = getattr(block, name, None)
+        if norm is not None:
+            times_gain(norm, 1 / weights)
+
+
+def _times_axis(variable, scale, axis: int) -> None:
+    """Multiplies `variable` by `scale` along `axis`."""
+    shape = [1] * len(variable.shape)
+    shape[axis] = -1
+    variable.assign(variable.numpy() * np.reshape(scale, shape))
+
+
+def times_gain(norm, scale) -> None:
+    """Multiplies a registered RMS norm's gain (`offset + scale`, Gemma's
+    offset 1) by `scale`."""
+    handler = handler_for(norm)
+    variable = getattr(norm, handler.scale)
+    gain = (handler.offset + variable.numpy()) * scale
+    variable.assign(gain - handler.offset)
 
 
 def _pruned_class(base: type) -> type:
     """The serializable subclass of a decoder block with `head_dim`."""
     native = "head_dim" in inspect.signature(base.__init__).parameters
 
-    def __init__(self, *args, head_dim=None, **kwargs):
+    def __init__(self, *args, head_dim=None, norm_counts=None, **kwargs):
         if native:
             kwargs["head_dim"] = head_dim
         base.__init__(self, *args, **kwargs)
         self.head_dim = head_dim
+        self.norm_counts = norm_counts
 
     def build(self, input_shape):
         base.build(self, input_shape)
         if self.head_dim and not native:
             _pin_heads(sub_layer(self, _ATTENTION), self.head_dim)
+        if self.norm_counts is not None:
+            _weigh_norms(self, self.norm_counts, input_shape)
 
     def get_config(self):
-        return {**arguments(self, base), "head_dim": self.head_dim}
+        return {**arguments(self, base), "head_dim": self.head_dim,
+                "norm_counts": self.norm_counts}
 
     name = "Pruned" + base.__name__
     cls = type(name, (base,), {
@@ -290,6 +374,9 @@ def _pruned_class(base: type) -> type:
             "Args:\n    *args: the base block's arguments.\n"
             "    head_dim: the size of each attention head. Defaults to "
             "`None` (the base block's own).\n"
+            "    norm_counts: how many channels each stream channel stands "
+            "for in its norms' statistics (`ClusterNormalization`), or "
+            "`None` (one each). Defaults to `None`.\n"
             "    **kwargs: the base block's other arguments.\n"
         ),
     })

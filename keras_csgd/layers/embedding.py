@@ -3,11 +3,12 @@
 A `ReversibleEmbedding` may be called again in reverse, as the output
 projection of a language model (hidden vectors to logits over the
 vocabulary). That call reads the channels its forward call produced, through
-the same table (tied) or its own `reverse_embeddings`, which follow the
-forward group as members. Removing channels there is exact: the same
-columns go from both uses. Merging them is not (the forward call needs a
-cluster's column, the reverse call the column times the cluster's size):
-the group is prune-only.
+the same table (tied) or its own `reverse_embeddings`, whose rows consume
+the forward group (summed when channels merge: exact). Through a tied
+table, removing channels is exact (the same columns go from both uses),
+merging them is not (the forward call needs a cluster's column, the
+reverse call the column times the cluster's size): the group is
+prune-only.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
                 return self._refuse(ctx, call, forward, "called twice")
             (out,) = super().channels(ctx, call)
             if not layer.tie_weights:
-                ctx.member(call, layer.reverse_embeddings, 0, out)
+                ctx.consumer(call, layer.reverse_embeddings, 0, out)
             return [out]
         (lay,) = call.layouts
         if not self.reverse(ctx, layer, lay, call.name):
@@ -74,19 +75,16 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
     @staticmethod
     def reverse(ctx, layer, lay, name: str) -> bool:
         """Declares a reverse call of `layer` (named `name`) reading `lay`:
-        the channels of its forward call, prune-only. False (nothing
-        declared) when `lay` cannot be them."""
+        the channels of its forward call, prune-only through a tied table.
+        False (nothing declared) when `lay` cannot be them."""
         forward = [e.layout for e in ctx.entries
                    if e.layer is layer and e.producer]
         if len(forward) != 1 or not ctx.unify(lay, forward[0]):
             return False
         if layer.tie_weights:
-            why = ("shares the embedding's table (merging channels would "
-                   "scale its columns by cluster sizes)")
-        else:
-            why = ("slices its `reverse_embeddings` like the table (merged "
-                   "channels would need their rows summed)")
-        ctx.prune_only(lay, f"the output projection `{name}` {why}")
+            ctx.prune_only(lay, f"the output projection `{name}` shares the "
+                           "embedding's table (merging channels would scale "
+                           "its columns by cluster sizes)")
         return True
 
     @staticmethod

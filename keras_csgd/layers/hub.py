@@ -79,8 +79,9 @@ def _stream(ctx, call, norms):
     return x, lay
 
 
-class _EncoderHandler(LayerHandler):
-    """What the encoder handlers share: their norms' counts."""
+class StreamHandler(LayerHandler):
+    """What the handlers of blocks on a weighed residual stream share
+    (the encoders', the decoder LLMs'): their norms' counts."""
 
     def counts(self, layer) -> np.ndarray | None:
         """How many channels each stream channel stands for (the
@@ -113,7 +114,7 @@ def _block(ctx, call, block, x, lay, prefix="", suffix=""):
          origin + "mlp/dense_1", "mlp_dim" + suffix)
 
 
-class TransformerEncoderHandler(_EncoderHandler):
+class TransformerEncoderHandler(StreamHandler):
     """`keras_hub.layers.TransformerEncoder` (BERT's encoder layers)."""
 
     def channels(self, ctx, call):
@@ -148,7 +149,7 @@ class TransformerEncoderHandler(_EncoderHandler):
         return PrunedTransformerEncoder
 
 
-class ViTEncoderBlockHandler(_EncoderHandler):
+class ViTEncoderBlockHandler(StreamHandler):
     """keras_hub's `ViTEncoderBlock`: one heads and one MLP group."""
 
     def channels(self, ctx, call):
@@ -163,7 +164,7 @@ class ViTEncoderBlockHandler(_EncoderHandler):
         return PrunedViTEncoderBlock.from_config(config)
 
 
-class ViTEncoderHandler(_EncoderHandler):
+class ViTEncoderHandler(StreamHandler):
     """keras_hub's `ViTEncoder`: the groups of every block, per block."""
 
     def channels(self, ctx, call):
