@@ -40,10 +40,12 @@ def _encoder(dim=D):
     return keras.Model(inp, L.Dense(5, name="head")(x))
 
 
-def _language_model(dim=D):
-    """A decoder LM: tied ReversibleEmbedding, RMS norms, causal attention."""
+def _language_model(dim=D, tied=True):
+    """A decoder LM: a ReversibleEmbedding (tied: its table is the output
+    projection), RMS norms, causal attention."""
     ids = keras.Input((10,), dtype="int32")
-    embedding = L.ReversibleEmbedding(VOCAB, dim, name="embedding")
+    embedding = L.ReversibleEmbedding(VOCAB, dim, tie_weights=tied,
+                                      name="embedding")
     x = embedding(ids)
     y = L.RMSNormalization(name="norm1")(x)
     y = L.MultiHeadAttention(2, 8, name="mha")(y, y, use_causal_mask=True)
@@ -106,6 +108,21 @@ def test_hidden_width_groups_say_whether_they_merge_exactly():
     again = kc.PruningPlan.from_json(plan.to_json())
     assert again.groups[group.name].prune_only == group.prune_only
     assert not again.groups[group.name].exact
+
+
+def test_untied_output_projection_merges_exactly():
+    # Its own projection's rows are summed per cluster, the norms weighed.
+    model = randomize(_language_model(tied=False))
+    group = _hidden(model)
+    assert group.exact
+    projection = model.get_layer("embedding").reverse_embeddings.path
+    assert ("embedding", projection, 0) in group.consumers
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    assert plan.widths()[group.name] == D // 2
+    collapse(model, plan)
+    small = kc.slim(model, plan, strict=True)
+    x = _ids()
+    assert relative_error(small(x), model(x)) < 1e-4
 
 
 def test_tied_output_projection_follows_the_embedding():
