@@ -319,19 +319,23 @@ def _untied(name):
     return randomize(model)
 
 
+def _pairs_plan(model):
+    """Key/value heads whole; the query heads' positions, the hidden width
+    and the MLP units merged in pairs, so the head size stays
+    `hidden_dim // num_query_heads` (8 // 2)."""
+    groups = kc.channel_groups(model)
+    return kc.PruningPlan({
+        g.name: [[i] for i in range(g.size)] if g.name.endswith("kv_heads")
+        else [[i, i + g.size // 2] for i in range(g.size // 2)]
+        for g in groups if g.prunable}, groups=groups)
+
+
 @pytest.mark.parametrize("name", ["Llama", "Mistral", "Phi3", "Qwen2",
                                   "Qwen3"])
 def test_merged_hidden_width_keeps_the_class_and_generates_the_same(
         name, tmp_path):
     model = _untied(name)
-    groups = kc.channel_groups(model)
-    # Key/value heads whole; the query heads' positions, the hidden width
-    # and the MLP units merged in pairs: the head size stays
-    # hidden_dim // num_query_heads (8 // 2).
-    plan = kc.PruningPlan({
-        g.name: [[i] for i in range(g.size)] if g.name.endswith("kv_heads")
-        else [[i, i + g.size // 2] for i in range(g.size // 2)]
-        for g in groups if g.prunable}, groups=groups)
+    plan = _pairs_plan(model)
     assert plan.widths()["token_embedding"] == 8
     collapse(model, plan)
     with warnings.catch_warnings():
@@ -384,3 +388,24 @@ def test_query_scale_of_hidden_width_over_heads_freezes():
     groups = kc.channel_groups(model)
     assert not any(g.prunable for g in groups)
     assert any("query scale" in g.reason for g in groups)
+
+
+def test_csgd_merges_the_hidden_width_of_the_llm_it_trains():
+    # C-SGD plans the exact stream of an untied LLM (with its query heads
+    # and MLP units), trains the CausalLM until the clusters collapse, and
+    # the slim backbone is its class, computing the trained logits.
+    model = FAMILIES["Llama"].build()
+    plan = _pairs_plan(model)
+    lm = keras_hub.models.LlamaCausalLM(backbone=model, preprocessor=None)
+    lm.compile(
+        optimizer=kc.CSGD(plan, learning_rate=0.1, centripetal_strength=1.0,
+                          vector_strength_scale=1.0, jit_compile=False),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False)
+    x = inputs(model, "text", n=32)
+    lm.fit(x, np.roll(x["token_ids"], -1, axis=1), epochs=60, batch_size=16,
+           verbose=0)
+    assert kc.cluster_spread(model, plan)["overall"] < 1e-4
+    small = kc.slim(model, plan, strict=True)
+    assert type(small) is type(model) and small.hidden_dim == 8
+    _assert_same_lm("Llama", model, small)
