@@ -9,6 +9,7 @@ output) ends with one line `keras-csgd: error: ...` on stderr and exit code
 from __future__ import annotations
 
 import sys
+import warnings
 
 from keras_csgd.cli.common import PROG, CommandError, Parser, quiet_tensorflow
 from keras_csgd.cli.demo import add_demo
@@ -53,7 +54,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     threads = getattr(args, "threads", None)
     if threads:
-        set_tf_threads(threads)
+        # The console script starts TensorFlow here; a caller in whose
+        # process it already runs (a notebook, a test) keeps its threads,
+        # and --threads applies to the other runtimes, without a warning
+        # on the command's stderr.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            set_tf_threads(threads)
     try:
         args.func(args)
     except (CommandError, ValueError, TypeError, OSError,
