@@ -18,10 +18,9 @@ from keras_csgd.cli.prune import (
     METHODS,
     PLANNED,
     TRAINED,
-    add_profile,
     add_prune,
 )
-from keras_csgd.cli.tools import add_bench, add_export
+from keras_csgd.cli.tools import add_bench, add_export, add_profile
 from keras_csgd.runtimes.tensorflow import set_tf_threads
 
 __all__ = [

@@ -14,7 +14,7 @@ import tempfile
 
 import keras
 
-from keras_csgd import batches, checks
+from keras_csgd import batches, checks, latency
 
 PROG = "keras-csgd"
 
@@ -177,3 +177,16 @@ def format_table(rows):
         )
         for row in cells
     )
+
+
+def add_runtime(parser):
+    """`--runtime`, `--batch-size` and `--threads` of a timed command."""
+    parser.add_argument("--runtime", choices=latency.RUNTIMES,
+                        default="litert",
+                        help="litert (float32), litert-int8 (full "
+                        "integer), onnxruntime, openvino, tensorflow "
+                        "(compiled, BN folded), ...; default litert")
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="batch size timed (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=2,
+                        help="threads (default 2)")

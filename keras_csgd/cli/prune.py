@@ -1,4 +1,4 @@
-"""`keras-csgd prune` (its nine methods) and `keras-csgd profile`."""
+"""`keras-csgd prune` and its nine methods."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import keras_csgd as kc
 from keras_csgd.cli import recovery
 from keras_csgd.cli.common import (
     CommandError,
+    add_runtime,
     existing_file,
-    format_table,
     fraction,
     latency_fraction,
     load_data,
@@ -338,42 +338,6 @@ def cmd_prune(args):
         print(f"latency target missed: {report.reason}")
 
 
-def cmd_profile(args):
-    model = load_model(args.model)
-    table = kc.latency.profile(
-        model, args.runtime, args.batch_size, threads=args.threads,
-        verbose=0,
-    )
-    shares = sorted(table.shares().items(), key=lambda kv: -kv[1])
-    rows = [["group or block", "kind", "share of latency"]]
-    for name, share in shares:
-        kind = "block" if name in table.blocks else "group"
-        rows.append([name, kind, f"{share:.1%}"])
-    source = "cache" if table.cached else "measured"
-    print(
-        f"{args.model}: {table.full:.3f} ms per batch of {args.batch_size} "
-        f"on {args.runtime} ({source}); a group's share is its latency "
-        "change extended to width 0, a block's what removing it saves"
-    )
-    where = table.fields.get("machine") or {}
-    if where:
-        print(f"machine: {where.get('cpu')}, {where.get('cores')} cores, "
-              f"SIMD {' '.join(where.get('simd', [])) or 'unknown'}")
-    print(format_table(rows))
-
-
-def _add_runtime(parser):
-    parser.add_argument("--runtime", choices=kc.latency.RUNTIMES,
-                        default="litert",
-                        help="litert (float32), litert-int8 (full "
-                        "integer), onnxruntime, openvino, tensorflow "
-                        "(compiled, BN folded), ...; default litert")
-    parser.add_argument("--batch-size", type=positive_int, default=1,
-                        help="batch size timed (default 1)")
-    parser.add_argument("--threads", type=positive_int, default=2,
-                        help="threads (default 2)")
-
-
 def add_prune(sub):
     prune = sub.add_parser(
         "prune",
@@ -393,7 +357,7 @@ def add_prune(sub):
                        "fraction of the full model's, measured on "
                        "--runtime on this machine (methods: "
                        + ", ".join(LATENCY_METHODS) + ")")
-    _add_runtime(prune)
+    add_runtime(prune)
     prune.add_argument("--plan", help="instead of --keep or --latency: "
                        "carry out the widths and removed blocks of this "
                        "plan JSON (e.g. the .plan.json of a `prune "
@@ -416,18 +380,3 @@ def add_prune(sub):
     prune.add_argument("--out", required=True, help="output .keras file")
     prune.set_defaults(func=cmd_prune)
     return prune
-
-
-def add_profile(sub):
-    profile = sub.add_parser(
-        "profile",
-        help="measure each group's and block's share of the latency",
-        description="Profiles MODEL on --runtime on this machine (slim "
-        "variants timed against the full model, interleaved; cached under "
-        "~/.cache/keras_csgd/latency or $KERAS_CSGD_CACHE) and prints each "
-        "prunable group's and removable block's share of the latency.",
-    )
-    profile.add_argument("model", help="input .keras model")
-    _add_runtime(profile)
-    profile.set_defaults(func=cmd_profile)
-    return profile

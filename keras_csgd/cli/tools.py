@@ -1,4 +1,4 @@
-"""`keras-csgd export` and `keras-csgd bench`, on every runtime."""
+"""`keras-csgd export`, `bench` and `profile`, on every runtime."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import keras_csgd as kc
 from keras_csgd.cli.common import (
     CommandError,
+    add_runtime,
     batch_sizes,
     existing_file,
     format_table,
@@ -112,3 +113,42 @@ def add_bench(sub):
                        help="XLA-compile the Keras function")
     bench.set_defaults(func=cmd_bench)
     return bench
+
+
+def cmd_profile(args):
+    model = load_model(args.model)
+    table = kc.latency.profile(
+        model, args.runtime, args.batch_size, threads=args.threads,
+        verbose=0,
+    )
+    shares = sorted(table.shares().items(), key=lambda kv: -kv[1])
+    rows = [["group or block", "kind", "share of latency"]]
+    for name, share in shares:
+        kind = "block" if name in table.blocks else "group"
+        rows.append([name, kind, f"{share:.1%}"])
+    source = "cache" if table.cached else "measured"
+    print(
+        f"{args.model}: {table.full:.3f} ms per batch of {args.batch_size} "
+        f"on {args.runtime} ({source}); a group's share is its latency "
+        "change extended to width 0, a block's what removing it saves"
+    )
+    where = table.fields.get("machine") or {}
+    if where:
+        print(f"machine: {where.get('cpu')}, {where.get('cores')} cores, "
+              f"SIMD {' '.join(where.get('simd', [])) or 'unknown'}")
+    print(format_table(rows))
+
+
+def add_profile(sub):
+    profile = sub.add_parser(
+        "profile",
+        help="measure each group's and block's share of the latency",
+        description="Profiles MODEL on --runtime on this machine (slim "
+        "variants timed against the full model, interleaved; cached under "
+        "~/.cache/keras_csgd/latency or $KERAS_CSGD_CACHE) and prints each "
+        "prunable group's and removable block's share of the latency.",
+    )
+    profile.add_argument("model", help="input .keras model")
+    add_runtime(profile)
+    profile.set_defaults(func=cmd_profile)
+    return profile
