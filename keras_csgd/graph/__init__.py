@@ -6,20 +6,14 @@ it calls, traced on Keras tensors (`trace`): every tensor gets a *layout*
 (`spaces`: merged and split). Each layer or `keras.ops` call is handed to
 its handler in the layer registry (`keras_csgd.layers`), which declares
 through a `Context` how the call's variables read, produce or carry
-channels (`analysis`). `nodes` holds the
+channels (`analysis` runs it, `context` holds it, `records` what it
+finds). `nodes` holds the
 queries on the node graph, the only code that reads Keras's private node
 structure.
 """
 
-from keras_csgd.graph.analysis import (
-    Analysis,
-    Call,
-    Context,
-    Cost,
-    Entry,
-    analyze,
-    channel_groups,
-)
+from keras_csgd.graph.analysis import analyze, channel_groups
+from keras_csgd.graph.context import Context
 from keras_csgd.graph.layout import (
     Axes,
     Reindex,
@@ -47,6 +41,7 @@ from keras_csgd.graph.nodes import (
     successors,
     topological_nodes,
 )
+from keras_csgd.graph.records import Analysis, Call, Cost, Entry
 from keras_csgd.graph.variables import (
     get_variable,
     group_rows,
