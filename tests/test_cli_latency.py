@@ -165,3 +165,24 @@ def test_profile_help(capsys):
     assert code == 0 and out.startswith("usage: keras-csgd profile")
     code, out, _ = run(["prune", "--help"], capsys)
     assert code == 0 and "--latency" in out and "--batch-size" in out
+
+
+@pytest.mark.parametrize("slim_ms, missed", [(0.99, True), (0.9, False)])
+def test_a_method_without_verification_says_when_it_missed(
+        model_path, tmp_path, capsys, monkeypatch, slim_ms, missed):
+    """adaptive plans by the table's prediction; the command compares the
+    latency it measures with the target and says when it missed."""
+    monkeypatch.setattr(kc.latency, "time_against_full",
+                        lambda *args, **kwargs: (1.0, slim_ms, slim_ms))
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.uniform(size=(32, 8, 8, 1)).astype("float32"),
+             y=rng.integers(0, 10, 32))
+    code, out, err = run(
+        ["prune", model_path, "--method", "adaptive", "--data", str(data),
+         "--epochs", "0", "--latency", "0.9", *FAST, "--out",
+         str(tmp_path / "slim.keras")], capsys)
+    assert code == 0, err
+    assert f"({slim_ms:.1%}; target 90.0%)" in out
+    assert ("latency target missed: measured 99.0% of the full latency"
+            in out) is missed

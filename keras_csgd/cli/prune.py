@@ -243,6 +243,9 @@ METHODS = {**TRAINED, **PLANNED}
 LATENCY_METHODS = ("adaptive", "asfp", "cap", "csgd", "ensembles",
                    "magnitude")
 PLAN_METHODS = tuple(m for m in LATENCY_METHODS if m != "adaptive")
+# A measured latency this far above `--latency` is reported as a miss (as
+# `plan_for_latency` does with its default tolerance).
+MISS_TOLERANCE = 0.05
 
 
 def _plan_path(out):
@@ -336,6 +339,11 @@ def cmd_prune(args):
     )
     if report is not None and report.reason:
         print(f"latency target missed: {report.reason}")
+    elif report is None and ratio > args.latency * (1 + MISS_TOLERANCE):
+        print(f"latency target missed: measured {ratio:.1%} of the full "
+              f"latency, more than {MISS_TOLERANCE:.0%} above the target "
+              f"(--method {args.method} plans by the latency table's "
+              "prediction and does not re-plan from measurements)")
 
 
 def add_prune(sub):
