@@ -345,6 +345,24 @@ def base_model(args, profile, data, cache_dir):
     return model, {**info, "cached": False}
 
 
+def runtime_accuracy(model, fmt, calibration, batches, threads=2) -> float:
+    """Accuracy of `model` exported as `fmt` (`kc.export`; `calibration`
+    is the int8 representative data) and run by its runtime over the
+    labelled `(x, y)` `batches`."""
+    runtime = kc.runtimes.for_format(fmt)
+    correct = total = 0
+    with tempfile.TemporaryDirectory() as folder:
+        path = kc.export(model, os.path.join(folder, f"m{runtime.suffix}"),
+                         fmt, data=calibration).path
+        program = runtime.load(path, threads)
+        for x, y in batches:
+            y = np.asarray(y)
+            correct += int(np.sum(
+                program.run(np.asarray(x)).argmax(-1) == y))
+            total += len(y)
+    return correct / total
+
+
 def write_atomically(path, writer):
     """`writer(tmp)` writes next to `path`; then `tmp` replaces `path`."""
     suffix = os.path.splitext(path)[1]

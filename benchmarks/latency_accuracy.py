@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,6 +51,7 @@ from cifar10 import (  # noqa: E402
     dump_json,
     load_data,
     machine,
+    runtime_accuracy,
     write_atomically,
 )
 from latency_target import uniform_row  # noqa: E402
@@ -117,20 +117,6 @@ def latency_plans(base, threads) -> dict:
     return plans, {**rows, "uniform_timings": uniform["timed_keeps"]}
 
 
-def runtime_accuracy(model, data, fmt, threads) -> float:
-    """Validation accuracy of `model` exported as `fmt` and run by its
-    runtime (int8 calibrated on the first 100 training images)."""
-    runtime = kc.runtimes.for_format(fmt)
-    with tempfile.TemporaryDirectory() as folder:
-        path = kc.export(model, os.path.join(folder, f"m{runtime.suffix}"),
-                         fmt, data=data.calibration(100)).path
-        program = runtime.load(path, threads)
-        correct = sum(
-            int(np.sum(program.run(x.numpy()).argmax(-1) == y.numpy()))
-            for x, y in data.plain(data.x_val, data.y_val))
-    return correct / len(data.x_val)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -186,7 +172,9 @@ def main(argv=None):
             if data.x_test is not None:
                 row["test"] = accuracy(small, data, "test")
             for fmt in ("litert", "litert-int8"):
-                row[fmt] = runtime_accuracy(small, data, fmt, args.threads)
+                row[fmt] = runtime_accuracy(
+                    small, fmt, data.calibration(100),
+                    data.plain(data.x_val, data.y_val), args.threads)
             runs[name].append(row)
             result["runs"] = runs
             result["mean_finetuned"] = {

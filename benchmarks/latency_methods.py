@@ -44,14 +44,19 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
+from cifar10 import (  # noqa: E402
+    command,
+    dump_json,
+    machine,
+    runtime_accuracy,
+    write_atomically,
+)
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import data as kdata  # noqa: E402
@@ -106,18 +111,11 @@ def base_model(train, val):
 
 def runtime_accuracies(slim, train, val) -> dict:
     """`{format: held-out accuracy}` of `slim` exported as float32 and as
-    full-integer int8 LiteRT (calibrated on 100 training images)."""
-    out = {}
-    for fmt in ("litert", "litert-int8"):
-        runtime = kc.runtimes.for_format(fmt)
-        with tempfile.TemporaryDirectory() as folder:
-            path = kc.export(slim, os.path.join(folder, f"m{runtime.suffix}"),
-                             fmt, data=train[0][:100]).path
-            program = runtime.load(path, 2)
-            logits = np.concatenate([program.run(x[None])
-                                     for x in val[0]])
-        out[fmt] = float(np.mean(np.argmax(logits, -1) == val[1]))
-    return out
+    full-integer int8 LiteRT (calibrated on 100 training images), one
+    image per call."""
+    return {fmt: runtime_accuracy(slim, fmt, train[0][:100],
+                                  ((x[None], y[None]) for x, y in zip(*val)))
+            for fmt in ("litert", "litert-int8")}
 
 
 def rescore(path, train, val):
