@@ -22,6 +22,7 @@ from keras_csgd.cli.common import (
     write_atomically,
     write_text,
 )
+from keras_csgd.latency.target import TOLERANCE
 from keras_csgd.methods import compensation
 from keras_csgd.methods.adaptive import AdaptiveGates
 from keras_csgd.recover import compile_classifier
@@ -243,9 +244,6 @@ METHODS = {**TRAINED, **PLANNED}
 LATENCY_METHODS = ("adaptive", "asfp", "cap", "csgd", "ensembles",
                    "magnitude")
 PLAN_METHODS = tuple(m for m in LATENCY_METHODS if m != "adaptive")
-# A measured latency this far above `--latency` is reported as a miss (as
-# `plan_for_latency` does with its default tolerance).
-MISS_TOLERANCE = 0.05
 
 
 def _plan_path(out):
@@ -339,9 +337,10 @@ def cmd_prune(args):
     )
     if report is not None and report.reason:
         print(f"latency target missed: {report.reason}")
-    elif report is None and ratio > args.latency * (1 + MISS_TOLERANCE):
+    elif report is None and ratio > args.latency * (1 + TOLERANCE):
+        # A method that did not verify, judged as plan_for_latency judges.
         print(f"latency target missed: measured {ratio:.1%} of the full "
-              f"latency, more than {MISS_TOLERANCE:.0%} above the target "
+              f"latency, more than {TOLERANCE:.0%} above the target "
               f"(--method {args.method} plans by the latency table's "
               "prediction and does not re-plan from measurements)")
 

@@ -37,11 +37,13 @@ CLUSTERS = ("prune", "kmeans")
 # Largest step past the verified plans, in steps of the proportional
 # correction (see `corrected_ratio`).
 MAX_EXTRAPOLATION = 3.0
+# The default allowed relative miss of a measured ratio (`tolerance`).
+TOLERANCE = 0.05
 
 
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
                      scores=None, *, table=None, clusters="prune",
-                     threads=None, grid=GRID, tolerance=0.05,
+                     threads=None, grid=GRID, tolerance=TOLERANCE,
                      max_iterations=4, jit_compile="auto", cache_dir=None,
                      measure=None, verify=True, return_report=False, seed=0,
                      verbose=1):
