@@ -347,6 +347,31 @@ def test_latency_budget_closes_the_cheapest_gates_to_the_target():
     np.testing.assert_allclose(gates.estimated_cost(), latency)
 
 
+def test_tighten_closes_more_gates_and_keeps_removal_exact():
+    model = resnet8()
+    table = LinearTable(AdaptiveGates(model, macs_target=0.5), seed=2)
+    gates = AdaptiveGates(model, latency_target=0.8, latency_table=table)
+    for gate in gates._all_gates():
+        gate.gate.assign(RNG.uniform(0.2, 1.0, gate.gate.shape))
+    gates.lock()
+    first_masks, first_closed = gates._locked
+    first = gates.estimated_cost()
+    gates.tighten(0.6 * table.full)
+    masks, closed = gates._locked
+    assert set(first_closed) <= set(closed)
+    for root, mask in masks.items():  # locked channels stay closed
+        assert not np.any(mask & ~first_masks[root])
+    assert 0.6 * table.full <= gates.estimated_cost() < first
+    assert gates.latency_target == 0.6 * table.full
+    expected = gates.model.predict(X, verbose=0)  # the new gates are at 0
+    folded, plan = gates.finalize()
+    slim = kc.slim(folded, plan)
+    assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
+    assert set(plan.remove_blocks) == set(closed)
+    with pytest.raises(ValueError, match="locked gates do not reopen"):
+        gates.tighten(0.7 * table.full)
+
+
 def test_bad_latency_arguments():
     model = resnet8()
     table = LinearTable(AdaptiveGates(model, macs_target=0.5))

@@ -8,7 +8,7 @@ import warnings
 import keras
 
 import keras_csgd as kc
-from keras_csgd.cli import recovery
+from keras_csgd.cli import adaptive, recovery
 from keras_csgd.cli.common import (
     CommandError,
     add_runtime,
@@ -24,7 +24,6 @@ from keras_csgd.cli.common import (
 )
 from keras_csgd.latency.target import TOLERANCE
 from keras_csgd.methods import compensation
-from keras_csgd.methods.adaptive import AdaptiveGates
 from keras_csgd.recover import compile_classifier
 
 # The trained methods' settings for short schedules (`prune --epochs`, the
@@ -42,14 +41,6 @@ CSGD_SETTINGS = {
 # GSM as in its paper's CIFAR runs (`prune --method gsm`).
 GSM_LEARNING_RATE = 5e-3
 GSM_SETTINGS = {"momentum": 0.98, "weight_decay": 1e-4}
-# Adaptive gates: they learn (Nesterov SGD from this learning rate) for
-# ADAPTIVE_GATE_EPOCHS, lock by the budget, and the slim model is then
-# fine-tuned for `--epochs` like a planned method's. Learning the gates in
-# the first half of `--epochs` and fine-tuning the locked network for the
-# second (no distillation) gave 61.2% on `benchmarks/latency_methods.py`'s
-# seed 1, against 75.1% for magnitude + 3 distilled epochs.
-SGD_LEARNING_RATE = 0.01
-ADAPTIVE_GATE_EPOCHS = 1
 # ASFP: zeroes a BN-followed channel's gamma and beta (`batchnorm="scale"`;
 # zeroing kernels behind BN collapsed a trained ResNet-20 to 17.6% in 3
 # epochs), every ASFP_STEPS batches rather than every epoch, from this
@@ -111,43 +102,6 @@ def _gsm(model, data, args):
     kc.sparsify(model, density=args.keep)
     plan = kc.PruningPlan({}, groups=kc.channel_groups(model))
     return plan, kc.slim(model, plan)
-
-
-def _adaptive(model, data, args):
-    """Learnt gates with the MACs of `--keep` per group as the target, or
-    `--latency` costed by the measured latency table. The gates learn for
-    ADAPTIVE_GATE_EPOCHS and lock by the budget (so the slim model equals
-    the gated one); `--epochs` then fine-tunes the slim model."""
-    if args.latency is not None:
-        table = kc.latency.profile(model, args.runtime, args.batch_size,
-                                   threads=args.threads,
-                                   verbose=args.verbose)
-        gates = AdaptiveGates(model, latency_target=args.latency,
-                              latency_table=table)
-    else:
-        target = kc.macs_under(
-            model, kc.make_plan(model, keep=args.keep,
-                                round_to=args.round_to)
-        ) / kc.count_macs(model)
-        gates = AdaptiveGates(model, macs_target=target)
-    print(f"adaptive: gates learn for {ADAPTIVE_GATE_EPOCHS} epoch(s), then "
-          "lock by the budget")
-    recovery.train(gates.model, data, args, SGD_LEARNING_RATE,
-                   callbacks=[_gate_schedule(gates, len(data[0]))],
-                   epochs=ADAPTIVE_GATE_EPOCHS)
-    folded, plan = gates.finalize()
-    args.trained = folded
-    return plan, kc.slim(folded, plan)
-
-
-def _gate_schedule(gates, samples):
-    """The penalty grows 1.5x twenty times over the gate epochs and the
-    gates lock by the budget at their end at the latest, so that removal
-    is exact."""
-    batches = ADAPTIVE_GATE_EPOCHS * -(-samples // recovery.BATCH_SIZE)
-    return kc.callbacks.MacsTargetCallback(
-        gates, factor=1.5, steps=max(1, batches // 20), lock_by=batches,
-    )
 
 
 def _magnitude(model, data, args):
@@ -227,7 +181,8 @@ def _latency_plan(model, args, scores=None, clusters="prune"):
     return plan
 
 
-TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm, "adaptive": _adaptive}
+TRAINED = {"csgd": _csgd, "asfp": _asfp, "gsm": _gsm,
+           "adaptive": adaptive.run}
 # Trained methods whose slim model `--epochs` fine-tunes as well (their
 # training only chooses the plan).
 TUNED = ("adaptive",)
@@ -305,6 +260,8 @@ def cmd_prune(args):
     report = getattr(args, "latency_report", None)
     if report is not None:
         measured = (report.full_ms, report.slim_ms, report.measured_ratio)
+    elif getattr(args, "measured", None) is not None:  # adaptive's
+        measured = args.measured
     elif args.latency is not None:  # a method that made no report
         measured = kc.latency.time_against_full(
             model, slim, args.runtime, args.batch_size, threads=args.threads
@@ -338,11 +295,11 @@ def cmd_prune(args):
     if report is not None and report.reason:
         print(f"latency target missed: {report.reason}")
     elif report is None and ratio > args.latency * (1 + TOLERANCE):
-        # A method that did not verify, judged as plan_for_latency judges.
+        # adaptive's last timing, judged as plan_for_latency judges.
         print(f"latency target missed: measured {ratio:.1%} of the full "
-              f"latency, more than {TOLERANCE:.0%} above the target "
-              f"(--method {args.method} plans by the latency table's "
-              "prediction and does not re-plan from measurements)")
+              f"latency, more than {TOLERANCE:.0%} above the target after "
+              f"{adaptive.TRIES} timings of tightened gates (the machine "
+              "may be busy, or latency at these widths is not additive)")
 
 
 def add_prune(sub):
@@ -379,7 +336,7 @@ def add_prune(sub):
                        "model (others; default 0, adaptive 10; "
                        "kc.fine_tune: cosine lr, distilled from the input "
                        "model; adaptive's gates learn for "
-                       f"{ADAPTIVE_GATE_EPOCHS} epoch before)")
+                       f"{adaptive.GATE_EPOCHS} epoch before)")
     recovery.add_arguments(prune)
     prune.add_argument("--round-to", type=positive_int,
                        help="round widths to a multiple of this")

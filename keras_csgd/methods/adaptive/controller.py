@@ -251,6 +251,45 @@ class AdaptiveGates:
         self.penalty_weight = 0.0
         self._locked = (masks, closed)
 
+    def tighten(self, target) -> None:
+        """Lowers the budget to `target` and locks what else it closes.
+
+        For a verified latency: when the slim model measures slower than
+        the cost model predicted, lower the target (in the units of
+        `.cost`, e.g. `target * table.full * target / measured`) and call
+        `finalize()` again. The locked channels and blocks stay closed;
+        further ones close in ascending order of their gate values, as in
+        `lock`, and their gates are held at 0, so the slim model still
+        computes what the gated model does (train on to recover).
+
+        Args:
+            target: the new budget, in the units of `.cost`, at most the
+                current one.
+
+        Raises:
+            ValueError: when `target` is above the current target (locked
+                gates do not reopen) or not positive.
+        """
+        if not 0 < target <= self.target:
+            raise ValueError(
+                f"`target` must be in (0, {self.target:g}] (the current "
+                f"target; locked gates do not reopen). Received: "
+                f"target={target!r}"
+            )
+        old = self._locked
+        self.target, self._locked = float(target), None
+        if self.macs_target is not None:
+            self.macs_target = int(self.target)
+        else:
+            self.latency_target = self.target
+        self.lock()
+        if old is not None:  # what was locked stays closed (its gates: 0)
+            masks, closed = self._locked
+            self._locked = (
+                {root: mask & old[0][root] for root, mask in masks.items()},
+                sorted(set(closed) | set(old[1])),
+            )
+
     def _widths(self, masks) -> dict[str, int]:
         return {s.group: int(masks[s.root].sum()) for s in self._sites}
 

@@ -1,0 +1,91 @@
+"""`keras-csgd prune --method adaptive`: gates that learn, lock by the
+budget and, for a latency target, tighten until the slim model measures
+within `TOLERANCE` of it."""
+
+from __future__ import annotations
+
+import keras_csgd as kc
+from keras_csgd.cli import recovery
+from keras_csgd.latency.target import TOLERANCE, corrected_ratio
+from keras_csgd.methods.adaptive import AdaptiveGates
+
+# Adaptive gates: they learn (Nesterov SGD from this learning rate) for
+# GATE_EPOCHS, lock by the budget, and the slim model is then
+# fine-tuned for `--epochs` like a planned method's. Learning the gates in
+# the first half of `--epochs` and fine-tuning the locked network for the
+# second (no distillation) gave 61.2% on `benchmarks/latency_methods.py`'s
+# seed 1, against 75.1% for magnitude + 3 distilled epochs.
+LEARNING_RATE = 0.01
+GATE_EPOCHS = 1
+# With --latency, the gates lock by the latency table's prediction; the slim
+# model is then timed against the input model and, while it measures more
+# than TOLERANCE above the target, the budget is lowered (secant steps of
+# `corrected_ratio`, as `plan_for_latency` corrects its plans, or by
+# target / measured where the secant does not lower it) and more gates
+# close (`AdaptiveGates.tighten`), up to TRIES timings.
+TRIES = 3
+
+
+def run(model, data, args):
+    """Learnt gates with the MACs of `--keep` per group as the target, or
+    `--latency` costed by the measured latency table. The gates learn for
+    GATE_EPOCHS and lock by the budget (so the slim model equals
+    the gated one); `--epochs` then fine-tunes the slim model."""
+    table = None
+    if args.latency is not None:
+        table = kc.latency.profile(model, args.runtime, args.batch_size,
+                                   threads=args.threads,
+                                   verbose=args.verbose)
+        gates = AdaptiveGates(model, latency_target=args.latency,
+                              latency_table=table)
+    else:
+        target = kc.macs_under(
+            model, kc.make_plan(model, keep=args.keep,
+                                round_to=args.round_to)
+        ) / kc.count_macs(model)
+        gates = AdaptiveGates(model, macs_target=target)
+    print(f"adaptive: gates learn for {GATE_EPOCHS} epoch(s), then "
+          "lock by the budget")
+    recovery.train(gates.model, data, args, LEARNING_RATE,
+                   callbacks=[_gate_schedule(gates, len(data[0]))],
+                   epochs=GATE_EPOCHS)
+    folded, plan, slim = _locked(gates, model, table, args)
+    args.trained = folded
+    return plan, slim
+
+
+def _locked(gates, model, table, args):
+    """`(folded, plan, slim)` of the locked gates; with --latency, timed
+    against `model` and tightened until within TOLERANCE of the target
+    (the last timing in `args.measured`)."""
+    points = []
+    for attempt in range(1 if table is None else TRIES):
+        folded, plan = gates.finalize()
+        slim = kc.slim(folded, plan)
+        if table is None:
+            break
+        predicted = gates.estimated_cost() / table.full
+        args.measured = kc.latency.time_against_full(
+            model, slim, args.runtime, args.batch_size, threads=args.threads)
+        ratio = args.measured[2]
+        print(f"adaptive: the locked gates' slim model, predicted "
+              f"{predicted:.1%} of the full latency, measures {ratio:.1%}")
+        points.append((predicted, ratio))
+        if (ratio <= args.latency * (1 + TOLERANCE)
+                or attempt == TRIES - 1):
+            break
+        budget = table.full * corrected_ratio(points, args.latency)
+        if budget >= gates.target:  # the secant would not tighten
+            budget = gates.target * args.latency / ratio
+        gates.tighten(budget)
+    return folded, plan, slim
+
+
+def _gate_schedule(gates, samples):
+    """The penalty grows 1.5x twenty times over the gate epochs and the
+    gates lock by the budget at their end at the latest, so that removal
+    is exact."""
+    batches = GATE_EPOCHS * -(-samples // recovery.BATCH_SIZE)
+    return kc.callbacks.MacsTargetCallback(
+        gates, factor=1.5, steps=max(1, batches // 20), lock_by=batches,
+    )
