@@ -4,6 +4,24 @@
 clusters: consecutive runs (`even_clusters`) or k-means on the producer
 filters (`kmeans_clusters`). Plans from importance scores are made in
 `keras_csgd.scoring`.
+
+One `keep` for every group (`uniform_widths`, which every plan maker with
+a float `keep` uses) is not `target_width` of each where groups work
+together:
+
+- grouped-query heads are a grid of two groups (`layers.decoders`: the
+  key/value heads, and the query positions within a key/value group);
+  keeping `keep` of both would keep `keep ** 2` of the query heads. One of
+  the two is cut, the other kept whole (so every key/value group keeps the
+  same query positions): whichever keeps nearer `keep` of the query heads,
+  the key/value heads on a tie (a smaller key/value cache);
+- backbones that derive the head size as `hidden_dim // num_query_heads`
+  (Llama, Qwen2, Phi3, GPT-2: `llm.head_couplings`) keep their class, and
+  `generate`, only when the slim hidden width is the kept heads times the
+  head size. So the hidden width follows the heads (`heads * head_dim`);
+  where the plan leaves the hidden width whole (`make_plan` does not merge
+  a stream read by a tied output embedding: GPT-2, Qwen2 by default), the
+  heads stay whole too.
 """
 
 from __future__ import annotations
@@ -13,7 +31,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from keras_csgd import checks, graph
+from keras_csgd import checks, graph, llm
+from keras_csgd.graph.layout import leaves
 from keras_csgd.plan import PruningPlan
 
 
@@ -28,6 +47,52 @@ def target_width(size: int, keep: float, round_to: int | None = None) -> int:
         return max(1, min(size, math.ceil(keep * size - 1e-9)))
     width = math.floor(keep * size / round_to + 0.5) * round_to
     return max(min(round_to, size), min(size, width))
+
+
+def uniform_widths(model, an, names, keep: float,
+                   round_to: int | None = None) -> dict[str, int]:
+    """The widths one `keep` gives the groups `names` (module docstring).
+
+    Args:
+        model: the model `an` analyses.
+        an: `graph.analyze(model)`.
+        names: the groups to plan.
+        keep: kept fraction, in (0, 1].
+        round_to: round widths to a multiple of `round_to` (see
+            `target_width`). Defaults to `None`.
+
+    Returns:
+        `{group_name: width}` for every name of `names`.
+    """
+    size = {g.name: g.size for g in an.groups}
+    widths = {n: target_width(size[n], keep, round_to) for n in names}
+    name_of = {gid: n for n, gid in an.gid_of.items()}
+    for keys in an.widths.values():
+        heads = keys.get("num_query_heads")
+        if heads is not None and an.root(heads)[0] == "grid":
+            pair = [name_of.get(g) for g in leaves(an.root(heads))]
+            if all(n in widths for n in pair):
+                widths.update(zip(pair, _cut_one(
+                    [size[n] for n in pair], keep, round_to)))
+    for stream, heads, head_dim in llm.head_couplings(model, an):
+        if not all(n in widths for n in heads):
+            continue
+        if stream in widths:
+            widths[stream] = math.prod(widths[n] for n in heads) * head_dim
+        else:
+            widths.update((n, size[n]) for n in heads)
+    return widths
+
+
+def _cut_one(sizes: list[int], keep: float,
+             round_to: int | None) -> tuple[int, int]:
+    """The widths of a grid of two groups (`sizes`): one cut to `keep`,
+    the other whole, whichever keeps nearer `keep` of the grid (the
+    outer one on a tie)."""
+    outer, inner = sizes
+    cuts = ((target_width(outer, keep, round_to), inner),
+            (outer, target_width(inner, keep, round_to)))
+    return min(cuts, key=lambda w: abs(w[0] * w[1] - keep * outer * inner))
 
 
 def even_clusters(size: int, width: int) -> list[list[int]]:
@@ -87,7 +152,9 @@ def make_plan(
             is False: a transformer's residual stream, normalised over its
             channels) are left unplanned, since C-SGD cannot merge them
             exactly; prune those with `kc.methods.magnitude_plan` or
-            `kc.plan_from_scores` and fine-tune. Defaults to `0.625`.
+            `kc.plan_from_scores` and fine-tune. A float keeps about `keep`
+            of grouped-query heads, and a decoder LLM's class
+            (`uniform_widths`). Defaults to `0.625`.
         method: `"even"` (consecutive runs, the first `size % width` one
             longer) or `"kmeans"` (seeded k-means on the group's producer
             filters, flattened and concatenated across producers). Defaults
@@ -127,15 +194,17 @@ def make_plan(
                     f"`keep` names group {name!r} that cannot be pruned "
                     f"({why})."
                 )
-        fractions = dict(keep)
+            checks.fraction("keep", keep[name])
+        widths = {name: target_width(by_name[name].size, frac, round_to)
+                  for name, frac in keep.items()}
     else:
-        fractions = {g.name: keep for g in groups
-                     if g.prunable and g.exact}
+        checks.fraction("keep", keep)
+        widths = uniform_widths(
+            model, an, [g.name for g in groups if g.prunable and g.exact],
+            keep, round_to)
     clusters = {}
-    for name, frac in fractions.items():
-        checks.fraction("keep", frac)
+    for name, width in widths.items():
         g = by_name[name]
-        width = target_width(g.size, frac, round_to)
         if method == "even":
             clusters[name] = even_clusters(g.size, width)
         else:

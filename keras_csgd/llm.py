@@ -25,7 +25,9 @@ config has no `head_dim`, and both their attention layers
 num_query_heads`. A backbone subclass with a pinned `head_dim` would fix
 the first, not the second: `generate` would build its cache at the derived
 size. A plan that keeps the same share of the hidden width as of the query
-heads keeps the head size, and the class.
+heads keeps the head size, and the class: one `keep` for every group
+gives such plans (`keras_csgd.clusters.uniform_widths`, which reads the
+groups `head_couplings` ties).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import keras
 import numpy as np
 
 from keras_csgd import layers
+from keras_csgd.graph.layout import leaves
 from keras_csgd.rebuild import var_key
 
 TOLERANCE = 1e-4
@@ -93,11 +96,10 @@ def _why_not(model, blocks, hidden: int) -> str | None:
         return ("its decoder layers have different widths ("
                 + "; ".join(f"{b.name}: {w}" for b, w in zip(blocks, widths))
                 + "); a plan with one `keep` for every layer keeps the class")
-    params = inspect.signature(type(model).__init__).parameters
-    key = next(k for k in ("num_query_heads", "num_heads") if k in params)
+    key = _heads_key(model)
     heads = widths[0][key]
     size = widths[0]["head_dim"]
-    if "head_dim" not in params and hidden != heads * size:
+    if derives_head_size(model) and hidden != heads * size:
         return (f"{type(model).__name__} derives the head size as "
                 f"`hidden_dim // {key}` ({hidden} // {heads} = "
                 f"{hidden // heads}), and the "
@@ -105,6 +107,53 @@ def _why_not(model, blocks, hidden: int) -> str | None:
                 f"`hidden_dim = {key} * {size}` (the same share of the "
                 "hidden width as of the query heads) keeps the class")
     return None
+
+
+def _heads_key(model) -> str:
+    """The config key of `model`'s (query) heads."""
+    params = inspect.signature(type(model).__init__).parameters
+    return next(k for k in ("num_query_heads", "num_heads") if k in params)
+
+
+def derives_head_size(model) -> bool:
+    """Whether `model` is a keras_hub decoder backbone whose class derives
+    the head size as `hidden_dim // num_query_heads` (its config has no
+    `head_dim`: Llama, Qwen2, Phi3, GPT-2)."""
+    params = inspect.signature(type(model).__init__).parameters
+    return (type(model).__module__.startswith("keras_hub")
+            and "head_dim" not in params and bool(_decoder_blocks(model)))
+
+
+def head_couplings(model, an) -> list[tuple[str | None, list[str], int]]:
+    """The groups whose widths `model`'s class ties by the head size.
+
+    Args:
+        model: the model `an` analyses.
+        an: `graph.analyze(model)`.
+
+    Returns:
+        `(stream, heads, head size)` of every decoder block: the residual
+        stream's group (that of the token embedding's columns; `None` if it
+        has none) and the (query) heads' groups, when `model`'s class
+        derives the head size (`derives_head_size`): it keeps its class
+        when the slim stream is the kept heads times the head size. `[]`
+        for every other model.
+    """
+    if not derives_head_size(model):
+        return []
+    table = model.token_embedding.embeddings.path
+    stream = next((g.name for g in an.groups
+                   if any(path == table for _, path, _ in g.members)), None)
+    name_of = {gid: name for name, gid in an.gid_of.items()}
+    key = _heads_key(model)
+    out = []
+    for block in _decoder_blocks(model):
+        heads = an.widths.get(block.name, {}).get(key)
+        if heads is not None:
+            out.append((stream, [name_of.get(g) for g in
+                                 leaves(an.root(heads))],
+                        _widths(block)["head_dim"]))
+    return out
 
 
 def _config(model, blocks, hidden: int) -> dict:

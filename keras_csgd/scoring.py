@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from keras_csgd import checks, graph
-from keras_csgd.clusters import target_width
+from keras_csgd.clusters import uniform_widths
 from keras_csgd.flops import macs_at
 from keras_csgd.groups import ChannelGroup
 from keras_csgd.plan import PruningPlan
@@ -30,7 +30,10 @@ def plan_from_scores(
     """Keeps the channels with the highest scores (larger = more important).
 
     Per group (`keep`, the default): each scored group keeps its
-    `target_width(size, keep, round_to)` best channels.
+    `target_width(size, keep, round_to)` best channels (grouped-query heads
+    and the hidden width of decoder LLMs as
+    `keras_csgd.clusters.uniform_widths`
+    says: about `keep` of the query heads, and the backbone's class kept).
 
     Global (`macs_budget` given): scores are made comparable across groups
     by dividing each group's scores by the group's largest absolute score
@@ -76,10 +79,9 @@ def plan_from_scores(
         checks.fraction("keep", keep)
         checks.positive_int("round_to", round_to, allow_none=True)
         scores = checked_scores(scores, by_name)
-        clusters = {
-            name: top_channels(s, target_width(len(s), keep, round_to))
-            for name, s in scores.items()
-        }
+        widths = uniform_widths(model, an, scores, keep, round_to)
+        clusters = {name: top_channels(s, widths[name])
+                    for name, s in scores.items()}
         return _bound(PruningPlan(clusters, groups=an.groups), model, an)
     for name, value in (("keep", keep), ("round_to", round_to)):
         if value is not None:
@@ -104,7 +106,8 @@ def plan_from_clusters(
     """A plan from a method that clusters channels to a given width.
 
     Every prunable group whose width `target_width(size, keep, round_to)`
-    is smaller than its size is handed to `cluster`, all at once (a method
+    (`uniform_widths` for coupled groups) is smaller than its size is
+    handed to `cluster`, all at once (a method
     that reads data does one pass for all of them). Prune-only groups
     (`ChannelGroup.exact` is False) are not: their channels cannot merge.
 
@@ -137,12 +140,12 @@ def plan_from_clusters(
     checks.fraction("keep", keep)
     checks.positive_int("round_to", round_to, allow_none=True)
     an = analysis or graph.analyze(model)
-    todo = [
-        (g, target_width(g.size, keep, round_to))
-        for g in an.groups
-        if g.prunable and g.exact
-        and target_width(g.size, keep, round_to) < g.size
-    ]
+    by_name = {g.name: g for g in an.groups}
+    widths = uniform_widths(
+        model, an, [g.name for g in an.groups if g.prunable and g.exact],
+        keep, round_to)
+    todo = [(by_name[name], width) for name, width in widths.items()
+            if width < by_name[name].size]
     clusters = dict(cluster(todo)) if todo else {}
     for g, width in todo:
         if len(clusters.get(g.name, ())) != width:
