@@ -20,6 +20,11 @@ from keras_csgd import graph, layers
 from keras_csgd.graph.shapes import einsum_shapes_resolved
 from keras_csgd.graph.trace import output_specs_called
 from keras_csgd.layer_copy import copy_layer
+from keras_csgd.saving import (
+    built_when_called,
+    rebuilt_activation,
+    saved_by_arguments,
+)
 
 
 def var_key(layer, variable) -> str:
@@ -153,9 +158,13 @@ def _configured(layer, edit):
     config = handler.config(layer) if hasattr(handler, "config") else (
         layer.get_config())
     new = edit(layer, config) if edit else config
-    if isinstance(new, keras.layers.Layer):
-        return new
-    return layer.__class__.from_config(new)
+    if not isinstance(new, keras.layers.Layer):
+        activation = rebuilt_activation(layer)
+        if activation is not None and "activation" in new:
+            new = {**new, "activation": activation}
+        new = layer.__class__.from_config(new)
+    built_when_called(new)
+    return new
 
 
 def _copied(layer, given):
@@ -177,7 +186,11 @@ def _copied(layer, given):
     for v in getattr(new, "weights", ()):
         if var_key(new, v) in given:
             v.assign(given[var_key(new, v)])
-    _saved_by_arguments(new)
+    saved_by_arguments(new)
+    built_when_called(new)
+    activation = rebuilt_activation(layer)
+    if activation is not None:
+        new.activation = activation
     return new
 
 
@@ -207,45 +220,6 @@ def _tensors(args, kwargs):
     flat = [a for a in keras.tree.flatten((args, kwargs))
             if isinstance(a, keras.KerasTensor)]
     return flat if len(flat) > 1 else flat[0]
-
-
-def _saved_by_arguments(layer) -> None:
-    """Lets a copy whose own config does not load back save as it was made.
-
-    Keras records the arguments each layer was constructed with; a copy of
-    a layer whose `get_config()` fails or does not load back (keras_hub's
-    DeiT and MiT encoders) saves those instead, so that the new model
-    loads from `.keras`. Keras's own layers are trusted as they are.
-    """
-    if _config_loads(layer):
-        return
-    made = getattr(layer, "_auto_config", None)
-    if made is None:
-        return
-    base = {"name": layer.name, "trainable": layer.trainable,
-            "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
-    layer.get_config = lambda: {**base, **made.config}
-
-
-def _config_loads(layer) -> bool:
-    """Whether `layer`'s class makes a layer of its config (Keras's own
-    layers are trusted)."""
-    if type(layer).__module__.startswith("keras."):
-        return True
-    try:
-        type(layer).from_config(layer.get_config())
-        return True
-    except Exception:  # any failure of a third-party config
-        return False
-
-
-def saves(layer) -> bool:
-    """Whether a copy of `layer` saves to `.keras` as its class: its config
-    loads back, or Keras recorded the arguments it was made with
-    (`_saved_by_arguments`). `slim` builds the others as their traced
-    graph, which saves layer by layer."""
-    return (_config_loads(layer)
-            or getattr(layer, "_auto_config", None) is not None)
 
 
 def _weights(old, new, given) -> list:

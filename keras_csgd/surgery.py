@@ -22,7 +22,8 @@ import numpy as np
 from keras_csgd import blocks, graph, layers, llm
 from keras_csgd.optimizers.spread import cluster_spread
 from keras_csgd.plan import PruningPlan
-from keras_csgd.rebuild import rebuild, saves, var_key, with_bias
+from keras_csgd.rebuild import rebuild, var_key, with_bias
+from keras_csgd.saving import saves
 
 SPREAD_TOLERANCE = 1e-4
 BLOCK_TOLERANCE = 1e-4  # largest branch / shortcut RMS of a removed block

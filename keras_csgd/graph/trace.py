@@ -117,12 +117,13 @@ def _replayed(layer, x):
     """Everything a traced call needs to leave a graph: the batch size as a
     `BatchDim`, static shapes, non-tensor outputs, sub-layers' output specs,
     `keras.ops` for Keras utilities, nested models at the shapes they are
-    called with, and `layer`'s variables as `Weight` tensors (called on
-    `x`, the graph's first input)."""
+    called with, operations made with Python scalars, and `layer`'s
+    variables as `Weight` tensors (called on `x`, the graph's first
+    input)."""
     with batch_sizes_inferred(), einsum_shapes_resolved(), \
             _non_tensor_outputs_kept(), output_specs_called(), \
             _keras_ops_backend(), _graph_models_at_call_shapes(), \
-            _variables_read(layer, x):
+            _python_scalars(), _variables_read(layer, x):
         yield
 
 
@@ -254,6 +255,48 @@ def _keras_ops_backend():
         yield
     finally:
         DynamicBackend.__getattr__ = plain
+
+
+@contextlib.contextmanager
+def _python_scalars():
+    """Operations made meanwhile with NumPy scalars among their arguments
+    (`keras.ops.clip(x, -np.float32(m), np.float32(m))` in D-FINE's
+    decoder) are called as their twins made with Python scalars: Keras
+    records the arguments of an operation (its config, how a graph of it
+    saves) only when they are Python scalars, strings or `None`. The
+    traced graph is checked against the layer as ever (`_differs`)."""
+    plain_new = keras.Operation.__dict__["__new__"]
+    plain_call = keras.Operation.symbolic_call
+    made = weakref.WeakSet()  # the operations made with NumPy scalars
+
+    def new(cls, *args, **kwargs):
+        if issubclass(cls, keras.layers.Layer) or not any(
+                isinstance(a, np.generic)
+                for a in keras.tree.flatten((args, kwargs))):
+            return plain_new(cls, *args, **kwargs)
+        op = plain_new(cls, *keras.tree.map_structure(_python, args),
+                       **keras.tree.map_structure(_python, kwargs))
+        if getattr(op, "_auto_config", None) is not None:
+            made.add(op)
+        return op
+
+    def symbolic_call(op, *args, **kwargs):
+        if op in made:
+            op = type(op).from_config(op.get_config())
+        return plain_call(op, *args, **kwargs)
+
+    keras.Operation.__new__ = staticmethod(new)  # as `super().__new__` reads
+    keras.Operation.symbolic_call = symbolic_call
+    try:
+        yield
+    finally:
+        keras.Operation.__new__ = plain_new
+        keras.Operation.symbolic_call = plain_call
+
+
+def _python(value):
+    """A NumPy scalar as the Python scalar of its value."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _placeholder(value):
