@@ -255,6 +255,7 @@ def fine_tune(
     validation_data=None,
     learning_rate=LEARNING_RATE,
     schedule="cosine",
+    warmup=0.0,
     augment=False,
     temperature=TEMPERATURE,
     alpha=ALPHA,
@@ -288,6 +289,9 @@ def fine_tune(
         learning_rate: the peak learning rate. Defaults to `0.03`.
         schedule: `"cosine"` (decay to 0 over the training steps) or
             `"constant"`. Defaults to `"cosine"`.
+        warmup: fraction of the training steps over which the learning
+            rate first rises linearly from 0 to `learning_rate`; the
+            schedule runs over the remaining steps. Defaults to `0.0`.
         augment: random horizontal flip and a random crop after zero
             padding by an eighth of the height (4 pixels at 32): `True`,
             `False`, or `"auto"` (for image inputs held in memory). Defaults
@@ -315,8 +319,8 @@ def fine_tune(
 
     Raises:
         ValueError: a bad `epochs`, `validation_split`, `schedule`,
-            `augment`, `temperature` or `alpha`, or a teacher whose input or
-            output shape differs from the model's.
+            `warmup`, `augment`, `temperature` or `alpha`, or a teacher
+            whose input or output shape differs from the model's.
 
     Example:
 
@@ -336,6 +340,7 @@ def fine_tune(
             f"Received: schedule={schedule!r}"
         )
     checks.fraction("alpha", alpha, low_open=False)
+    checks.fraction("warmup", warmup, low_open=False, high_closed=False)
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(
             "`temperature` must be a positive number. "
@@ -360,9 +365,8 @@ def fine_tune(
     else:
         steps = batches.num_batches(train) or 1
         pipeline = train
-    rate = learning_rate if schedule == "constant" else (
-        keras.optimizers.schedules.CosineDecay(learning_rate,
-                                               max(1, epochs * steps)))
+    rate = learning_rate_schedule(learning_rate, schedule, epochs * steps,
+                                  warmup)
     optimizer = (optimizer or _nesterov)(rate)
     if epochs:
         _train(model, teacher, pipeline, epochs, optimizer, temperature,
@@ -378,6 +382,24 @@ def fine_tune(
         validation_samples=None if val is None else len(val[0]),
         seconds=round(time.perf_counter() - start, 1), model=model,
     )
+
+
+def learning_rate_schedule(learning_rate, schedule, steps, warmup=0.0):
+    """`fine_tune`'s learning rate over `steps`: a linear warm-up from 0
+    over `warmup` of them, then `learning_rate` held (`"constant"`) or
+    decayed to 0 on a cosine (`"cosine"`).
+
+    Returns:
+        `learning_rate` itself when constant without warm-up, else a
+        `keras.optimizers.schedules.CosineDecay`.
+    """
+    if schedule == "constant" and not warmup:
+        return learning_rate
+    ramp = round(warmup * steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if ramp else learning_rate, max(1, steps - ramp),
+        alpha=1.0 if schedule == "constant" else 0.0,
+        warmup_target=learning_rate if ramp else None, warmup_steps=ramp)
 
 
 def _nesterov(learning_rate):

@@ -168,6 +168,25 @@ def test_datasets_paths_and_validation_data(digits, tmp_path):
     assert report.validation_samples == round(0.1 * len(x))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warmup_rises_linearly_then_follows_the_schedule(schedule):
+    steps, warmup, peak = 20, 0.25, 0.1
+    rate = recover.learning_rate_schedule(peak, schedule, steps, warmup)
+    got = np.array([float(rate(s)) for s in range(steps + 1)])
+    ramp = np.arange(5) / 5 * peak  # 5 = warmup * steps
+    decay = np.arange(16) / 15  # over the remaining 15 steps
+    after = (np.full(16, peak) if schedule == "constant" else
+             peak * 0.5 * (1 + np.cos(np.pi * decay)))
+    np.testing.assert_allclose(got, np.r_[ramp, after], atol=1e-7)
+
+
+def test_no_warmup_keeps_the_schedules():
+    assert recover.learning_rate_schedule(0.1, "constant", 20) == 0.1
+    rate = recover.learning_rate_schedule(0.1, "cosine", 20)
+    np.testing.assert_allclose(
+        [float(rate(s)) for s in (0, 10, 20)], [0.1, 0.05, 0.0], atol=1e-7)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"epochs": -1}, "epochs"),
     ({"schedule": "linear"}, "schedule"),
@@ -175,6 +194,7 @@ def test_datasets_paths_and_validation_data(digits, tmp_path):
     ({"temperature": 0}, "temperature"),
     ({"validation_split": 1.0}, "validation_split"),
     ({"augment": "yes"}, "augment"),
+    ({"warmup": 1.0}, "warmup"),
 ])
 def test_bad_settings_raise_named_errors(digits, kwargs, name):
     with pytest.raises(ValueError, match=rf"`{name}.*Received: {name}="):
