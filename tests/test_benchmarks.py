@@ -6,6 +6,7 @@ narrow ResNet-20; `benchmarks/make_tables.py` verdicts on hand-made results;
 the interleaved timing loop of `benchmarks/latency.py`.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -264,3 +265,39 @@ def test_hub_coverage_rows_and_target():
     table = coverage.markdown([row, {**row, "family": "X", "exact": False}])
     assert table.startswith("1 of 2 families meet the target")
     assert "| X |" in table and "| NO |" in table
+
+
+def test_lm_width_fixed_axes_keep_their_fraction_and_hit_the_budget():
+    pytest.importorskip("keras_hub")
+    lm_width = _load("lm_width")
+    model = lm_width.decoder_lm(lm_width.PROFILES["quick"])
+    rng = np.random.default_rng(0)
+    scores = {g.name: rng.random(g.size)
+              for g in kc.channel_groups(model) if g.prunable}
+    plan, slim, keep = lm_width.plan_for_params(
+        model, scores, 0.5, {"other": 0.75, "heads": 1.0})
+    widths = plan.widths()
+    assert widths["embedding"] == 72  # 0.75 of 96
+    assert widths["b0_attention/heads"] == widths["b1_attention/heads"] == 4
+    assert widths["b0_mlp_up"] == kc.clusters.target_width(384, keep)
+    assert abs(slim.count_params() / model.count_params() - 0.5) <= 0.02
+    one = lm_width.plan_with_keeps(model, scores, dict.fromkeys(scores, 0.6))
+    assert one.clusters == kc.plan_from_scores(model, scores, 0.6).clusters
+
+
+def test_lm_width_caches_the_teacher(tmp_path, monkeypatch):
+    pytest.importorskip("keras_hub")
+    lm_width = _load("lm_width")
+    monkeypatch.setattr(lm_width, "CACHE", str(tmp_path))
+    profile = lm_width.PROFILES["smoke"]
+    train, held = lm_width.byte_corpus(
+        lm_width.text_files(), train_bytes=4_000, eval_bytes=2_000)
+    data = lm_width.windows(train, profile.seq_len)
+    held_out = lm_width.windows(held, profile.seq_len)
+    args = argparse.Namespace(seed=0, text_dir=None)
+    trained, first = lm_width.teacher_model(profile, data, held_out, args)
+    loaded, again = lm_width.teacher_model(profile, data, held_out, args)
+    assert not first["cached"] and again["cached"]
+    assert {**first, "cached": True} == again
+    assert lm_width.perplexity(loaded, *held_out) == pytest.approx(
+        first["perplexity"], rel=1e-5)
