@@ -477,3 +477,43 @@ def test_centripetal_training_collapses_then_slims_exactly():
     slim = kc.slim(model, plan)
     assert slim.count_params() < model.count_params()
     assert relative_error(slim(x), model(x)) < 1e-4
+
+
+def test_collapse_strength_collapses_by_the_factor_over_the_schedule():
+    """The strength's collapse, run by `kc.CSGD` step by step on a cosine
+    schedule, against the NumPy recurrence of a cluster difference (no
+    loss gradient separates the members) and the factor asked for."""
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, L.Dense(1)(L.Dense(8, name="hidden")(inputs)))
+    groups = kc.channel_groups(model)
+    plan = kc.PruningPlan({"hidden": [[0, 1], [2, 3], [4, 5], [6, 7]]},
+                          groups=groups)
+    steps, mu, collapse = 200, 0.9, 1e-3
+    rate = keras.optimizers.schedules.CosineDecay(0.05, steps)
+    eps = kc.optimizers.collapse_strength(rate, steps, momentum=mu,
+                                          collapse=collapse)
+    opt = kc.CSGD(plan, learning_rate=rate, momentum=mu,
+                  centripetal_strength=eps, weight_decay=0.0,
+                  vector_strength_scale=1.0, jit_compile=False)
+    kernel = model.get_layer("hidden").kernel
+    start = kernel.numpy()[:, 0] - kernel.numpy()[:, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        opt.apply_gradients(
+            (rng.normal(size=v.shape).astype("float32"), v)
+            for v in model.trainable_variables)
+    end = kernel.numpy()[:, 0] - kernel.numpy()[:, 1]
+    d, m = 1.0, 0.0  # Nesterov momentum on a difference d: gradient eps*d
+    for lr in keras.ops.convert_to_numpy(rate(np.arange(steps))):
+        g = eps * d
+        m = mu * m - lr * g
+        d = d + mu * m - lr * g
+    np.testing.assert_allclose(end, d * start, rtol=1e-3, atol=5e-6)  # f32
+    assert collapse / 3 < abs(d) < collapse * 3
+    constant = kc.optimizers.collapse_strength(0.01, 100, momentum=0.0,
+                                               collapse=np.exp(-2))
+    assert constant == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="`collapse`"):
+        kc.optimizers.collapse_strength(0.01, 10, collapse=1.0)
+    with pytest.raises(ValueError, match="`momentum`"):
+        kc.optimizers.collapse_strength(0.01, 10, momentum=1.0)

@@ -23,7 +23,7 @@ from keras_csgd.cli.common import (
     latency_fraction,
     positive_int,
 )
-from keras_csgd.cli.prune import CSGD_LEARNING_RATE, CSGD_SETTINGS
+from keras_csgd.cli.prune import CSGD_LEARNING_RATE, csgd_optimizer
 from keras_csgd.cli.recovery import frozen_copy, progress
 
 
@@ -85,8 +85,7 @@ def cmd_demo(args):
         model, train, teacher=teacher, epochs=args.epochs,
         validation_split=0, learning_rate=CSGD_LEARNING_RATE, batch_size=32,
         augment=augment, seed=args.seed, verbose=verbose,
-        optimizer=lambda rate: kc.CSGD(plan, learning_rate=rate,
-                                       **CSGD_SETTINGS),
+        optimizer=csgd_optimizer(plan),
     )
     print(f"3. C-SGD for {args.epochs} epochs (distilled from the trained "
           f"model): clusters to {plan.widths()}, removed blocks "

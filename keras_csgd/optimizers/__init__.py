@@ -2,4 +2,4 @@
 
 from keras_csgd.optimizers.centripetal_sgd import CSGD
 from keras_csgd.optimizers.global_sparse_momentum import GSM
-from keras_csgd.optimizers.spread import cluster_spread
+from keras_csgd.optimizers.spread import cluster_spread, collapse_strength
