@@ -257,10 +257,11 @@ class AdaptiveGates:
         For a verified latency: when the slim model measures slower than
         the cost model predicted, lower the target (in the units of
         `.cost`, e.g. `gates.target * target / measured` for a latency
-        target and ratio) and call `finalize()` again. The locked channels and blocks stay closed;
-        further ones close in ascending order of their gate values, as in
-        `lock`, and their gates are held at 0, so the slim model still
-        computes what the gated model does (train on to recover).
+        target and ratio) and call `finalize()` again. The locked channels
+        and blocks stay closed; further ones close in ascending order of
+        their gate values, as in `lock`, and their gates are held at 0, so
+        the slim model still computes what the gated model does (train on
+        to recover).
 
         Args:
             target: the new budget, in the units of `.cost`, at most the
