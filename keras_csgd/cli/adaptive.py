@@ -59,11 +59,9 @@ def _locked(gates, model, table, args):
     """`(folded, plan, slim)` of the locked gates; with --latency, timed
     against `model` and tightened until within TOLERANCE of the target
     (the last timing in `args.measured`)."""
-    for attempt in range(1 if table is None else TRIES):
-        folded, plan = gates.finalize()
-        slim = kc.slim(folded, plan)
-        if table is None:
-            break
+    folded, plan = gates.finalize()
+    slim = kc.slim(folded, plan)
+    for attempt in range(0 if table is None else TRIES):
         predicted = gates.estimated_cost() / table.full
         args.measured = kc.latency.time_against_full(
             model, slim, args.runtime, args.batch_size, threads=args.threads)
@@ -74,6 +72,8 @@ def _locked(gates, model, table, args):
                 or attempt == TRIES - 1):
             break
         gates.tighten(gates.target * args.latency / ratio)
+        folded, plan = gates.finalize()
+        slim = kc.slim(folded, plan)
     return folded, plan, slim
 
 
