@@ -444,3 +444,12 @@ def test_a_transformer_is_planned_to_a_latency_target():
             macs_ms(small) / macs_ms(model), report.measured_ratio
         )
         assert small.predict(x, verbose=0).shape == (2, 5)
+
+
+def test_met_allows_the_tolerance_above_the_target_only():
+    from keras_csgd.latency.target import TOLERANCE, met
+
+    assert met(0.5 * (1 + TOLERANCE), 0.5)
+    assert met(0.1, 0.5)
+    assert not met(0.5 * (1 + TOLERANCE) + 1e-6, 0.5)
+    assert met(0.54, 0.5, tolerance=0.1)

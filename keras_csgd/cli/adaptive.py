@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import keras_csgd as kc
 from keras_csgd.cli import recovery
-from keras_csgd.latency.target import TOLERANCE
+from keras_csgd.latency.target import met
 from keras_csgd.methods.adaptive import AdaptiveGates
 
 # Adaptive gates: they learn (Nesterov SGD from this learning rate) for
@@ -68,8 +68,7 @@ def _locked(gates, model, table, args):
         ratio = args.measured[2]
         print(f"adaptive: the locked gates' slim model, predicted "
               f"{predicted:.1%} of the full latency, measures {ratio:.1%}")
-        if (ratio <= args.latency * (1 + TOLERANCE)
-                or attempt == TRIES - 1):
+        if met(ratio, args.latency) or attempt == TRIES - 1:
             break
         gates.tighten(gates.target * args.latency / ratio)
         folded, plan = gates.finalize()

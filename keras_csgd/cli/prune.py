@@ -22,7 +22,7 @@ from keras_csgd.cli.common import (
     write_atomically,
     write_text,
 )
-from keras_csgd.latency.target import TOLERANCE
+from keras_csgd.latency.target import TOLERANCE, met
 from keras_csgd.methods import compensation
 from keras_csgd.recover import compile_classifier
 
@@ -313,7 +313,7 @@ def cmd_prune(args):
     )
     if report is not None and report.reason:
         print(f"latency target missed: {report.reason}")
-    elif report is None and ratio > args.latency * (1 + TOLERANCE):
+    elif report is None and not met(ratio, args.latency):
         # adaptive's last timing, judged as plan_for_latency judges.
         print(f"latency target missed: measured {ratio:.1%} of the full "
               f"latency, more than {TOLERANCE:.0%} above the target after "

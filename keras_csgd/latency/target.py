@@ -41,6 +41,12 @@ MAX_EXTRAPOLATION = 3.0
 TOLERANCE = 0.05
 
 
+def met(ratio, target, tolerance=TOLERANCE) -> bool:
+    """Whether a measured latency `ratio` meets `target`: at most
+    `tolerance` (relative) above it."""
+    return ratio <= target * (1 + tolerance)
+
+
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
                      scores=None, *, table=None, clusters="prune",
                      threads=None, grid=GRID, tolerance=TOLERANCE,
@@ -234,12 +240,12 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
                 "measured_ratio": chosen["measured"],
             })
             chosen["value"] = choice[3]
-            if fastest and ratio > target * (1 + tolerance) and (
+            if fastest and not met(ratio, target, tolerance) and (
                 reason is not None
             ):
                 raise ValueError(_unreachable(target, floor / table.full,
                                               ratio))
-            if chosen["measured"] <= target * (1 + tolerance):
+            if met(chosen["measured"], target, tolerance):
                 if reason is not None or best["value"] < chosen["value"]:
                     best = chosen
                 reason = None
