@@ -191,7 +191,11 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     is measured again from scratch, up to `attempts` times in all; when no
     attempt is clean, the one with the smallest fit residual is kept, a
     warning says what is wrong, and `table.fields["checks"]` records it
-    (`{"clean", "attempts", "problems"}`), also in the cache.
+    (`{"clean", "attempts", "problems"}`), also in the cache. A cached
+    table that failed its checks is not reused as it is: the next call
+    measures again (up to `attempts` times more) and keeps the better of
+    the old and the new (a clean one first, then the smaller residual), so
+    a table measured on a busy machine is replaced once it is quiet.
 
     The table is cached on disk under a key of the model's structure (its
     config JSON), the runtime and its packages' versions, batch size,
@@ -265,20 +269,22 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     fields = key_fields(model, runtime, batch_size, threads, jit_compile,
                         grid)
     key = tables.cache_key(fields)
+    tries = []
     if measure is None:
         cached = tables.load(folder, key, prunable)
         if cached is not None:
             checked = cached.fields.get("checks", {})
-            if not checked.get("clean", True):
-                warnings.warn(
-                    f"The cached latency table {key}.json in {folder} "
-                    "failed its checks when it was measured: "
-                    + "; ".join(checked["problems"])
-                    + ". Delete it to measure again.", stacklevel=2)
-            return cached
+            if checked.get("clean", True):
+                return cached
+            # A table that failed its checks is never trusted again
+            # as it is: measure anew, and keep the better of the two.
+            tries.append((cached.fields.get("fit_rms_ms", 0.0), cached,
+                          checked["problems"]))
+            if verbose:
+                print(f"The cached latency table {key}.json failed its "
+                      "checks when it was measured; measuring again.")
     start = time.perf_counter()
     plan = _Design(model, an, prunable, grid)
-    tries = []
     for _ in range(attempts):
         deltas, full = _measure(model, an, plan, (
             runtime, batch_size, threads, jit_compile, rounds, measure),
@@ -289,6 +295,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
         if not wrong:
             break
     _, table, wrong = min(tries, key=lambda t: (bool(t[2]), t[0]))
+    table.cached = False  # measured again even when the old one stays
     table.fields["checks"] = {"clean": not wrong, "attempts": len(tries),
                               "problems": wrong}
     table.fields["profile_seconds"] = round(time.perf_counter() - start, 1)
@@ -298,7 +305,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             f"checks in {len(tries)} measurements: " + "; ".join(wrong)
             + ". The machine may be busy; plans are verified by timing, "
             "but may need more iterations. table.fields['checks'] records "
-            "this (the cached copy too: delete it to measure again).",
+            "this; the cached copy is measured again on its next use.",
             stacklevel=2,
         )
     if measure is None:
