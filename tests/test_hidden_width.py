@@ -262,6 +262,8 @@ def _hub_families():
             hidden_dim=32, mlp_dim=64), "image"),
         "BERT": (lambda: hub.BertBackbone(**text), "text"),
         "DistilBERT": (lambda: hub.DistilBertBackbone(**text), "text"),
+        "DeBERTaV3": (lambda: hub.DebertaV3Backbone(bucket_size=4, **text),
+                      "text"),
         "RoBERTa": (lambda: hub.RobertaBackbone(**text), "text"),
         "ELECTRA": (lambda: hub.ElectraBackbone(
             embedding_dim=24, vocab_size=64,
@@ -289,7 +291,7 @@ def _macs(model, kind, plan=None):
 
 
 @pytest.mark.parametrize(
-    "name", ["ViT", "BERT", "DistilBERT", "RoBERTa", "ELECTRA"])
+    "name", ["ViT", "BERT", "DistilBERT", "RoBERTa", "ELECTRA", "DeBERTaV3"])
 def test_hub_encoders_prune_their_hidden_width(name):
     from hub_zoo import inputs
 
@@ -307,9 +309,10 @@ def test_hub_encoders_prune_their_hidden_width(name):
     assert macs <= 0.35 * _macs(model, kind)
 
 
-@pytest.mark.parametrize("name", ["ViT", "BERT"])
+@pytest.mark.parametrize("name", ["ViT", "BERT", "DeBERTaV3"])
 def test_hub_encoders_keep_their_class_and_merge_exactly(name, tmp_path):
     from hub_zoo import inputs
+    from keras_csgd.layers import hub_deberta
     from keras_csgd.layers.hub import (
         PrunedTransformerEncoder,
         PrunedViTEncoder,
@@ -329,9 +332,11 @@ def test_hub_encoders_keep_their_class_and_merge_exactly(name, tmp_path):
     collapse(model, plan)
     small = kc.slim(model, plan, strict=True)
     assert relative_error(small(x), model(x)) < 1e-4
-    pruned = PrunedViTEncoder if name == "ViT" else PrunedTransformerEncoder
+    pruned = {"ViT": (PrunedViTEncoder,), "BERT": (PrunedTransformerEncoder,),
+              "DeBERTaV3": (hub_deberta.PrunedDisentangledAttentionEncoder,
+                            hub_deberta.PrunedRelativeEmbedding)}[name]
     encoders = [layer for layer in small.layers if isinstance(layer, pruned)]
-    assert encoders
+    assert {type(layer) for layer in encoders} == set(pruned)
     for layer in encoders:
         assert sum(layer.norm_counts) == 32 and len(layer.norm_counts) == 16
     if name == "ViT":

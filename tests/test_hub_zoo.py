@@ -31,7 +31,8 @@ MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "SegFormer": 7, "D-FINE": 40, "ResNet": 8, "VGG": 2,
               "DenseNet": 6, "Xception": 4, "EfficientNet": 8, "ViT": 2,
               "DINOv3": 2, "ViTDet": 4, "DistilBERT": 2, "RoBERTa": 2,
-              "XLM-RoBERTa": 2, "ELECTRA": 3, "ALBERT": 3}
+              "XLM-RoBERTa": 2, "ELECTRA": 3, "ALBERT": 3,
+              "DeBERTaV3": 2}
 # Families whose `count_macs` is within 5% of the reference even where a
 # warning names calls it does not count (D-FINE's deformable attention and
 # `map`s of Python functions).

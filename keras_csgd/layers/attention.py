@@ -33,7 +33,8 @@ def _prod(dims) -> int | None:
     return None if None in dims else math.prod(dims)
 
 
-def _times(n, *factors) -> int | None:
+def times(n, *factors) -> int | None:
+    """`n` times the product of `factors`, or `None` when `n` is."""
     return None if n is None else n * math.prod(factors)
 
 
@@ -91,11 +92,11 @@ def _attention_costs(ctx, call, mha, projections, shapes, heads, out):
     for dense, lay in projections:
         rows = tv if dense in (mha.key_dense, mha.value_dense) else tq
         dim, _, head_dim = dense.kernel.shape
-        ctx.cost(call, _times(rows, dim, n, head_dim), lay, heads)
+        ctx.cost(call, times(rows, dim, n, head_dim), lay, heads)
     # Scores (query . key) and the weighted sum of the values.
     pairs = None if tq is None or keys is None else tq * keys
-    ctx.cost(call, _times(pairs, n, mha.key_dim + mha.value_dim), heads)
-    ctx.cost(call, _times(tq, *mha.output_dense.kernel.shape), heads, out)
+    ctx.cost(call, times(pairs, n, mha.key_dim + mha.value_dim), heads)
+    ctx.cost(call, times(tq, *mha.output_dense.kernel.shape), heads, out)
 
 
 def dense_channels(ctx, call, dense, lay, origin: str | None = None,
@@ -126,7 +127,7 @@ def dense_channels(ctx, call, dense, lay, origin: str | None = None,
     if dense.use_bias:
         ctx.member(call, dense.bias, 0, out)
     rows = _prod(call.inputs[0].shape[1:-1])
-    ctx.cost(call, _times(rows, *dense.kernel.shape), lay, out)
+    ctx.cost(call, times(rows, *dense.kernel.shape), lay, out)
     return out
 
 
@@ -200,7 +201,7 @@ class EinsumDenseHandler(LayerHandler):
             ctx.member(call, layer.bias, 0, out)
         # The other axes pass through (the output's may read `None`).
         rows = ctx.positions(call.inputs[0])
-        ctx.cost(call, _times(rows, *layer.kernel.shape), lay, out)
+        ctx.cost(call, times(rows, *layer.kernel.shape), lay, out)
         return [out]
 
     def rebuild(self, config, widths):

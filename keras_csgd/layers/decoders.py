@@ -48,7 +48,7 @@ import math
 import keras
 import numpy as np
 
-from keras_csgd.layers.attention import _einsum_dense_spec, _prod, _times
+from keras_csgd.layers.attention import _einsum_dense_spec, _prod, times
 from keras_csgd.layers.hub import StreamHandler, residual_input
 from keras_csgd.layers.normalization import normalized_channels
 from keras_csgd.layers.registry import (
@@ -165,18 +165,18 @@ def _attention(ctx, call, attention, lay, rows):
             ctx.member(call, dense.bias, dense.bias_axes.index(letter),
                        layout)
         size = math.prod(dense.kernel.shape)
-        ctx.cost(call, _times(rows, size), lay,
+        ctx.cost(call, times(rows, size), lay,
                  *((kv, positions) if layout is heads else (kv,)))
     model_axis, head_axis, _ = _axes(output, output=True)
     ctx.consumer(call, output.kernel, head_axis, heads)
     ctx.member(call, output.kernel, model_axis, lay)
     if output.bias is not None:
         ctx.member(call, output.bias, 0, lay)
-    ctx.cost(call, _times(rows, math.prod(output.kernel.shape)), kv,
+    ctx.cost(call, times(rows, math.prod(output.kernel.shape)), kv,
              positions, lay)
     # Scores (query . key) and the weighted sum of the values, per head.
     size = block.num_query_heads * query.kernel.shape[-1]
-    ctx.cost(call, _times(None if rows is None else rows * rows, 2 * size),
+    ctx.cost(call, times(None if rows is None else rows * rows, 2 * size),
              kv, positions)
     ctx.width(call, "num_query_heads", heads)
     ctx.width(call, "num_key_value_heads", kv)
@@ -199,7 +199,7 @@ def _mlp(ctx, call, lay, rows):
         ctx.member(call, dense.kernel, 1, dst, producer=dst is hidden)
         if dense.bias is not None:
             ctx.member(call, dense.bias, 0, dst)
-        ctx.cost(call, _times(rows, *dense.kernel.shape), src, dst)
+        ctx.cost(call, times(rows, *dense.kernel.shape), src, dst)
     # Gemma's config counts gate and up units together.
     ctx.width(call, "intermediate_dim",
               ctx.rep(hidden, block.intermediate_dim // units))

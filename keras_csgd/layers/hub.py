@@ -99,7 +99,7 @@ class StreamHandler(LayerHandler):
         return widths
 
 
-def _mlp(ctx, call, first, second, lay, origin, key):
+def mlp_channels(ctx, call, first, second, lay, origin, key):
     """First Dense: a new group (`key`); second: back into `lay`."""
     hidden = dense_channels(ctx, call, first, lay, origin, key)
     dense_channels(ctx, call, second, hidden, out=lay)
@@ -110,7 +110,7 @@ def _block(ctx, call, block, x, lay, prefix="", suffix=""):
     origin = f"{call.name}/{prefix}"
     attention_channels(ctx, call, block.mha, [lay] * 3, (x.shape, x.shape),
                        origin + "mha", "num_heads" + suffix, out=lay)
-    _mlp(ctx, call, block.mlp.dense_1, block.mlp.dense_2, lay,
+    mlp_channels(ctx, call, block.mlp.dense_1, block.mlp.dense_2, lay,
          origin + "mlp/dense_1", "mlp_dim" + suffix)
 
 
@@ -129,7 +129,7 @@ class TransformerEncoderHandler(StreamHandler):
         # The attention width (heads x head size) carries the head size
         # to `rebuild`, whose config lacks it.
         ctx.width(call, "attention_dim", ctx.rep(heads, mha.key_dim))
-        _mlp(ctx, call, layer._feedforward_intermediate_dense,
+        mlp_channels(ctx, call, layer._feedforward_intermediate_dense,
              layer._feedforward_output_dense, lay,
              f"{call.name}/feedforward_intermediate_dense",
              "intermediate_dim")

@@ -50,6 +50,7 @@ _REGISTRY: dict[type, object] = {}
 _DEFERRED = {
     "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple",
                   "keras_csgd.layers.hub_decoder",
+                  "keras_csgd.layers.hub_deberta",
                   "keras_csgd.layers.decoders"),
 }
 
