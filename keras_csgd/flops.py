@@ -5,10 +5,12 @@ multiply-accumulates at full width and the channel layouts they scale with
 (`graph.Cost`). A plan's MACs follow without building the slim model: each
 call's MACs times the kept share of each of its layouts.
 
-Work nobody can count is never a silent 0: a call the registry does not
-know (`Analysis.uncounted`) makes `count_macs` and `macs_under` warn with
-its name, and a dynamic dimension (a text model's sequence length) makes
-them raise unless `input_shape` fixes it.
+Work nobody can count is never a silent 0: a call no handler counts
+(`Analysis.uncounted`: a layer the registry does not know and that does not
+trace, an unregistered operation, a handler's refusal) makes `count_macs`
+and `macs_under` warn with its name and why, and a dynamic dimension (a
+text model's sequence length) makes them raise unless `input_shape` fixes
+it.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def _checked(costs) -> list:
 def _warn_uncounted(an: graph.Analysis) -> None:
     """Warns naming the calls whose MACs are not counted."""
     if an.uncounted:
-        names = ", ".join(an.uncounted[:8])
+        names = ", ".join(f"{name} ({why})" for name, why in
+                          list(an.uncounted.items())[:8])
         more = len(an.uncounted) - 8
         warnings.warn(
-            f"MACs of {len(an.uncounted)} layer call(s) the layer registry "
-            f"does not know are not counted: {names}"
+            f"MACs of {len(an.uncounted)} call(s) are not counted: {names}"
             + (f" and {more} more" if more > 0 else "")
             + ". Register a handler (`kc.register_layer`) to count them.",
             stacklevel=3,

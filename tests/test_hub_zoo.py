@@ -34,8 +34,8 @@ MIN_GROUPS = {"CSPNet": 8, "ResNetV2": 4, "BERT": 2, "RetinaNet": 8,
               "XLM-RoBERTa": 2, "ELECTRA": 3, "ALBERT": 3,
               "DeBERTaV3": 2}
 # Families whose `count_macs` is within 5% of the reference even where a
-# warning names calls it does not count (D-FINE's deformable attention and
-# `map`s of Python functions).
+# warning names calls it does not count (D-FINE's `map`s of Python
+# functions, gathers that cost nothing).
 COUNTED = {"DeiT", "DINOv2", "Swin", "MiT", "SegFormer", "D-FINE"}
 def _error(a, b):
     return max(keras.tree.flatten(keras.tree.map_structure(

@@ -46,7 +46,7 @@ class Context(Spaces):
         self.widths: dict[str, dict[str, tuple]] = {}
         self.nested: dict[str, list] = {}
         self.costs: list[Cost] = []
-        self.uncounted: list[str] = []
+        self.uncounted: dict[str, str] = {}
         self.calls: dict[int, int] = {}
         self.traced: dict[str, keras.Model] = {}
         self.weighed: dict[str, tuple] = {}
@@ -144,8 +144,8 @@ class Context(Spaces):
                     self.freeze(lay, reason)
 
     def uncounted_call(self, call: Call, why: str, detail: str = "") -> list:
-        """`unknown`, for a call whose MACs nobody records."""
-        self.uncounted.append(call.name)
+        """`unknown`, for a call whose MACs nobody records (`why`)."""
+        self.uncounted[call.name] = f"{type(call.layer).__name__}: {why}"
         return self.unknown(call, why, detail)
 
     def _add(self, call, var, axis, layout, role, producer=False):

@@ -38,8 +38,8 @@ class Analysis:
     nested: dict[str, list]  # qualified nested-model name -> input layouts
     costs: list[Cost]
     traced: dict[str, keras.Model]  # composite layer -> its traced graph
-    # Calls the registry does not know: their MACs are not in `costs`.
-    uncounted: list[str] = dataclasses.field(default_factory=list)
+    # Calls whose MACs are not in `costs`: name -> why.
+    uncounted: dict[str, str] = dataclasses.field(default_factory=dict)
     # Normalizations that weigh merged channels: layer -> its layout.
     weighed: dict[str, tuple] = dataclasses.field(default_factory=dict)
 

@@ -51,6 +51,7 @@ _DEFERRED = {
     "keras_hub": ("keras_csgd.layers.hub", "keras_csgd.layers.hub_simple",
                   "keras_csgd.layers.hub_decoder",
                   "keras_csgd.layers.hub_deberta",
+                  "keras_csgd.layers.hub_dfine",
                   "keras_csgd.layers.decoders"),
 }
 
