@@ -2,9 +2,10 @@
 
 Importing this package registers the built-in Keras layers, and the
 handlers of keras_hub's layers (`hub`, `hub_simple`, `hub_decoder`,
-`decoders`) when keras_hub is installed: they register the `Pruned...`
-classes of slim keras_hub models, which `keras.saving.load_model` must
-find in a fresh process. keras_hub stays optional.
+`hub_deberta`, `hub_dfine`, `decoders`) when keras_hub is installed: they
+register the `Pruned...` classes of slim keras_hub models, which
+`keras.saving.load_model` must find in a fresh process. keras_hub stays
+optional.
 """
 
 from keras_csgd.layers import (
