@@ -85,8 +85,10 @@ class DisentangledEncoderHandler(TransformerEncoderHandler):
         # The query and key kernels read the relative embeddings' rows as
         # the stream's: one channel space.
         if not ctx.unify(lay, lay_of[id(rel)]):
-            raise ValueError("relative embeddings of another width than "
-                             "the residual stream")
+            raise ValueError(
+                "`rel_embeddings` must be as wide as the residual stream. "
+                f"Received: rel_embeddings.shape={rel.shape}, "
+                f"inputs.shape={x.shape}")
         for norm in (layer._self_attention_layer_norm,
                      layer._feedforward_layer_norm):
             normalized_channels(ctx, call, norm.weights,
