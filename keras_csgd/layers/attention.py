@@ -24,18 +24,13 @@ import keras
 
 from keras_csgd import graph
 from keras_csgd.graph.layout import Axes
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.registry import LayerHandler, register_layer, times
 
 
-def _prod(dims) -> int | None:
+def known_prod(dims) -> int | None:
     """Product of `dims`, or `None` when one is unknown."""
     dims = tuple(dims)
     return None if None in dims else math.prod(dims)
-
-
-def times(n, *factors) -> int | None:
-    """`n` times the product of `factors`, or `None` when `n` is."""
-    return None if n is None else n * math.prod(factors)
 
 
 def attention_channels(ctx, call, mha, layouts, shapes, origin: str,
@@ -86,8 +81,8 @@ def attention_channels(ctx, call, mha, layouts, shapes, origin: str,
 
 def _attention_costs(ctx, call, mha, projections, shapes, heads, out):
     q_shape, v_shape = shapes
-    tq, tv = _prod(q_shape[1:-1]), _prod(v_shape[1:-1])
-    keys = _prod(v_shape[a] for a in mha.attention_axes)
+    tq, tv = known_prod(q_shape[1:-1]), known_prod(v_shape[1:-1])
+    keys = known_prod(v_shape[a] for a in mha.attention_axes)
     n = mha.num_heads
     for dense, lay in projections:
         rows = tv if dense in (mha.key_dense, mha.value_dense) else tq
@@ -126,7 +121,7 @@ def dense_channels(ctx, call, dense, lay, origin: str | None = None,
         ctx.member(call, dense.kernel, 1, out)
     if dense.use_bias:
         ctx.member(call, dense.bias, 0, out)
-    rows = _prod(call.inputs[0].shape[1:-1])
+    rows = known_prod(call.inputs[0].shape[1:-1])
     ctx.cost(call, times(rows, *dense.kernel.shape), lay, out)
     return out
 
@@ -162,7 +157,7 @@ class MultiHeadAttentionHandler(LayerHandler):
         return config
 
 
-def _einsum_dense_spec(layer) -> str | None:
+def einsum_dense_spec(layer) -> str | None:
     """Why an EinsumDense is not a Dense on its last axis, or `None`.
 
     Handled: `"...b,bc->...c"`, `"abc,cd->abd"` and the like: the input's
@@ -188,7 +183,7 @@ class EinsumDenseHandler(LayerHandler):
     axes = "elementwise"
 
     def channels(self, ctx, call):
-        why = _einsum_dense_spec(call.layer)
+        why = einsum_dense_spec(call.layer)
         if why:
             if "." in call.layer.equation:
                 return ctx.uncounted_call(call, why)

@@ -6,13 +6,9 @@ import math
 
 import keras
 
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.registry import LayerHandler, register_layer, times
 
 L = keras.layers
-
-
-def _times(n, *factors):
-    return None if n is None else n * math.prod(factors)
 
 
 class _ConvFamily(LayerHandler):
@@ -53,7 +49,7 @@ class ConvHandler(_ConvFamily):
         ctx.width(call, "filters", lay)
         ctx.width(call, "groups", lay)
         taps = math.prod(layer.kernel.shape[:-1])
-        ctx.cost(call, _times(ctx.positions(call.outputs[0]), taps,
+        ctx.cost(call, times(ctx.positions(call.outputs[0]), taps,
                               layer.filters), lay)
         return [lay]
 
@@ -63,16 +59,16 @@ class ConvHandler(_ConvFamily):
         taps = math.prod(layer.kernel.shape[:-2])
         if self.transpose:
             in_axis, out_axis = rank - 1, rank - 2
-            macs = _times(ctx.positions(call.inputs[0]), taps)
+            macs = times(ctx.positions(call.inputs[0]), taps)
         else:
             in_axis, out_axis = rank - 2, rank - 1
-            macs = _times(ctx.positions(call.outputs[0]), taps)
+            macs = times(ctx.positions(call.outputs[0]), taps)
         ctx.consumer(call, layer.kernel, in_axis, lay)
         out = ctx.produce(call, layer.kernel, out_axis, layer.filters,
                           key="filters")
         if layer.use_bias:
             ctx.member(call, layer.bias, 0, out)
-        ctx.cost(call, _times(macs, call.inputs[0].shape[-1], layer.filters),
+        ctx.cost(call, times(macs, call.inputs[0].shape[-1], layer.filters),
                  lay, out)
         return [out]
 
@@ -95,8 +91,8 @@ class SeparableHandler(_ConvFamily):
         taps = math.prod(layer.depthwise_kernel.shape[:-2])
         cin = call.inputs[0].shape[-1]
         n = ctx.positions(call.outputs[0])
-        ctx.cost(call, _times(n, cin, m, taps), lay)
-        ctx.cost(call, _times(n, cin, m, layer.filters), lay, out)
+        ctx.cost(call, times(n, cin, m, taps), lay)
+        ctx.cost(call, times(n, cin, m, layer.filters), lay, out)
         return [out]
 
     def fold(self, layer):
@@ -113,7 +109,7 @@ class DepthwiseHandler(_ConvFamily):
         if layer.use_bias:
             ctx.member(call, layer.bias, 0, out)
         taps = math.prod(layer.kernel.shape[:-2])
-        ctx.cost(call, _times(ctx.positions(call.outputs[0]), taps,
+        ctx.cost(call, times(ctx.positions(call.outputs[0]), taps,
                               *layer.kernel.shape[-2:]), lay)
         return [out]
 

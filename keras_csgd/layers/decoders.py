@@ -48,13 +48,14 @@ import math
 import keras
 import numpy as np
 
-from keras_csgd.layers.attention import _einsum_dense_spec, _prod, times
+from keras_csgd.layers.attention import einsum_dense_spec, known_prod
 from keras_csgd.layers.hub import StreamHandler, residual_input
 from keras_csgd.layers.normalization import normalized_channels
 from keras_csgd.layers.registry import (
     arguments,
     handler_for,
     register_layer,
+    times,
 )
 
 _ATTENTION = ("_self_attention_layer", "attention")
@@ -187,7 +188,7 @@ def _mlp(ctx, call, lay, rows):
     block = call.layer
     gate, up, down = (sub_layer(block, n) for n in (_GATE, _UP, _DOWN))
     for dense in (gate, up, down):
-        why = (_einsum_dense_spec(dense)
+        why = (einsum_dense_spec(dense)
                if isinstance(dense, keras.layers.EinsumDense) else None)
         if why:
             raise ValueError(why)
@@ -219,7 +220,7 @@ class DecoderBlockHandler(StreamHandler):
 
     def channels(self, ctx, call):
         x, lay = _stream(ctx, call)
-        rows = _prod(x.shape[1:-1])
+        rows = known_prod(x.shape[1:-1])
         _attention(ctx, call, sub_layer(call.layer, _ATTENTION), lay, rows)
         _mlp(ctx, call, lay, rows)
         return [lay]

@@ -36,7 +36,6 @@ from keras_hub.src.models.deberta_v3.relative_embedding import (
 )
 
 from keras_csgd import graph
-from keras_csgd.layers.attention import times
 from keras_csgd.layers.hub import (
     StreamHandler,
     TransformerEncoderHandler,
@@ -44,7 +43,7 @@ from keras_csgd.layers.hub import (
 )
 from keras_csgd.layers.hub_pruned import PinnedConfig, weigh
 from keras_csgd.layers.normalization import normalized_channels
-from keras_csgd.layers.registry import register_layer
+from keras_csgd.layers.registry import register_layer, times
 
 
 class RelativeEmbeddingHandler(StreamHandler):

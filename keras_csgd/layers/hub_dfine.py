@@ -21,8 +21,7 @@ from keras_hub.src.models.d_fine.d_fine_attention import (
 )
 
 from keras_csgd import graph
-from keras_csgd.layers.attention import times
-from keras_csgd.layers.registry import LayerHandler, register_layer
+from keras_csgd.layers.registry import LayerHandler, register_layer, times
 
 
 class DeformableAttentionHandler(LayerHandler):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 
 import keras
 
@@ -173,6 +174,12 @@ def unregister_layer(layer_class: type) -> None:
 
 # Activations that mix channels cannot pass a channel group through.
 MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+def times(n, *factors) -> int | None:
+    """`n` times the product of `factors`, or `None` when `n` is (a cost
+    of unknown positions)."""
+    return None if n is None else n * math.prod(factors)
 
 
 def mixes_channels(activation) -> bool:
