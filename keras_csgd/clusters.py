@@ -19,8 +19,8 @@ together:
   (Llama, Qwen2, Phi3, GPT-2: `llm.head_couplings`) keep their class, and
   `generate`, only when the slim hidden width is the kept heads times the
   head size. So the hidden width follows the heads (`heads * head_dim`);
-  where the plan leaves the hidden width whole (`make_plan` does not merge
-  a stream read by a tied output embedding: GPT-2, Qwen2 by default), the
+  where the plan leaves the hidden width whole (the plans that merge leave
+  GPT-2's, whose class cannot weigh merged channels: `mergeable`), the
   heads stay whole too.
 """
 
@@ -47,6 +47,15 @@ def target_width(size: int, keep: float, round_to: int | None = None) -> int:
         return max(1, min(size, math.ceil(keep * size - 1e-9)))
     width = math.floor(keep * size / round_to + 0.5) * round_to
     return max(min(round_to, size), min(size, width))
+
+
+def mergeable(model, an) -> list[str]:
+    """The groups a plan that merges plans with one `keep`: the prunable,
+    exact ones (`ChannelGroup.exact`), less a stream whose merges would
+    cost a decoder backbone its class (`llm.unweighed_stream`: GPT-2's)."""
+    lost = llm.unweighed_stream(model, an)
+    return [g.name for g in an.groups
+            if g.prunable and g.exact and g.name not in lost]
 
 
 def uniform_widths(model, an, names, keep: float,
@@ -148,13 +157,14 @@ def make_plan(
         keep: kept fraction per prunable group, a float in (0, 1] or a dict
             `{group_name: fraction}` (groups not named are left unplanned).
             The width is `ceil(keep * size)`. A float plans the groups
-            whose merges are exact: prune-only groups (`ChannelGroup.exact`
-            is False: a transformer's residual stream, normalised over its
-            channels) are left unplanned, since C-SGD cannot merge them
-            exactly; prune those with `kc.methods.magnitude_plan` or
-            `kc.plan_from_scores` and fine-tune. A float keeps about `keep`
-            of grouped-query heads, and a decoder LLM's class
-            (`uniform_widths`). Defaults to `0.625`.
+            whose merges are exact (`mergeable`): prune-only groups
+            (`ChannelGroup.exact` is False: a residual stream read by a
+            tied output embedding with no norm of its own) are left
+            unplanned, since C-SGD cannot merge them exactly; prune those
+            with `kc.methods.magnitude_plan` or `kc.plan_from_scores` and
+            fine-tune. A float keeps about `keep` of grouped-query heads,
+            and a decoder LLM's class (`uniform_widths`). Defaults to
+            `0.625`.
         method: `"even"` (consecutive runs, the first `size % width` one
             longer) or `"kmeans"` (seeded k-means on the group's producer
             filters, flattened and concatenated across producers). Defaults
@@ -199,9 +209,8 @@ def make_plan(
                   for name, frac in keep.items()}
     else:
         checks.fraction("keep", keep)
-        widths = uniform_widths(
-            model, an, [g.name for g in groups if g.prunable and g.exact],
-            keep, round_to)
+        widths = uniform_widths(model, an, mergeable(model, an), keep,
+                                round_to)
     clusters = {}
     for name, width in widths.items():
         g = by_name[name]

@@ -59,10 +59,10 @@ def own_class(model, slim_model):
         every other model.
     """
     blocks = _decoder_blocks(slim_model)
-    if not blocks or not type(model).__module__.startswith("keras_hub"):
+    if not blocks or not is_decoder_backbone(model):
         return slim_model
     hidden = int(slim_model.outputs[0].shape[-1])
-    why = _why_not(model, blocks, hidden)
+    why = _why_not(model, blocks, hidden) or _unweighed(model, slim_model)
     if why is None:
         config = _config(model, blocks, hidden)
         backbone = type(model).from_config(config)
@@ -77,6 +77,14 @@ def own_class(model, slim_model):
         f"{why}. A CausalLM cannot wrap the functional model, so "
         "`generate` is not available for it.", stacklevel=3)
     return slim_model
+
+
+def is_decoder_backbone(model) -> bool:
+    """Whether `model` is a keras_hub decoder backbone (Llama, Gemma, GPT-2,
+    ...): its slim model keeps its class, and `generate`, only when every
+    decoder layer keeps the same widths."""
+    return (type(model).__module__.startswith("keras_hub")
+            and bool(_decoder_blocks(model)))
 
 
 def _decoder_blocks(model) -> list:
@@ -109,6 +117,43 @@ def _why_not(model, blocks, hidden: int) -> str | None:
     return None
 
 
+def _unweighed(model, slim_model) -> str | None:
+    """Why `model`'s class cannot weigh the slim model's merged hidden
+    channels (`_carry_stream`), or `None`."""
+    final = slim_model.get_layer(model.layer_norm.name)
+    counts = set(getattr(final, "counts", None) or [1])
+    if len(counts) == 1 or not _layer_norms(model):
+        return None
+    return ("its LayerNormalizations cannot weigh merged hidden channels of "
+            f"different cluster sizes ({sorted(counts)}): a scaled stream "
+            "weighs a mean and a variance differently (RMS norms, which "
+            "have no mean, can)")
+
+
+def _layer_norms(model) -> bool:
+    """Whether `model`'s stream is normalised with a mean (GPT-2's
+    LayerNormalizations), which a scaled stream cannot weigh."""
+    return isinstance(model.layer_norm, keras.layers.LayerNormalization)
+
+
+def unweighed_stream(model, an) -> set[str]:
+    """The groups whose merges would cost `model` its class: the residual
+    stream of a keras_hub decoder backbone whose class normalises it with a
+    mean (GPT-2, `_unweighed`); `set()` for every other model. The plan
+    makers that merge leave it out (`keras_csgd.clusters.mergeable`)."""
+    if not is_decoder_backbone(model) or not _layer_norms(model):
+        return set()
+    return {_stream(model, an)} - {None}
+
+
+def _stream(model, an) -> str | None:
+    """The residual stream's group: that of the token embedding's columns
+    (`None` if it has none)."""
+    table = model.token_embedding.embeddings.path
+    return next((g.name for g in an.groups
+                 if any(path == table for _, path, _ in g.members)), None)
+
+
 def _heads_key(model) -> str:
     """The config key of `model`'s (query) heads."""
     params = inspect.signature(type(model).__init__).parameters
@@ -120,8 +165,7 @@ def derives_head_size(model) -> bool:
     the head size as `hidden_dim // num_query_heads` (its config has no
     `head_dim`: Llama, Qwen2, Phi3, GPT-2)."""
     params = inspect.signature(type(model).__init__).parameters
-    return (type(model).__module__.startswith("keras_hub")
-            and "head_dim" not in params and bool(_decoder_blocks(model)))
+    return "head_dim" not in params and is_decoder_backbone(model)
 
 
 def head_couplings(model, an) -> list[tuple[str | None, list[str], int]]:
@@ -141,9 +185,7 @@ def head_couplings(model, an) -> list[tuple[str | None, list[str], int]]:
     """
     if not derives_head_size(model):
         return []
-    table = model.token_embedding.embeddings.path
-    stream = next((g.name for g in an.groups
-                   if any(path == table for _, path, _ in g.members)), None)
+    stream = _stream(model, an)
     name_of = {gid: name for name, gid in an.gid_of.items()}
     key = _heads_key(model)
     out = []
@@ -186,7 +228,10 @@ def _carry_stream(model, slim_model, backbone, hidden: int) -> None:
 
     So the stream is carried as `factor * w * x`: the embedding table's
     columns times `w`, every block reading and writing it so
-    (`layers.decoders.carry_stream`), the final norm's gain over `w`.
+    (`layers.decoders.carry_stream`), the final norm's gain over `w`; over
+    `w ** 2` where the output projection is the embedding's table (tied),
+    whose columns it multiplies by `w` too: the backbone's output is then
+    the slim model's over `w`, and their logits are equal (`_differs`).
     """
     final = slim_model.get_layer(backbone.layer_norm.name)
     counts = getattr(final, "counts", None)
@@ -202,7 +247,8 @@ def _carry_stream(model, slim_model, backbone, hidden: int) -> None:
     table.assign(table.numpy() * weights.astype("float32"))
     for block in backbone.transformer_layers:
         decoders.carry_stream(block, weights, factor)
-    decoders.times_gain(backbone.layer_norm, 1 / weights)
+    tied = backbone.token_embedding.tie_weights
+    decoders.times_gain(backbone.layer_norm, weights ** (-2 if tied else -1))
 
 
 def _copy_weights(source, target) -> str | None:
@@ -225,7 +271,8 @@ def _copy_weights(source, target) -> str | None:
 
 
 def _differs(slim_model, backbone) -> str | None:
-    """Why `backbone` does not compute what `slim_model` does, or `None`."""
+    """Why `backbone`'s logits (its output through its token embedding,
+    as its CausalLM computes them) are not `slim_model`'s, or `None`."""
     rng = np.random.default_rng(0)
     feeds = {}
     for name, t in slim_model.input.items():
@@ -235,8 +282,11 @@ def _differs(slim_model, backbone) -> str | None:
         else:
             vocabulary = getattr(backbone, "vocabulary_size", 2)
             feeds[name] = rng.integers(0, vocabulary, shape).astype(t.dtype)
-    a = keras.ops.convert_to_numpy(slim_model(feeds))
-    b = keras.ops.convert_to_numpy(backbone(feeds))
+    name = backbone.token_embedding.name
+    a = keras.ops.convert_to_numpy(
+        slim_model.get_layer(name)(slim_model(feeds), reverse=True))
+    b = keras.ops.convert_to_numpy(
+        backbone.token_embedding(backbone(feeds), reverse=True))
     error = np.abs(a - b).max() / (1 + np.abs(a).max())
     if error > TOLERANCE:
         return f"the rebuilt backbone differs by {error:.3g}"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from keras_csgd import checks, graph
-from keras_csgd.clusters import uniform_widths
+from keras_csgd.clusters import mergeable, uniform_widths
 from keras_csgd.flops import macs_at
 from keras_csgd.groups import ChannelGroup
 from keras_csgd.plan import PruningPlan
@@ -109,7 +109,9 @@ def plan_from_clusters(
     (`uniform_widths` for coupled groups) is smaller than its size is
     handed to `cluster`, all at once (a method
     that reads data does one pass for all of them). Prune-only groups
-    (`ChannelGroup.exact` is False) are not: their channels cannot merge.
+    (`ChannelGroup.exact` is False) are not: their channels cannot merge;
+    nor is a stream whose merges would cost a decoder LLM its class
+    (`keras_csgd.clusters.mergeable`).
 
     Args:
         model: a functional or Sequential `keras.Model`.
@@ -141,9 +143,7 @@ def plan_from_clusters(
     checks.positive_int("round_to", round_to, allow_none=True)
     an = analysis or graph.analyze(model)
     by_name = {g.name: g for g in an.groups}
-    widths = uniform_widths(
-        model, an, [g.name for g in an.groups if g.prunable and g.exact],
-        keep, round_to)
+    widths = uniform_widths(model, an, mergeable(model, an), keep, round_to)
     todo = [(by_name[name], width) for name, width in widths.items()
             if width < by_name[name].size]
     clusters = dict(cluster(todo)) if todo else {}

@@ -201,9 +201,11 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
             checked and removed channels found constant. Defaults to
             `None` (4 standard normal inputs, unknown sizes 32, integer
             inputs 0 or 1).
-        check: check merged clusters and removed blocks; `False` for a
-            slim model wanted for its structure alone (latency profiling).
-            Defaults to `True`.
+        check: check merged clusters and removed blocks, and rebuild a
+            keras_hub decoder backbone as its own class; `False` for a
+            slim model wanted for its structure alone (latency profiling:
+            the functional model, which computes the same). Defaults to
+            `True`.
 
     Returns:
         A new, uncompiled `keras.Model` with the same input, output and
@@ -248,6 +250,7 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         model, an, index, [e for e in touched if e.role == "consumer"],
         inputs)
     values = _new_weights(an, index, touched, folds)
+    _absorb_sizes(an, index, planned, values)
     widths = {
         name: {k: graph.layout_size(an.root(lay), index.new)
                for k, lay in keys.items()}
@@ -296,9 +299,30 @@ def slim(model, plan: PruningPlan, remove_blocks: Iterable[str] = (),
         or any(n == name or n.startswith(name + "/") for n in unsaved)
     }
     edits = {n: functools.partial(configure, n) for n in {*widths, *folds}}
-    return llm.own_class(model, rebuild(
-        model, edits, call if shortcuts else None, values, input_widths,
-        expand))
+    built = rebuild(model, edits, call if shortcuts else None, values,
+                    input_widths, expand)
+    return llm.own_class(model, built) if check else built
+
+
+def _absorb_sizes(an, index, planned, values) -> None:
+    """Multiplies the output of each normalization that a tied output
+    projection alone reads (`graph.Context.absorbs`) by its clusters' sizes
+    in `values`: the projection's table serves the embedding too, so it
+    keeps each cluster's column, and the norm gives it the cluster's sum
+    (its channels, collapsed, are equal)."""
+    for name, lay in an.absorbing.items():
+        lay = an.root(lay)
+        if not planned.intersection(graph.leaves(lay)):
+            continue
+        layer = an.layers[name]
+        gain, offset = layers.handler_for(layer).gain(layer)
+        assign = index.assign(lay)
+        sizes = np.bincount(assign[assign >= 0],
+                            minlength=graph.layout_size(lay, index.new))
+        new = values[name]
+        for key, w in new.items():
+            shift = offset if key == var_key(layer, gain) else 0.0
+            new[key] = ((shift + w) * sizes - shift).astype(w.dtype)
 
 
 def _merged_counts(an, index, planned) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """keras_hub decoder LLMs (issue 24): grouped-query heads, gated MLPs, and
 backbones that keep their class, and `generate`, after `slim`."""
 
+import math
 import warnings
 
 import keras
@@ -9,7 +10,12 @@ import pytest
 
 import keras_csgd as kc
 from hub_zoo import FAMILIES, TOKENS, VOCABULARY, inputs, outputs
-from utils import collapse, relative_error
+from utils import (
+    collapse,
+    kept_query_heads,
+    macs_latency_plan,
+    relative_error,
+)
 from zoo import randomize
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -106,17 +112,20 @@ def _heads(backbone):
 
 @pytest.mark.parametrize("name", HEAD_DIM + DERIVED)
 def test_uniform_plan_keeps_the_class_and_generates_the_same(name):
-    # Half of the query heads (whole key/value groups), MLP units and, where
-    # the output projection is untied, hidden channels, merged: the class
-    # holds them (the hidden width follows the heads where the class
-    # derives the head size). GPT-2's stream is read by its tied output
-    # embedding, which `make_plan` does not merge: its heads stay whole.
-    model = _untied(name) if name == "Qwen2" else FAMILIES[name].build()
+    # Half of the query heads (whole key/value groups), MLP units and
+    # hidden channels, merged: the class holds them (the hidden width
+    # follows the heads where the class derives the head size), through
+    # tied output embeddings too (Gemma, Gemma3, Qwen2, Qwen3: the final
+    # norm takes the cluster sizes). GPT-2's class cannot weigh merged
+    # channels in its LayerNorms: `make_plan` leaves its stream whole, and
+    # its heads with it.
+    model = FAMILIES[name].build()
     plan = kc.make_plan(model, keep=0.5, method="kmeans")
     small, _ = _collapsed_slim(model, plan)
     assert type(small) is type(model)
     share = 1 if name == "GPT2" else 0.5
     assert _heads(small) == share * _heads(model)
+    assert small.hidden_dim == share * model.hidden_dim
     if name != "GPT2":
         assert small.num_key_value_heads == model.num_key_value_heads // 2
     if name in DERIVED:  # the head size the class derives is kept
@@ -142,15 +151,19 @@ def test_uniform_keep_halves_the_query_heads(kv, heads):
 
 
 @pytest.mark.parametrize("name", ["GPT2", "Qwen2"])
-def test_tied_stream_leaves_derived_heads_whole(name):
-    # The hidden width that `make_plan` leaves (a tied output embedding)
-    # would not follow pruned heads: they stay whole, the class with them.
+def test_derived_heads_follow_the_hidden_width(name):
+    # GPT-2's hidden width, which `make_plan` leaves (its class cannot
+    # weigh merged channels in LayerNorms), would not follow pruned heads:
+    # they stay whole, the class with them. Qwen2's (tied too) merges, and
+    # the heads follow it.
     model = FAMILIES[name].build()
     groups = _groups(model)
     plan = kc.make_plan(model, keep=0.5, method="kmeans")
     heads = {n: w for n, w in plan.widths().items() if "heads" in n}
-    assert heads == {n: g.size for n, g in plan.groups.items()
-                     if "heads" in n}
+    share = 1 if name == "GPT2" else 0.5
+    assert math.prod(heads.values()) == share * math.prod(
+        g.size for n, g in groups.items() if "heads" in n)
+    assert ("token_embedding" in plan.clusters) == (name == "Qwen2")
     # Heads pruned alone: the class would derive another head size.
     keep = {g.name: 0.5 for n, g in groups.items() if "heads" in n}
     functional, messages = _collapsed_slim(model, kc.make_plan(model, keep))
@@ -159,6 +172,23 @@ def test_tied_stream_leaves_derived_heads_whole(name):
     x = inputs(model, "text")
     assert relative_error(outputs(functional, x, model),
                           outputs(model, x)) < 1e-4
+
+
+def test_gpt2_merged_hidden_width_is_exact_as_a_functional_model():
+    # Merged by hand (clusters of different sizes): the final norm takes
+    # the sizes, so the slim model is exact; GPT-2's class, whose
+    # LayerNorms cannot weigh them, is not kept.
+    model = FAMILIES["GPT2"].build()
+    keep = {n: 0.5 for n, g in kc.make_plan(model, keep=0.5).groups.items()}
+    keep.update({g.name: 0.5 for g in kc.channel_groups(model)
+                 if g.name == "token_embedding" or "heads" in g.name})
+    plan = kc.make_plan(model, keep=keep, method="kmeans")
+    assert len({len(c) for c in plan.clusters["token_embedding"]}) > 1
+    small, messages = _collapsed_slim(model, plan)
+    assert not isinstance(small, type(model))
+    assert any("LayerNormalizations cannot weigh" in m for m in messages)
+    x = inputs(model, "text")
+    assert relative_error(outputs(small, x, model), outputs(model, x)) < 1e-4
 
 
 def test_layers_of_different_widths_give_a_functional_model(tmp_path):
@@ -180,6 +210,39 @@ def test_layers_of_different_widths_give_a_functional_model(tmp_path):
     loaded = keras.saving.load_model(tmp_path / "slim.keras")
     assert relative_error(loaded(x), small(x)) == 0.0
     assert loaded.get_layer("transformer_layer_0").num_query_heads == 2
+
+
+@pytest.mark.parametrize("uniform", [None, False])
+def test_latency_plan_is_grouped_query_consistent_and_exact(uniform):
+    # A MACs 'runtime' (no timing). Every key/value head keeps the same
+    # query heads; collapsed, the slim model computes the same. By default
+    # a decoder backbone is planned with one `keep` for every group, so it
+    # keeps its class and generates the same tokens; a width per group
+    # (`uniform=False`) gives layers of different widths here.
+    model = randomize(keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCABULARY, num_layers=2, num_query_heads=8,
+        num_key_value_heads=4, hidden_dim=32, intermediate_dim=64))
+    plan, report = macs_latency_plan(model, 0.6, (TOKENS,),
+                                     clusters="kmeans", uniform=uniform)
+    assert report.met and report.measured_ratio <= 0.6 * 1.05
+    assert report.macs is None  # a dynamic sequence length
+    small, messages = _collapsed_slim(model, plan)
+    x = inputs(model, "text")
+    assert relative_error(outputs(small, x, model), outputs(model, x)) < 1e-4
+    for k, block in enumerate(small.transformer_layers if uniform is None
+                              else [small.get_layer(f"transformer_layer_{k}")
+                                    for k in range(2)]):
+        counts = kept_query_heads(model, plan, f"transformer_layer_{k}")
+        assert len(set(counts.values())) == 1
+        assert block.num_query_heads == sum(counts.values())
+        assert block.num_key_value_heads == len(counts)
+    if uniform is None:
+        assert type(small) is type(model)
+        assert small.hidden_dim // small.num_query_heads == 4
+        assert small.num_query_heads < 8 and small.intermediate_dim < 64
+        _assert_same_lm("Llama", model, small)
+    else:
+        assert any("different widths" in m for m in messages)
 
 
 def test_slim_backbone_saves_to_preset_and_scores(tmp_path):
@@ -292,7 +355,7 @@ def _reference(name, model, plan):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_hidden_width_is_a_group_that_merges_unless_tied(name):
+def test_hidden_width_is_a_group_that_merges(name):
     model = FAMILIES[name].build()
     groups = {g.name: g for g in kc.channel_groups(model)}
     stream = groups["token_embedding"]
@@ -309,7 +372,8 @@ def test_hidden_width_is_a_group_that_merges_unless_tied(name):
     assert any("query" in path for _, path, _ in stream.consumers)
     plan = kc.make_plan(model, keep=0.5)
     assert set(plan.clusters) == {n for n, g in groups.items()
-                                  if g.prunable and g.exact}
+                                  if g.prunable and g.exact} - (
+        {"token_embedding"} if name == "GPT2" else set())
     kc.CSGD(plan)
     pruned = kc.methods.magnitude_plan(model, keep=0.5)
     assert pruned.widths()["token_embedding"] == 8
@@ -318,17 +382,15 @@ def test_hidden_width_is_a_group_that_merges_unless_tied(name):
     assert _heads(pruned_model) == _heads(model) // 2
     full = kc.count_macs(model, input_shape=(TOKENS,))
     assert kc.macs_under(model, pruned, input_shape=(TOKENS,)) <= 0.3 * full
+    assert stream.exact
     if model.token_embedding.tie_weights:
-        # The CausalLM's logits read the table itself: C-SGD, which
-        # merges, may not plan the stream; pruning methods do.
-        assert not stream.exact
-        assert "output projection `token_embedding`" in stream.prune_only
-        assert "token_embedding" not in plan.clusters
-        with pytest.raises(ValueError, match="prune-only group"):
-            kc.CSGD(pruned)
+        # The CausalLM's logits read the table itself, after the final
+        # norm, which they alone read: it takes merged clusters' sizes.
+        absorbing = kc.graph.analyze(model).absorbing
+        assert list(absorbing) == [model.layer_norm.name]
+        kc.CSGD(pruned)
     else:
         # The output projection's rows are summed, the norms weighed.
-        assert stream.exact
         assert (model.token_embedding.reverse_embeddings.path
                 in {path for _, path, _ in stream.consumers})
         assert "token_embedding" in plan.clusters

@@ -40,9 +40,11 @@ def _encoder(dim=D):
     return keras.Model(inp, L.Dense(5, name="head")(x))
 
 
-def _language_model(dim=D, tied=True):
+def _language_model(dim=D, tied=True, final_norm=True):
     """A decoder LM: a ReversibleEmbedding (tied: its table is the output
-    projection), RMS norms, causal attention."""
+    projection), RMS norms, causal attention; `final_norm=False`: the
+    output projection reads the stream with no norm of its own (through a
+    tied table, the stream is then prune-only)."""
     ids = keras.Input((10,), dtype="int32")
     embedding = L.ReversibleEmbedding(VOCAB, dim, tie_weights=tied,
                                       name="embedding")
@@ -53,7 +55,8 @@ def _language_model(dim=D, tied=True):
     y = L.LayerNormalization(name="norm2")(x)
     y = L.Dense(40, activation="gelu", name="fc1")(y)
     x = L.Add(name="add2")([x, L.Dense(dim, name="fc2")(y)])
-    x = L.RMSNormalization(name="norm")(x)
+    if final_norm:
+        x = L.RMSNormalization(name="norm")(x)
     return keras.Model(ids, embedding(x, reverse=True))
 
 
@@ -96,7 +99,7 @@ def _reference(build, model, kept):
 def test_hidden_width_groups_say_whether_they_merge_exactly():
     encoder = _hidden(_encoder())
     assert encoder.prunable and encoder.exact  # Keras norms are weighed
-    model = _language_model()
+    model = _language_model(final_norm=False)
     group = _hidden(model)  # the tied embedding makes it prune-only
     assert group.prunable and not group.exact
     assert "shares the embedding's table" in group.prune_only
@@ -125,8 +128,36 @@ def test_untied_output_projection_merges_exactly():
     assert relative_error(small(x), model(x)) < 1e-4
 
 
-def test_tied_output_projection_follows_the_embedding():
+@pytest.mark.parametrize("final", ["RMSNormalization",
+                                   "LayerNormalization"])
+def test_tied_output_projection_merges_exactly_through_its_norm(final):
+    # The tied table keeps each cluster's column; the final norm, which
+    # the projection alone reads, gives it the cluster's sum.
     model = _language_model()
+    if final == "LayerNormalization":  # with a `beta`, multiplied too
+        model = keras.Model(model.input, model.get_layer("embedding")(
+            L.LayerNormalization(name="ln")(model.get_layer("add2").output),
+            reverse=True))
+    model = randomize(model)
+    group = _hidden(model)
+    assert group.exact
+    plan = kc.make_plan(model, keep=0.5, method="kmeans")
+    assert plan.widths()[group.name] == D // 2
+    assert len({len(c) for c in plan.clusters[group.name]}) > 1
+    collapse(model, plan)
+    small = kc.slim(model, plan, strict=True)
+    x = _ids()
+    assert relative_error(small(x), model(x)) < 1e-4
+    # Read by another layer too, the norm cannot take the cluster sizes.
+    norm = model.get_layer("ln" if final == "LayerNormalization" else "norm")
+    shared = keras.Model(model.input, [
+        model.output, L.Dense(3, name="probe")(norm.output)])
+    assert not _hidden(shared).exact
+    assert "no normalization with a gain" in _hidden(shared).prune_only
+
+
+def test_tied_output_projection_follows_the_embedding():
+    model = _language_model(final_norm=False)
     group = _hidden(model)
     assert ("embedding", model.get_layer("embedding").embeddings.path, 1) in (
         group.members)
@@ -168,7 +199,7 @@ def test_slim_macs_and_keras_round_trip(name, tmp_path):
 
 
 def test_exact_methods_leave_prune_only_groups_out():
-    model = _language_model()
+    model = _language_model(final_norm=False)
     hidden = _hidden(model).name
     plan = kc.make_plan(model, keep=0.5)
     assert plan.clusters and hidden not in plan.clusters
@@ -413,7 +444,7 @@ def test_mobilenet_v5_merges_exactly_through_its_rms_norms(tmp_path):
 
 
 def test_latency_plans_prune_the_stream_and_csgd_plans_leave_it_out():
-    model = randomize(_language_model())
+    model = randomize(_language_model(final_norm=False))
     hidden = _hidden(model).name
 
     def macs_ms(m):
@@ -430,7 +461,7 @@ def test_latency_plans_prune_the_stream_and_csgd_plans_leave_it_out():
 def test_compensation_leaves_prune_only_groups_out():
     """CaP refits a consumer for removed inputs; behind a prune-only
     group's normalization the kept inputs change too."""
-    model = randomize(_language_model())
+    model = randomize(_language_model(final_norm=False))
     stats = kc.methods.compensation.collect_statistics(
         model, _ids(), verbose=0)
     assert "fc2" in stats and "fc1" not in stats  # fc1 reads the stream

@@ -279,6 +279,7 @@ def test_kmeans_plans_train_with_csgd():
     ({"target": 0.5, "runtime": "onnx"}, "runtime"),
     ({"target": 0.5, "batch_size": 0}, "batch_size"),
     ({"target": 0.5, "clusters": "even"}, "clusters"),
+    ({"target": 0.5, "uniform": "yes"}, "uniform"),
     ({"target": 0.5, "scores": {"nope": [1.0]}}, "scores"),
     ({"target": 0.5, "jit_compile": "yes"}, "jit_compile"),
 ])
@@ -461,3 +462,18 @@ def test_met_allows_the_tolerance_above_the_target_only():
     assert met(0.1, 0.5)
     assert not met(0.5 * (1 + TOLERANCE) + 1e-6, 0.5)
     assert met(0.54, 0.5, tolerance=0.1)
+
+
+def test_a_uniform_latency_plan_has_the_widths_of_one_keep():
+    # `uniform=True`: the widths `kc.make_plan` gives for one `keep` (the
+    # largest the table puts within the target), not a width per group.
+    model = tiny(16)
+    plan, report = kc.plan_for_latency(model, 0.6, measure=macs_ms,
+                                       uniform=True, return_report=True,
+                                       verbose=0)
+    assert report.met and report.measured_ratio <= 0.6 * 1.05
+    sizes = {g.name: g.size for g in kc.channel_groups(model)}
+    narrowed = [{n: w for n, w in kc.make_plan(model, keep=k / 16)
+                 .widths().items() if w < sizes[n]} for k in range(1, 17)]
+    assert plan.widths() in narrowed
+    assert len(set(plan.widths().values())) == 1

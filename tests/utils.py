@@ -5,10 +5,12 @@ on the path).
 """
 
 import inspect
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
+import keras_csgd as kc
 from keras_csgd import graph
 
 
@@ -62,3 +64,36 @@ def two_cpu_strategy():
         [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
         cross_device_ops=tf.distribute.ReductionToOneDevice(),
     )
+
+
+def macs_latency_plan(model, target, input_shape=None, **kwargs):
+    """`(plan, report)` of `kc.plan_for_latency` with the MACs as its
+    'runtime' (no timing); the table checks' warnings (MACs are not
+    additive across groups) are silenced."""
+
+    def macs_ms(m):
+        return kc.count_macs(m, input_shape=input_shape) / 1e3
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return kc.plan_for_latency(model, target, measure=macs_ms,
+                                   return_report=True, verbose=0, **kwargs)
+
+
+def kept_query_heads(model, plan, attention):
+    """`{kept key/value head: kept query heads}` of the grouped-query
+    attention whose groups are `<attention>/kv_heads` and
+    `<attention>/query_heads`, in `plan`."""
+    groups = {g.name: g for g in kc.channel_groups(model)}
+    kv, positions = (groups[f"{attention}/{n}"]
+                     for n in ("kv_heads", "query_heads"))
+    (query,) = [p for _, p, _ in positions.members
+                if p.endswith("query/kernel")]
+    kept = [{c[0] for c in plan.clusters.get(g.name, [[i] for i in
+                                                     range(g.size)])}
+            for g in (kv, positions)]
+    counts = {}
+    for k, j in zip(kv.channel_map(query), positions.channel_map(query)):
+        if k in kept[0]:
+            counts[k] = counts.get(k, 0) + (j in kept[1])
+    return counts

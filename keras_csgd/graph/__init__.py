@@ -36,6 +36,7 @@ from keras_csgd.graph.nodes import (
     operations_between,
     producer_name,
     producer_of,
+    read_only_by,
     sole_reader,
     static_inputs,
     successors,
@@ -59,6 +60,6 @@ __all__ = [
     "is_graph_model",
     "layout_size", "leaves",
     "map_leaves", "operations_between", "producer_filters", "producer_name",
-    "producer_of", "short_name", "sole_reader", "static_inputs", "successors",
-    "topological_nodes",
+    "producer_of", "read_only_by", "short_name", "sole_reader",
+    "static_inputs", "successors", "topological_nodes",
 ]

@@ -50,6 +50,7 @@ class Context(Spaces):
         self.calls: dict[int, int] = {}
         self.traced: dict[str, keras.Model] = {}
         self.weighed: dict[str, tuple] = {}
+        self.absorbing: dict[str, tuple] = {}
         # The model inputs' batch size (`None`: dynamic), and for tensors
         # whose dynamic axis holds `batch * k` (windows of an image), `k`.
         self.batch: int | None = None
@@ -90,6 +91,14 @@ class Context(Spaces):
         `None`: one each): merges stay exact, `slim` handing the handler's
         `rebuild` the new numbers as the width `counts`."""
         self.weighed[call.name] = layout
+
+    def absorbs(self, name: str, layout) -> None:
+        """The weighing normalization called `name` (`weighs`) writes
+        `layout` for a tied output projection alone, which would need each
+        merged cluster's column times its size: `slim` multiplies the
+        norm's output (its gain, and offset) by the cluster sizes
+        instead, so merges stay exact."""
+        self.absorbing[name] = layout
 
     def cost(self, call: Call, macs: int | None, *layouts) -> None:
         """The call does `macs` MACs, scaling with each layout's width."""
@@ -314,7 +323,7 @@ class Context(Spaces):
         for t, axes in zip(model.outputs, self.model_outputs):
             for lay in _layouts([axes]):
                 if tied is None or not layers.handler_for(tied).reverse(
-                        self, tied, lay, tied.name):
+                        self, tied, lay, tied.name, t, None):
                     self.freeze(lay,
                                 f"reaches model output `{producer_name(t)}`")
         roots = {g: self.resolve(("leaf", g)) for g in self.parent}
@@ -357,7 +366,7 @@ class Context(Spaces):
         return Analysis(
             groups, gid_of, self.entries, self.layers, roots, sizes,
             self.widths, self.nested, self.costs, self.traced,
-            self.uncounted, self.weighed,
+            self.uncounted, self.weighed, self.absorbing,
         )
 
 

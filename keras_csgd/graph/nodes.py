@@ -100,6 +100,14 @@ def sole_reader(layer):
     return layer._outbound_nodes[0].operation
 
 
+def read_only_by(layer, reader) -> bool:
+    """Whether `layer` is called once and its output is read by `reader`
+    alone (`None`: by no layer of the graph, a model output alone)."""
+    return len(layer._inbound_nodes) == 1 and [
+        n.operation for n in layer._outbound_nodes
+    ] == ([] if reader is None else [reader])
+
+
 def following_batchnorm(layer, scaled: bool = False):
     """The BatchNormalization over the last axis that alone reads `layer`.
 

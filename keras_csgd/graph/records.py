@@ -42,6 +42,9 @@ class Analysis:
     uncounted: dict[str, str] = dataclasses.field(default_factory=dict)
     # Normalizations that weigh merged channels: layer -> its layout.
     weighed: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    # Of those, the ones whose output a tied output projection alone reads
+    # (`Context.absorbs`): layer -> its layout.
+    absorbing: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     def root(self, layout: tuple) -> tuple:
         """The layout with every gid replaced by its root."""

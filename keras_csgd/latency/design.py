@@ -18,6 +18,7 @@ import numpy as np
 
 from keras_csgd import blocks, graph
 from keras_csgd.clusters import target_width
+from keras_csgd.layers.registry import handler_for
 from keras_csgd.plan import PruningPlan
 
 GRID = (0.75, 0.5, 0.25)
@@ -44,7 +45,9 @@ def grid_widths(size: int, grid=GRID) -> list[int]:
 
 
 def _layer_signature(layer) -> str:
-    config = {k: v for k, v in layer.get_config().items() if k != "name"}
+    handler = handler_for(layer)  # its `config` where `get_config` fails
+    config = handler.config(layer) if handler else layer.get_config()
+    config = {k: v for k, v in config.items() if k != "name"}
     shapes = []
     for attr in ("input", "output"):
         try:

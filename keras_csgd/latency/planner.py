@@ -12,6 +12,10 @@ multiple-choice knapsack, solved exactly by merging Pareto frontiers of
 their interactions (`LatencyTable.factors`), the knapsack is solved with the
 factors of the previous solution until the choice repeats, and the best
 choice that the full prediction puts within the budget is kept.
+
+A *uniform* plan (one `keep` for every group, what a keras_hub decoder
+LLM needs to keep its class and `generate`) is chosen among the widths
+one `keep` gives (`uniform_choices`), not by the knapsack.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 
 MAX_STATES = 4096
 MAX_ROUNDS = 8
+# Most `keep` values a uniform plan is chosen among (`uniform_choices`).
+UNIFORM_STEPS = 256
 
 
 def kept_values(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -83,6 +89,30 @@ def _group_options(table, values, names, factors) -> list[tuple]:
     return options
 
 
+def uniform_choices(table, values: Mapping[str, np.ndarray],
+                    widths_at) -> list[tuple[dict, list, float, float]]:
+    """The uniform plans: `(widths, [], predicted_ms, value)` of every
+    distinct `widths_at(keep)` for `keep = k / n`, `k = 1 .. n` (`n`: the
+    largest planned group's size, at most `UNIFORM_STEPS`).
+
+    Args:
+        table: the `LatencyTable`.
+        values: `kept_values` of the planned groups.
+        widths_at: `keep -> {group: width}` for the groups of `values`
+            (`keras_csgd.clusters.uniform_widths`).
+    """
+    n = min(UNIFORM_STEPS, max(len(v) - 1 for v in values.values()))
+    out, seen = [], set()
+    for k in range(1, n + 1):
+        widths = widths_at(k / n)
+        mark = tuple(sorted(widths.items()))
+        if mark not in seen:
+            seen.add(mark)
+            out.append((widths, [], table.predict(widths, []),
+                        value_of(values, widths)))
+    return out
+
+
 def fastest_choice(table, values) -> tuple[dict, list]:
     """`(widths, remove_blocks)`: every option at its fastest."""
     widths, removed = {}, []
@@ -93,8 +123,11 @@ def fastest_choice(table, values) -> tuple[dict, list]:
     return widths, sorted(removed)
 
 
-def fastest(table, values) -> float:
-    """The smallest predicted latency (ms) the planned groups can reach."""
+def fastest(table, values, uniform=None) -> float:
+    """The smallest predicted latency (ms) the planned groups can reach
+    (among the `uniform` plans, when given: see `uniform_choices`)."""
+    if uniform is not None:
+        return min(u[2] for u in uniform)
     return table.predict(*fastest_choice(table, values))
 
 
@@ -106,17 +139,21 @@ def value_of(values, widths, gone=frozenset()) -> float:
 
 
 def choose(table, values: Mapping[str, np.ndarray], budget_ms: float,
-           max_states: int = MAX_STATES):
+           max_states: int = MAX_STATES, uniform=None):
     """The options that keep the most value within `budget_ms`.
 
     Exact for additive tables while the Pareto frontier stays under
     `max_states` states (above, it keeps the best state of each of
-    `max_states` latency bins); with interactions, see the module.
+    `max_states` latency bins); with interactions, see the module. With
+    `uniform` (`uniform_choices`), the best of those plans.
 
     Returns:
         `(widths, remove_blocks, predicted_ms, value)`, or `None` when even
         the fastest options exceed the budget.
     """
+    if uniform is not None:
+        within = [u for u in uniform if u[2] <= budget_ms + 1e-9]
+        return max(within, key=lambda u: u[3]) if within else None
     quick = fastest_choice(table, values)
     if table.predict(*quick) > budget_ms + 1e-9:
         return None

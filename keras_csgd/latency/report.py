@@ -32,7 +32,9 @@ class LatencyReport:
         predicted_ratio: `predicted_ms / table.full`.
         met: whether `measured_ratio <= target * (1 + tolerance)` (`None`
             when not verified).
-        macs: `(full, slim)` multiply-accumulates.
+        macs: `(full, slim)` multiply-accumulates, or `None` for a model
+            with a dynamic dimension (a sequence length: count them at one
+            with `kc.count_macs(..., input_shape=)`).
         params: `(full, slim)` parameter counts.
         widths: `{group: (width, size)}` of every planned group.
         remove_blocks: the removed blocks' Add layer names.
@@ -52,7 +54,7 @@ class LatencyReport:
     predicted_ms: float
     predicted_ratio: float
     met: bool | None
-    macs: tuple[int, int]
+    macs: tuple[int, int] | None
     params: tuple[int, int]
     widths: dict
     remove_blocks: list
@@ -70,10 +72,12 @@ class LatencyReport:
             f"({self.measured_ratio:.3f})"
             if self.measured_ratio is not None else "not measured"
         )
+        macs = ("" if self.macs is None
+                else f"MACs {self.macs[1] / self.macs[0]:.3f}, ")
         return (
             f"{self.runtime} batch {self.batch_size}, target "
             f"{self.target:g}: predicted {self.predicted_ratio:.3f}, "
-            f"{measured}; MACs {self.macs[1] / self.macs[0]:.3f}, params "
+            f"{measured}; {macs}params "
             f"{self.params[1] / self.params[0]:.3f} of the full model; "
             f"{len(self.remove_blocks)} blocks removed"
         )

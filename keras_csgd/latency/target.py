@@ -17,8 +17,8 @@ import warnings
 
 import numpy as np
 
-from keras_csgd import checks, flops, graph
-from keras_csgd.clusters import make_plan
+from keras_csgd import checks, flops, graph, llm
+from keras_csgd.clusters import make_plan, mergeable, uniform_widths
 from keras_csgd.latency import planner, timing
 from keras_csgd.latency.design import GRID, prunable_groups, width_plan
 from keras_csgd.latency.profile import profile
@@ -52,7 +52,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
                      threads=None, grid=GRID, tolerance=TOLERANCE,
                      max_iterations=4, jit_compile="auto", cache_dir=None,
                      measure=None, verify=True, return_report=False, seed=0,
-                     verbose=1):
+                     uniform=None, verbose=1):
     """A plan whose slim model runs at `target` times the full latency.
 
     1. *Profile*: the latency table of the model on `runtime` at
@@ -63,7 +63,10 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
        blocks to remove, keeping the most importance (each group's scores
        divided by their largest, summed over kept channels; a removed block
        loses its inner groups) within the predicted budget
-       `target * table.full`: an exact multiple-choice knapsack.
+       `target * table.full`: an exact multiple-choice knapsack. Or, with
+       `uniform`, one `keep` for every group (`kc.make_plan`'s widths:
+       `clusters.uniform_widths`), the largest whose plan the table
+       predicts within the budget.
     3. *Verify*: the slim model is exported for the runtime (`kc.export`,
        checked against Keras) or folded and compiled (TensorFlow) and timed
        against the full model, interleaved. Where `slim / full` misses
@@ -97,7 +100,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         clusters: `"prune"` (singleton clusters of the best-scored channels:
             plain pruning, `kc.slim` at once or after fine-tuning) or
             `"kmeans"` (k-means clusters of the producer filters at the
-            chosen widths, for `kc.CSGD`; prune-only groups, see
+            chosen widths, for `kc.CSGD`; the groups of
+            `keras_csgd.clusters.mergeable` alone: prune-only groups, see
             `ChannelGroup.exact`, are left unplanned). Defaults to
             `"prune"`.
         threads: the runtime's threads. Defaults to `None` (the usable
@@ -114,6 +118,15 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         verify: time the result. Defaults to `True`.
         return_report: also return a `LatencyReport`. Defaults to `False`.
         seed: k-means seed. Defaults to `0`.
+        uniform: plan one `keep` for every group instead of a width per
+            group: every decoder layer of an LLM gets the same widths, a
+            grouped-query attention is cut on its key/value heads or on
+            the query heads within every key/value group (whichever keeps
+            nearer `keep` of the query heads), and the hidden width
+            follows the heads where the class derives the head size, so a
+            keras_hub decoder backbone keeps its class and `generate`
+            after `kc.slim`. Defaults to `None`: uniform for a keras_hub
+            decoder backbone (`keras_csgd.llm.is_decoder_backbone`).
         verbose: `1` shows the profiling progress bar. Defaults to `1`.
 
     Returns:
@@ -138,6 +151,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     """
     checks.fraction("target", target, high_closed=False)
     checks.choice("clusters", clusters, CLUSTERS)
+    checks.choice("uniform", uniform, (None, True, False))
     checks.fraction("tolerance", tolerance, low_open=False, high_closed=False)
     checks.positive_int("max_iterations", max_iterations)
     checks.choice("runtime", runtime, timing.RUNTIMES)
@@ -149,8 +163,9 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     scores = checked_scores(
         default_scores(model, an) if scores is None else scores, by_name
     )
-    if clusters == "kmeans":  # C-SGD's merges: exact groups only
-        scores = {n: s for n, s in scores.items() if by_name[n].exact}
+    if clusters == "kmeans":  # C-SGD's merges (`clusters.mergeable`)
+        merge = set(mergeable(model, an))
+        scores = {n: s for n, s in scores.items() if n in merge}
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
     if table is None:
@@ -167,11 +182,15 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
             f"resizes groups {missing[:5]}). Received: table={table!r}"
         )
     values = planner.kept_values(scores)
-    fastest = planner.fastest(table, values) / table.full
+    choices = None  # the knapsack's, or the uniform plans
+    if llm.is_decoder_backbone(model) if uniform is None else uniform:
+        choices = planner.uniform_choices(table, values, lambda keep: (
+            uniform_widths(model, an, list(values), keep)))
+    fastest = planner.fastest(table, values, choices) / table.full
     if target < fastest and not verify:
         raise ValueError(_unreachable(target, fastest))
-    chosen, reason = _search(model, an, table, values, target, tolerance,
-                             max_iterations, measure, verify,
+    chosen, reason = _search(model, an, table, values, choices, target,
+                             tolerance, max_iterations, measure, verify,
                              (runtime, batch_size, threads, jit_compile))
     plan = plan_at_widths(model, chosen["widths"], chosen["remove"], scores,
                           clusters=clusters, seed=seed, analysis=an)
@@ -186,7 +205,8 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         predicted_ms=chosen["predicted_ms"],
         predicted_ratio=chosen["predicted_ms"] / table.full,
         met=None if not verify else reason is None,
-        macs=(flops.count_macs(model, an), flops.macs_under(model, plan, an)),
+        macs=None if any(c.macs is None for c in an.costs) else (
+            flops.count_macs(model, an), flops.macs_under(model, plan, an)),
         params=(model.count_params(), chosen["params"]),
         widths={n: (w, by_name[n].size) for n, w in plan.widths().items()},
         remove_blocks=list(plan.remove_blocks),
@@ -196,9 +216,10 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
     return plan, report
 
 
-def _search(model, an, table, values, target, tolerance, max_iterations,
-            measure, verify, args):
-    """Plans and verifies until the target is met or the tries run out.
+def _search(model, an, table, values, uniform, target, tolerance,
+            max_iterations, measure, verify, args):
+    """Plans (among the `uniform` plans, when given) and verifies until the
+    target is met or the tries run out.
 
     Returns:
         `(chosen, reason)`: the decision (`widths`, `remove`,
@@ -210,11 +231,11 @@ def _search(model, an, table, values, target, tolerance, max_iterations,
     reason = "no plan was verified"
     with tempfile.TemporaryDirectory() as folder:
         verifier = Verifier(model, *args, measure, folder)
-        floor = planner.fastest(table, values)
+        floor = planner.fastest(table, values, uniform)
         for k in range(max_iterations):
             fastest = budget < floor
             budget = max(budget, floor)  # below it: the fastest plan
-            choice = planner.choose(table, values, budget)
+            choice = planner.choose(table, values, budget, uniform=uniform)
             widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
             mark = (sorted(widths.items()), choice[1])
             if mark in tried:

@@ -14,6 +14,7 @@ from keras_csgd.layers import (
     dense,
     elementwise,
     embedding,
+    grouped_query,
     normalization,
     ops,
     structure,

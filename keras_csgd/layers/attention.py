@@ -126,6 +126,23 @@ def dense_channels(ctx, call, dense, lay, origin: str | None = None,
     return out
 
 
+def attention_inputs(ctx, call) -> tuple[tuple, list]:
+    """The `(query, value, key)` tensors of an attention call (the key is
+    the value when not given) and their layouts; the layouts of its other
+    inputs (masks) are frozen."""
+    args, kwargs = graph.call_arguments(call)
+    bound = dict(zip(("query", "value", "key"), args))
+    bound.update(kwargs)
+    lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
+    query, value = bound["query"], bound["value"]
+    key = bound.get("key")
+    tensors = (query, value, value if key is None else key)
+    for t, lay in zip(call.inputs, call.layouts):
+        if all(t is not x for x in tensors):
+            ctx.freeze(lay, f"attention mask of `{call.name}`")
+    return tensors, [lay_of[id(t)] for t in tensors]
+
+
 class MultiHeadAttentionHandler(LayerHandler):
     """`keras.layers.MultiHeadAttention`: heads and output as groups."""
 
@@ -134,20 +151,9 @@ class MultiHeadAttentionHandler(LayerHandler):
         out_shape = layer._output_shape
         if isinstance(out_shape, (list, tuple)) and len(out_shape) != 1:
             return ctx.uncounted_call(call, "multi-axis `output_shape`")
-        args, kwargs = graph.call_arguments(call)
-        bound = dict(zip(("query", "value", "key"), args))
-        bound.update(kwargs)
-        lay_of = {id(t): lay for t, lay in zip(call.inputs, call.layouts)}
-        query, value = bound["query"], bound["value"]
-        key = bound.get("key")
-        key = value if key is None else key
-        tensors = (query, value, key)
-        for t, lay in zip(call.inputs, call.layouts):
-            if all(t is not x for x in tensors):
-                ctx.freeze(lay, f"attention mask of `{call.name}`")
+        (query, value, _), layouts = attention_inputs(ctx, call)
         _, out = attention_channels(
-            ctx, call, layer, [lay_of[id(t)] for t in tensors],
-            (query.shape, value.shape), call.name,
+            ctx, call, layer, layouts, (query.shape, value.shape), call.name,
         )
         return [out]
 

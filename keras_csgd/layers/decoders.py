@@ -26,9 +26,9 @@ the sub-layers by the few names the families give them. It declares:
   scales are members, its query, key, value, gate and up kernels read it,
   the output and down projections write it. Merged channels are weighed
   by the norms of the rebuilt block (`norm_counts`: `ClusterNormalization`
-  norms), so merges are exact; the stream is prune-only only where the
-  CausalLM's output projection is the tied embedding table
-  (`keras_csgd.layers.embedding.output_projection`).
+  norms), so merges are exact; where the CausalLM's output projection is
+  the tied embedding table (`keras_csgd.layers.embedding.output_projection`)
+  too, the backbone's final norm taking the cluster sizes.
 
 Rebuilt narrower, a block is a `Pruned...` subclass of its class (one per
 family, serializable): its config holds the head size, which Llama, Qwen2

@@ -5,10 +5,13 @@ projection of a language model (hidden vectors to logits over the
 vocabulary). That call reads the channels its forward call produced, through
 the same table (tied) or its own `reverse_embeddings`, whose rows consume
 the forward group (summed when channels merge: exact). Through a tied
-table, removing channels is exact (the same columns go from both uses),
-merging them is not (the forward call needs a cluster's column, the
-reverse call the column times the cluster's size): the group is
-prune-only.
+table, removing channels is exact (the same columns go from both uses);
+merging them needs, for one table, a cluster's column (the forward call)
+and the column times the cluster's size (the reverse call). Where the
+reverse call reads a weighing normalization with a gain and nothing else
+reads that norm (a decoder's final norm), the norm's output takes the
+cluster sizes (`graph.Context.absorbs`; `slim` multiplies its gain), and
+merges are exact; otherwise the group is prune-only.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
                 ctx.consumer(call, layer.reverse_embeddings, 0, out)
             return [out]
         (lay,) = call.layouts
-        if not self.reverse(ctx, layer, lay, call.name):
+        if not self.reverse(ctx, layer, lay, call.name, call.inputs[0],
+                            call.layer):
             return self._refuse(ctx, call, forward, "reversed without its "
                                 "forward call's channels")
         rows = math.prod(d for d in call.inputs[0].shape[1:-1] if d)
@@ -73,18 +77,32 @@ class ReversibleEmbeddingHandler(EmbeddingHandler):
                               f"vocabulary logits of `{call.name}`")]
 
     @staticmethod
-    def reverse(ctx, layer, lay, name: str) -> bool:
-        """Declares a reverse call of `layer` (named `name`) reading `lay`:
-        the channels of its forward call, prune-only through a tied table.
+    def reverse(ctx, layer, lay, name: str, source, reader) -> bool:
+        """Declares a reverse call of `layer` (named `name`) reading `lay`
+        (the tensor `source`, read by `reader`: the call's layer, or `None`
+        for a model output): the channels of its forward call. Through a
+        tied table, the norm that writes `source` for it alone absorbs
+        merged clusters' sizes; without one, the group is prune-only.
         False (nothing declared) when `lay` cannot be them."""
         forward = [e.layout for e in ctx.entries
                    if e.layer is layer and e.producer]
         if len(forward) != 1 or not ctx.unify(lay, forward[0]):
             return False
-        if layer.tie_weights:
+        if not layer.tie_weights:
+            return True
+        norm = graph.producer_of(source)
+        names = [n for n, op in ctx.layers.items()
+                 if op is norm and n in ctx.weighed]
+        handler = handler_for(norm)
+        if (len(names) == 1 and handler and handler.gain(norm)
+                and graph.read_only_by(norm, reader)):
+            ctx.absorbs(names[0], lay)
+        else:
             ctx.prune_only(lay, f"the output projection `{name}` shares the "
-                           "embedding's table (merging channels would scale "
-                           "its columns by cluster sizes)")
+                           "embedding's table, and no normalization with a "
+                           "gain writes its input for it alone (merging "
+                           "channels would scale its columns by cluster "
+                           "sizes)")
         return True
 
     @staticmethod

@@ -108,6 +108,9 @@ class LayerNormHandler(LayerHandler):
         one each."""
         return None
 
+    def gain(self, layer) -> tuple | None:
+        return (layer.gamma, 0.0) if layer.scale else None
+
     def rebuild(self, config, widths):
         """A `ClusterNormalization` weighing the channels by
         `widths["counts"]` (its weights are copied by name)."""
@@ -122,6 +125,9 @@ class RMSNormHandler(LayerNormHandler):
 
     what = "RMSNormalization"
 
+    def gain(self, layer) -> tuple:
+        return layer.scale, 0.0
+
     def rebuild(self, config, widths):
         return ClusterNormalization(
             widths["counts"], rms=True, epsilon=config["epsilon"],
@@ -135,6 +141,9 @@ class ClusterNormHandler(LayerNormHandler):
 
     def counts(self, layer) -> np.ndarray:
         return np.asarray(layer.counts)
+
+    def gain(self, layer) -> tuple | None:
+        return (layer.gamma, layer.scale_offset) if layer.scale else None
 
     def rebuild(self, config, widths):
         config.update(widths)
@@ -181,6 +190,9 @@ class ChannelNormHandler(LayerNormHandler):
         return [normalized_channels(
             ctx, call, [getattr(layer, self.scale)],
             f"{self.what} `{call.name}`", weighed=True)]
+
+    def gain(self, layer) -> tuple:
+        return getattr(layer, self.scale), self.offset
 
     def rebuild(self, config, widths):
         if "counts" not in widths:  # narrower, one count each

@@ -95,6 +95,12 @@ class LayerHandler:
         """Declares the call's channel structure; returns output layouts."""
         raise NotImplementedError
 
+    def gain(self, layer) -> tuple | None:
+        """`(variable, offset)`: the per-channel gain of `layer`'s output
+        (`offset + variable`), which `slim` may scale (a normalization
+        before a tied output projection), or `None` without one."""
+        return None
+
     def config(self, layer) -> dict:
         """The config of `layer` that `rebuild` edits: its own, or, when a
         constructor argument cannot be serialized (a dtype policy object,
