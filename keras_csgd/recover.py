@@ -182,6 +182,23 @@ class _ProbabilityLogits(keras.distillation.LogitsDistillation):
         return super().compute_loss(teacher, student, **kwargs)
 
 
+class _Distiller(keras.distillation.Distiller):
+    """`keras.distillation.Distiller` that keeps the student's own losses.
+
+    Keras's `Distiller.compute_loss` returns the weighted student and
+    distillation losses only, so the losses a student adds itself (weight
+    regularizers, `add_loss`: e.g. `AdaptiveGates`' sparsity penalty) would
+    be dropped in silence; they are added here, as `Model.compute_loss`
+    adds them without a teacher.
+    """
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        total = super().compute_loss(x, y, y_pred, sample_weight, training)
+        own = self.student.losses
+        return total + keras.ops.sum(own) if own else total
+
+
 def _resolve_augment(augment, x, dataset: bool) -> bool:
     if augment not in ("auto", True, False):
         raise ValueError(
@@ -270,8 +287,9 @@ def fine_tune(
     Trains `model` with Nesterov SGD (momentum 0.9) on the labels, and,
     with a `teacher` (the unpruned model), on the teacher's tempered
     softmax too (`keras.distillation.Distiller`, KL divergence of logits;
-    a softmax output counts as the logits `log p`). Accuracy and loss are
-    measured on a validation split before and after.
+    a softmax output counts as the logits `log p`; the model's own losses,
+    regularizers and `add_loss`, are kept, which Keras's `Distiller` drops).
+    Accuracy and loss are measured on a validation split before and after.
 
     Args:
         model: the classifier to train, in place (its weights change).
@@ -416,7 +434,7 @@ def _train(model, teacher, pipeline, epochs, optimizer, temperature, alpha,
         return
     trainable = teacher.trainable
     try:
-        distiller = keras.distillation.Distiller(
+        distiller = _Distiller(
             teacher, model,
             _ProbabilityLogits(temperature, outputs_probabilities(teacher),
                                outputs_probabilities(model)),

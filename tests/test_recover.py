@@ -199,3 +199,24 @@ def test_no_warmup_keeps_the_schedules():
 def test_bad_settings_raise_named_errors(digits, kwargs, name):
     with pytest.raises(ValueError, match=rf"`{name}.*Received: {name}="):
         kc.fine_tune(cnn(), digits, verbose=0, **kwargs)
+
+
+def test_distillation_keeps_the_students_own_losses(digits, teacher):
+    """Keras's Distiller drops the student's `add_loss` and regularizer
+    losses; `kc.fine_tune` keeps them: an L1 kernel regularizer shrinks the
+    head with a teacher as it does without one."""
+    x, y = digits
+    norms = {}
+    for with_teacher in (False, True):
+        small = slim_of(teacher)
+        small.get_layer("head").kernel_regularizer = keras.regularizers.L1(
+            0.05)
+        small = keras.Model.from_config(small.get_config())
+        small.set_weights(slim_of(teacher).get_weights())
+        before = np.abs(small.get_layer("head").kernel.numpy()).sum()
+        kc.fine_tune(small, (x, y), epochs=1, augment=False, verbose=0,
+                     teacher=teacher if with_teacher else None, seed=0)
+        norms[with_teacher] = (
+            np.abs(small.get_layer("head").kernel.numpy()).sum() / before)
+    # Without the regularizer's loss the head keeps 98% of its L1 norm.
+    assert norms[False] < 0.7 and norms[True] < 0.7
