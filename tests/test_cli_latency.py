@@ -13,6 +13,7 @@ import pytest
 from test_cli import run
 
 import keras_csgd as kc
+from keras_csgd import latency
 from keras_csgd.cli import adaptive
 from keras_csgd.models import small_resnet
 
@@ -26,6 +27,10 @@ def model_path(tmp_path_factory):
     small_resnet(width=16).save(path)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KERAS_CSGD_CACHE", str(root / "cache"))
+        # Tiny models timed for real on a CI machine: a table that fails
+        # its quality checks would be measured again, not read back from
+        # the cache; the checks are tested with injected timings elsewhere.
+        patch.setattr(latency.quality, "problems", lambda *a, **k: [])
         yield str(path)
 
 
