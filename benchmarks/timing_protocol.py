@@ -4,10 +4,13 @@
         [--models resnet56 mobilenetv2_128] [--runtimes litert ...]
 
 `kc.latency.time_against_full` (what `plan_for_latency` verifies with)
-times a slim model against the full one in one process, interleaved:
-rounds of blocks of calls, alternating which model goes first, each
-model's latency its fastest block median (README, "How keras_csgd
-times"). Here each exported file (`kc.export`) is also timed alone, in a
+times a slim model against the full one, interleaved: rounds of blocks of
+calls, alternating which model goes first, each model's latency its
+fastest block median (README, "How keras_csgd times"); each model is
+timed in this process (LiteRT, TensorFlow), or in a worker process of its
+own (`Runtime.separate_process`: ONNX Runtime, OpenVINO). The JSON records
+which, with the runtime's session settings (`"protocol"`). Here each
+exported file (`kc.export`) is also timed alone, in a
 process of its own (this script with `--alone FILE`): load, warm up, then
 blocks of calls for `--seconds`, reporting the fastest block median and the
 median of every call. Full and slim processes alternate, `--processes`
@@ -45,6 +48,8 @@ import keras_csgd as kc  # noqa: E402
 from keras_csgd import latency, runtimes  # noqa: E402
 from keras_csgd.latency import timing  # noqa: E402
 from keras_csgd.runtimes.base import uniform  # noqa: E402
+from keras_csgd.runtimes.onnx import session_options  # noqa: E402
+from keras_csgd.runtimes.openvino import cpu_config  # noqa: E402
 from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,6 +127,27 @@ def retime(model, slim, runtime, batch_size, threads, processes=3,
             "processes": out}
 
 
+def protocol(runtime, threads) -> dict:
+    """How the library times on `runtime`: in this process or a worker
+    process per model, and the session settings ONNX Runtime and OpenVINO
+    load files with."""
+    out = {"separate_process": runtimes.get(runtime).separate_process}
+    if runtime == "onnxruntime":
+        options = session_options(threads)
+        out["session_options"] = {
+            "intra_op_num_threads": options.intra_op_num_threads,
+            "inter_op_num_threads": options.inter_op_num_threads,
+            "execution_mode": str(options.execution_mode),
+            "graph_optimization_level": str(
+                options.graph_optimization_level),
+            **{key: options.get_session_config_entry(key) for key in (
+                "session.intra_op.allow_spinning",
+                "session.inter_op.allow_spinning")}}
+    elif runtime == "openvino":
+        out["cpu_config"] = cpu_config(threads)
+    return out
+
+
 def compare(name, runtime, args) -> dict:
     """In-process against separate-process ratios of uniform slim models."""
     model = MODELS[name]()
@@ -144,7 +170,8 @@ def compare(name, runtime, args) -> dict:
               f"{separate['median_ratio']:.3f})", flush=True)
         rows.append(row)
     return {"model": name, "runtime": runtime, "batch_size": batch,
-            "versions": timing.versions(runtime), "rows": rows}
+            "versions": timing.versions(runtime),
+            "protocol": protocol(runtime, args.threads), "rows": rows}
 
 
 def main(argv=None):

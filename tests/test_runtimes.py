@@ -145,6 +145,9 @@ class FakeTimer:
     def delta(self, variant):
         return macs_ms(variant) - self.full + self.rng.normal(0, self.sigma)
 
+    def close(self):
+        pass
+
 
 @pytest.fixture
 def fake_timer(monkeypatch):

@@ -65,33 +65,33 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
 
 
 class _Timer:
-    """Latency changes of variants against the full model."""
+    """Latency changes of variants against the full model (`timing.Pair`,
+    or `measure`)."""
 
     def __init__(self, model, runtime, batch_size, threads, jit_compile,
                  rounds, measure):
-        self.measure = measure
-        self.args = (runtime, batch_size, threads, jit_compile)
+        self.measure, self.pair = measure, None
         self.fulls = []
         if measure is None:
-            self.full = timing.runner(model, *self.args)
             limits = PROFILE_TIMING["rounds"] if rounds is None else (
                 rounds, rounds)
-            self.calls, self.rounds = timing.schedule(
-                self.full, PROFILE_TIMING["block_ms"],
-                PROFILE_TIMING["budget_ms"], limits,
-            )
+            self.pair = timing.Pair(
+                model, runtime, batch_size, threads, jit_compile,
+                PROFILE_TIMING["block_ms"], PROFILE_TIMING["budget_ms"],
+                limits)
         else:
             self.fulls.append(float(measure(model)))
 
     def delta(self, variant) -> float:
         if self.measure is not None:
             return float(self.measure(variant)) - self.fulls[0]
-        stats = timing.fastest_blocks(*timing.interleaved(
-            self.full, timing.runner(variant, *self.args), self.rounds,
-            self.calls,
-        ))
+        stats = self.pair.against(variant)
         self.fulls.append(stats["first_ms"])
         return stats["delta_ms"]
+
+    def close(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
 
 
 class _Design:
@@ -319,9 +319,12 @@ def _measure(model, an, plan, args, verbose):
     bar = keras.utils.Progbar(len(plan.work), verbose=verbose,
                               unit_name="variant")
     deltas = []
-    for k, (widths, removed) in enumerate(plan.work):
-        variant = slim(model, design.width_plan(model, an, widths, removed),
-                       check=False)
-        deltas.append(timer.delta(variant))
-        bar.update(k + 1)
+    try:
+        for k, (widths, removed) in enumerate(plan.work):
+            variant = slim(model, design.width_plan(model, an, widths,
+                                                    removed), check=False)
+            deltas.append(timer.delta(variant))
+            bar.update(k + 1)
+    finally:
+        timer.close()
     return deltas, float(sorted(timer.fulls)[len(timer.fulls) // 2])

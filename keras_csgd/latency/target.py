@@ -229,8 +229,9 @@ def _search(model, an, table, values, uniform, target, tolerance,
     sizes = {g.name: g.size for g in an.groups}
     budget, history, best, tried = target * table.full, [], None, []
     reason = "no plan was verified"
-    with tempfile.TemporaryDirectory() as folder:
-        verifier = Verifier(model, *args, measure, folder)
+    with tempfile.TemporaryDirectory() as folder, Verifier(
+        model, *args, measure, folder
+    ) as verifier:
         floor = planner.fastest(table, values, uniform)
         for k in range(max_iterations):
             fastest = budget < floor

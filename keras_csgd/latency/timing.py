@@ -7,13 +7,17 @@ quantizations, `"onnxruntime"`, `"openvino"` or `"tensorflow"` (a compiled
 `tf.function` of the model with its BatchNormalization folded). Two calls
 are timed *interleaved*: rounds alternate between them, each round times a
 block of calls per model (its median), and each model's latency is its
-fastest block median, the one other processes disturbed least.
+fastest block median, the one other processes disturbed least. `Pair`
+times variants against a full model so, by the runtime's protocol: in this
+process, or each model in a process of its own (`worker.Worker`) for the
+runtimes with `Runtime.separate_process`.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 
 import numpy as np
@@ -21,6 +25,7 @@ import tensorflow as tf
 
 import keras_csgd
 from keras_csgd import runtimes
+from keras_csgd.latency.worker import Worker
 from keras_csgd.runtimes.base import random_inputs
 
 RUNTIMES = tuple(runtimes.RUNTIMES)
@@ -126,6 +131,16 @@ def time_calls(fn, runs, warmup):
     }
 
 
+def block_timer(timed):
+    """`(calls, warmup) -> block median (ms)` of `timed`: a zero-argument
+    call (timed here, `time_calls`) or a `worker.Worker` (timed in its
+    process)."""
+    if isinstance(timed, Worker):
+        return timed.block
+    return lambda calls, warmup: time_calls(timed, calls, warmup)[
+        "median_ms"]
+
+
 def schedule(call, block_ms: float, budget_ms: float,
              rounds: tuple[int, int]) -> tuple[int, int]:
     """`(calls per block, rounds)` for timing `call` against a peer.
@@ -133,9 +148,10 @@ def schedule(call, block_ms: float, budget_ms: float,
     Blocks of about `block_ms` (1 to 200 calls); as many rounds as fit
     `budget_ms` for two blocks each, within `rounds = (least, most)`:
     short blocks in many rounds make the fastest block stable on a busy
-    machine, at little cost for fast models.
+    machine, at little cost for fast models. `call` is what `block_timer`
+    takes.
     """
-    ms = time_calls(call, runs=3, warmup=2)["median_ms"]
+    ms = block_timer(call)(3, 2)
     calls = int(np.clip(round(block_ms / ms), 1, 200))
     least, most = rounds
     return calls, int(np.clip(round(budget_ms / (2 * calls * ms)), least,
@@ -149,21 +165,19 @@ def interleaved(first, second, rounds: int, calls: int) -> tuple:
     call that reloads the model's caches; none where a block is one call,
     which is long enough not to need it), `first` first in even rounds,
     `second` first in odd ones, so that slow phases of a shared machine hit
-    both alike (see `fastest_blocks`).
+    both alike (see `fastest_blocks`). `first` and `second` are what
+    `block_timer` takes.
 
     Returns:
         `(first_blocks, second_blocks)`: one block median per round each.
     """
-    first()
-    second()
+    timers = (block_timer(first), block_timer(second))
+    for timer in timers:
+        timer(1, 0)
     blocks = ([], [])
     for r in range(rounds):
         for k in ((0, 1) if r % 2 == 0 else (1, 0)):
-            call = (first, second)[k]
-            blocks[k].append(
-                time_calls(call, runs=calls,
-                                warmup=int(calls > 1))["median_ms"]
-            )
+            blocks[k].append(timers[k](calls, int(calls > 1)))
     return np.array(blocks[0]), np.array(blocks[1])
 
 
@@ -183,3 +197,85 @@ def fastest_blocks(first_blocks, second_blocks) -> dict:
     first, second = float(np.min(first_blocks)), float(np.min(second_blocks))
     return {"first_ms": first, "second_ms": second,
             "delta_ms": second - first, "ratio": second / first}
+
+
+class Pair:
+    """Times variants against a full model, interleaved, by the runtime's
+    protocol.
+
+    In this process (LiteRT, TensorFlow), each model is a call here
+    (`runner`). For a runtime with `Runtime.separate_process` (ONNX
+    Runtime, OpenVINO), the full model is loaded in one `worker.Worker`
+    and each variant, in turn, in a second one, and every block is timed
+    in its worker; a model without a file is first written by
+    `Runtime.quick_write`. A context manager: leaving it (or `close`) ends
+    the workers.
+
+    Args:
+        model: the full model.
+        runtime, batch_size, threads, jit_compile: the timed calls' (see
+            `runner`).
+        block_ms, budget_ms, rounds: the schedule (see `schedule`).
+        path: `model`'s file (`kc.export`), or `None`.
+
+    Example:
+
+    ```python
+    with Pair(model, "onnxruntime", 1, 2, False, 10.0, 6000.0,
+              (9, 101)) as pair:
+        stats = pair.against(slim)  # see `fastest_blocks`
+    ```
+    """
+
+    def __init__(self, model, runtime, batch_size, threads, jit_compile,
+                 block_ms, budget_ms, rounds, path=None):
+        self.args = (runtime, batch_size, threads, jit_compile)
+        self.runtime = runtimes.get(runtime)
+        self.workers, self.folder = {}, None
+        if self.runtime.separate_process:
+            self.folder = tempfile.TemporaryDirectory(prefix="keras-csgd-")
+            # Both start now: their imports overlap with each other and
+            # with the work before the first variant's load.
+            self.workers = {slot: Worker(*self.args[:3])
+                            for slot in ("full", "variant")}
+        try:
+            self.full = self._timed(model, path, "full")
+            self.calls, self.rounds = schedule(self.full, block_ms,
+                                               budget_ms, rounds)
+        except BaseException:
+            self.close()
+            raise
+
+    def _timed(self, model, path, slot):
+        """`model` ready to time: a call, or the worker of `slot` with
+        `model`'s file loaded."""
+        if not self.runtime.separate_process:
+            return runner(model, *self.args, path=path)
+        if path is None:
+            path = os.path.join(self.folder.name,
+                                f"{slot}{self.runtime.suffix}")
+            self.runtime.quick_write(model, path)
+        self.workers[slot].load(path)
+        return self.workers[slot]
+
+    def against(self, variant, path=None) -> dict:
+        """`variant` (its file at `path`, or `None`) timed against the full
+        model: `fastest_blocks` of their interleaved rounds."""
+        return fastest_blocks(*interleaved(
+            self.full, self._timed(variant, path, "variant"), self.rounds,
+            self.calls))
+
+    def close(self) -> None:
+        """Ends the workers and removes the written files."""
+        for worker in self.workers.values():
+            worker.close()
+        self.workers = {}
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

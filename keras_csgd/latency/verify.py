@@ -16,7 +16,9 @@ VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
 
 
 class Verifier:
-    """Times slim variants against the full model, interleaved.
+    """Times slim variants against the full model, interleaved, by the
+    runtime's protocol (`timing.Pair`). A context manager: leaving it ends
+    the timing workers of runtimes that time in processes of their own.
 
     Args:
         model: the full model.
@@ -29,16 +31,16 @@ class Verifier:
                  measure, folder):
         self.model, self.measure, self.folder = model, measure, folder
         self.args = (runtime, batch_size, threads, jit_compile)
-        self.full = None
+        self.pair = None
 
-    def _runner(self, model, name):
-        """The call of `model`'s checked file (TensorFlow: compiled in
-        process, the way it is served)."""
-        runtime, path = get(self.args[0]), None
-        if runtime.name != "tensorflow":
-            path = export(model, os.path.join(
-                self.folder, f"{name}{runtime.suffix}"), runtime.format).path
-        return timing.runner(model, *self.args, path=path)
+    def _path(self, model, name):
+        """`model`'s checked file (TensorFlow: none, it is served compiled
+        in process)."""
+        runtime = get(self.args[0])
+        if runtime.name == "tensorflow":
+            return None
+        return export(model, os.path.join(
+            self.folder, f"{name}{runtime.suffix}"), runtime.format).path
 
     def __call__(self, variant, name) -> tuple[float, float, float]:
         """`(full_ms, slim_ms, ratio)`, fastest block medians (see
@@ -47,15 +49,19 @@ class Verifier:
             full, ms = float(self.measure(self.model)), float(
                 self.measure(variant))
             return full, ms, ms / full
-        if self.full is None:
-            self.full = self._runner(self.model, "full")
-            self.calls, self.rounds = timing.schedule(
-                self.full, **VERIFY_TIMING
-            )
-        stats = timing.fastest_blocks(*timing.interleaved(
-            self.full, self._runner(variant, name), self.rounds, self.calls
-        ))
+        if self.pair is None:
+            self.pair = timing.Pair(self.model, *self.args,
+                                    **VERIFY_TIMING,
+                                    path=self._path(self.model, "full"))
+        stats = self.pair.against(variant, self._path(variant, name))
         return stats["first_ms"], stats["second_ms"], stats["ratio"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pair is not None:
+            self.pair.close()
 
 
 def time_against_full(model, variant, runtime="litert", batch_size=1, *,
@@ -63,8 +69,10 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
     """Times `variant` against `model`, interleaved, on `runtime`.
 
     Each model is written by `kc.export` for the runtime (checked against
-    Keras) and its file loaded; TensorFlow runs a compiled call of each
-    model with BatchNormalization folded. Blocks of about 10 ms, in as many
+    Keras) and its file loaded: in this process, or each in a process of
+    its own for ONNX Runtime and OpenVINO (`Runtime.separate_process`, see
+    `timing.Pair`); TensorFlow runs a compiled call of each model with
+    BatchNormalization folded. Blocks of about 10 ms, in as many
     rounds (9 to 101) as fit 6 s (`VERIFY_TIMING`), alternating which
     model goes first; each model's latency is its fastest block median.
 
@@ -93,7 +101,7 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
     checks.positive_int("batch_size", batch_size)
     threads = checks.positive_int("threads", threads, allow_none=True)
     threads = timing.cores() if threads is None else threads
-    with tempfile.TemporaryDirectory() as folder:
-        verifier = Verifier(model, runtime, batch_size, threads,
-                             jit_compile, None, folder)
+    with tempfile.TemporaryDirectory() as folder, Verifier(
+        model, runtime, batch_size, threads, jit_compile, None, folder
+    ) as verifier:
         return verifier(variant, "variant")

@@ -3,13 +3,17 @@
 A `Runtime` writes a model to its file format (with Keras's own
 `model.export` where it serves), loads a file into a `Program`, and
 compiles a model straight into a `Program` for latency profiling (the
-quickest way the runtime allows). A `Program` runs a batch (`run`) or binds
-one to a zero-argument call that is timed (`bind`). `check_outputs` compares
-a written file with Keras within the runtime's stated tolerance.
+quickest way the runtime allows; `quick_write` writes that quickest file).
+`separate_process` says whether latency timing loads the runtime's files
+in processes of their own (`keras_csgd.latency.worker`). A `Program` runs
+a batch (`run`) or binds one to a zero-argument call that is timed
+(`bind`). `check_outputs` compares a written file with Keras within the
+runtime's stated tolerance.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -45,6 +49,16 @@ def input_spec(model) -> tf.TensorSpec:
             f"Received: model={model!r}"
         )
     return tf.TensorSpec((None,) + tuple(inputs[0].shape[1:]), inputs[0].dtype)
+
+
+def traced(model):
+    """`model`'s inference call (`training=False`) as a `tf.function` of
+    its `input_spec` (`.get_concrete_function()` traces it): the graph
+    Keras's exporters convert, without their `ExportArchive`, whose walk
+    over every tracked variable took as long as the conversion itself for
+    a ResNet-56."""
+    call = functools.partial(model.__call__, training=False)
+    return tf.function(call, input_signature=[input_spec(model)])
 
 
 def uniform(shape, seed: int = 0) -> np.ndarray:
@@ -88,6 +102,9 @@ class Runtime:
             beyond keras_csgd's own requirements.
         extra: the keras_csgd extra that installs them.
         keras_format: the format of `model.export` that `write` uses.
+        separate_process: latency timing loads each model in a process of
+            its own (`keras_csgd.latency.worker`) instead of timing two
+            models in this one.
     """
 
     name = ""
@@ -96,6 +113,7 @@ class Runtime:
     keras_format = ""
     packages: tuple[tuple[str, str], ...] = ()
     extra: str | None = None
+    separate_process = False
 
     def require(self) -> None:
         """Raises `ImportError` naming the first missing package and the
@@ -111,8 +129,9 @@ class Runtime:
                 ) from error
 
     def versions(self) -> dict:
-        """`{pip name: version}` of the packages the latency depends on."""
-        out = {}
+        """`{pip name: version}` of the packages the latency depends on,
+        and `separate_process` where set (all in the latency cache key)."""
+        out = {"separate_process": True} if self.separate_process else {}
         for _, pip in self.packages:
             try:
                 out[pip] = importlib.metadata.version(pip)
@@ -137,12 +156,17 @@ class Runtime:
         """The `Program` of a file `write` made."""
         raise NotImplementedError
 
+    def quick_write(self, model, path: str) -> None:
+        """Writes `model` to `path` the quickest way (profiling; unchecked,
+        the graph `write` writes): here, `write`."""
+        self.write(model, path)
+
     def compile(self, model, threads=None, jit_compile="auto") -> Program:
         """`model` as a `Program`, the quickest way (for profiling): here,
-        written to a temporary file and loaded."""
+        written by `quick_write` to a temporary file and loaded."""
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, f"model{self.suffix}")
-            self.write(model, path)
+            self.quick_write(model, path)
             return self.load(path, threads, jit_compile)
 
 

@@ -16,7 +16,6 @@ of variants, so `Runtime.compile` converts the traced function directly
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import logging
 import os
@@ -27,7 +26,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_csgd import batches
-from keras_csgd.runtimes.base import Program, Runtime, input_spec, random_inputs
+from keras_csgd.runtimes.base import (
+    Program,
+    Runtime,
+    input_spec,
+    random_inputs,
+    traced,
+)
 from keras_csgd.runtimes.quiet import silenced_stderr
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
@@ -167,9 +172,8 @@ def tflite_flatbuffer(model, quantize=None, representative_data=None,
             with open(path, "rb") as f:
                 return f.read()
     options = _options(model, quantize, representative_data, sparse)
-    call = functools.partial(model.__call__, training=False)
     with _quiet_converter():
-        function = tf.function(call).get_concrete_function(input_spec(model))
+        function = traced(model).get_concrete_function()
         converter = tf.lite.TFLiteConverter.from_concrete_functions(
             [function])
         converter.experimental_lower_to_saved_model = False

@@ -4,25 +4,25 @@ execution provider."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
-from keras_csgd.runtimes.base import Program, Runtime
+from keras_csgd.runtimes.base import Program, Runtime, traced
 
 # ONNX Runtime's CPU kernels only reorder float32 arithmetic.
 TOLERANCE = 1e-4
 
 
 class OnnxRuntime(Runtime):
-    """ONNX Runtime, CPU execution provider: `threads` intra-op threads,
-    one inter-op thread, sequential execution, all graph optimizations.
+    """ONNX Runtime, CPU execution provider (see `session_options`).
 
-    The intra-op threads do not spin between calls
-    (`session.intra_op.allow_spinning = 0`): idle spinning pools of two
-    sessions timed in turn in one process took each other's cores (on 2
-    cores, a slim ResNet-56 measured 0.39 of the full model interleaved
-    and 0.87 alone in its own process), and a deployed model shares its
-    cores with the rest of the program too."""
+    Latency timing loads each file in a process of its own
+    (`separate_process`): two sessions timed in turn in one process ran
+    differently from each alone, with spinning pools (on 2 cores, a slim
+    ResNet-56 at 0.39 of the full model interleaved, 0.87 alone) and
+    without (0.56 interleaved, 0.65 alone: the slim session ran at 0.96 ms
+    beside the full one, 1.10 ms alone)."""
 
     name = "onnxruntime"
     format = "onnx"
@@ -31,26 +31,35 @@ class OnnxRuntime(Runtime):
                 ("tf2onnx", "tf2onnx"))
     extra = "onnx"
     keras_format = "onnx"
+    separate_process = True
 
     def versions(self):
         # In the latency cache key: tables timed with spinning pools differ.
         return {**super().versions(), "intra_op_spinning": False}
 
+    def quick_write(self, model, path):
+        # Keras's exporter converts the same traced function with tf2onnx
+        # (its default opset), after an ExportArchive walk over every
+        # variable: half of its time on a ResNet-56 variant (cProfile).
+        self.require()
+        import tf2onnx
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+        function = traced(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            patch_tf2onnx()  # what Keras's exporter patches for NumPy 2
+            tf2onnx.convert.from_function(
+                function, function.input_signature,
+                output_path=os.fspath(path))
+
     def load(self, path, threads=None, jit_compile="auto"):
         self.require()
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        options.log_severity_level = 3
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(
-            os.fspath(path), options, providers=["CPUExecutionProvider"])
+            os.fspath(path), session_options(threads),
+            providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
 
         def bind(x):
@@ -59,3 +68,29 @@ class OnnxRuntime(Runtime):
 
         return Program(lambda x: bind(x)()[0], bind,
                        session.get_inputs()[0].shape[1:], TOLERANCE)
+
+
+def session_options(threads=None):
+    """The `onnxruntime.SessionOptions` every session is made with.
+
+    `threads` intra-op threads (`None`: ONNX Runtime's default, the
+    physical cores), one inter-op thread and sequential execution, all
+    graph optimizations, and thread pools that do not spin between calls
+    (`session.intra_op.allow_spinning`, `session.inter_op.allow_spinning`
+    at `"0"`): a spinning pool holds its cores after a call, against the
+    other work of the process and of the machine (a deployed model shares
+    its cores with the rest of the program too).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.log_severity_level = 3
+    for pool in ("intra_op", "inter_op"):
+        options.add_session_config_entry(f"session.{pool}.allow_spinning",
+                                         "0")
+    return options

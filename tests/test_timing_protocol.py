@@ -1,0 +1,206 @@
+"""How each runtime is timed: in process or a worker process per model,
+the session settings, and the quick files profiling writes.
+
+The protocol tests use a fake worker whose block medians are a model's
+MACs (`macs_ms`): call counts and results are deterministic. No test
+asserts a wall-clock speed.
+"""
+
+import importlib
+import os
+
+import keras
+import numpy as np
+import onnx
+import openvino as ov
+import pytest
+from test_latency import macs_ms, tiny
+
+import keras_csgd as kc
+from keras_csgd import latency, runtimes
+from keras_csgd.latency import timing, worker
+from keras_csgd.runtimes import onnx as onnx_runtime
+from keras_csgd.runtimes import openvino as openvino_runtime
+
+# `keras_csgd.latency.profile` is also the name of the function.
+profiling = importlib.import_module("keras_csgd.latency.profile")
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return tiny(8)
+
+
+def test_only_onnxruntime_and_openvino_time_in_processes_of_their_own():
+    separate = {name for name, rt in runtimes.RUNTIMES.items()
+                if rt.separate_process}
+    assert separate == {"onnxruntime", "openvino"}
+    # The protocol is in the latency cache key.
+    assert runtimes.get("onnxruntime").versions()["separate_process"]
+    assert runtimes.get("openvino").versions()["separate_process"]
+    assert "separate_process" not in runtimes.get("litert").versions()
+
+
+class FakeWorker:
+    """Stands in for `worker.Worker`: "loads" the MACs `quick_write` (faked
+    below) wrote, and times a block as `macs_ms` of them."""
+
+    made = []
+
+    def __init__(self, runtime, batch_size, threads):
+        self.args = (runtime, batch_size, threads)
+        self.loads, self.blocks, self.closed = [], [], False
+        FakeWorker.made.append(self)
+
+    def load(self, path):
+        with open(path) as f:
+            self.ms = 1.0 + float(f.read()) / 1e5
+        self.loads.append(os.path.basename(path))
+
+    def block(self, calls, warmup):
+        self.blocks.append((calls, warmup))
+        return self.ms
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def fake_workers(monkeypatch):
+    monkeypatch.setattr(timing, "Worker", FakeWorker)
+    monkeypatch.setattr(FakeWorker, "made", [])
+    written = []
+
+    def quick_write(self, model, path):
+        written.append(model.name)
+        with open(path, "w") as f:
+            f.write(str(kc.count_macs(model)))
+
+    for cls in (runtimes.OnnxRuntime, runtimes.OpenVINO):
+        monkeypatch.setattr(cls, "quick_write", quick_write)
+    return written
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_separate_process_runtime_times_each_model_in_its_worker(
+    model, runtime, fake_workers
+):
+    variant = tiny(4, name="narrow")
+    with timing.Pair(model, runtime, 1, 2, False, block_ms=5.0,
+                     budget_ms=100.0, rounds=(3, 3)) as pair:
+        stats = pair.against(variant)
+        full, other = FakeWorker.made
+        assert full.args == other.args == (runtime, 1, 2)
+    assert full.closed and other.closed
+    assert fake_workers == ["tiny", "narrow"]
+    assert full.loads == ["full" + runtimes.get(runtime).suffix]
+    assert other.loads == ["variant" + runtimes.get(runtime).suffix]
+    # Sizing (3 calls after 2), one call each, then 3 rounds of blocks of
+    # round(5 ms / full ms) calls after one untimed call.
+    calls = round(5.0 / macs_ms(model))
+    assert full.blocks == [(3, 2), (1, 0)] + [(calls, 1)] * 3
+    assert other.blocks == [(1, 0)] + [(calls, 1)] * 3
+    assert stats["ratio"] == pytest.approx(macs_ms(variant) / macs_ms(model))
+
+
+def test_an_in_process_runtime_starts_no_worker(model, fake_workers,
+                                                monkeypatch):
+    monkeypatch.setattr(timing, "runner",
+                        lambda m, *args, path=None: lambda: None)
+    with timing.Pair(model, "litert", 1, 1, False, 5.0, 10.0,
+                     (2, 2)) as pair:
+        pair.against(tiny(4, name="narrow"))
+    assert FakeWorker.made == [] and fake_workers == []
+
+
+def test_profile_on_workers_writes_each_variant_once(model, fake_workers,
+                                                     tmp_path):
+    table = latency.profile(model, "onnxruntime", threads=1, rounds=2,
+                            cache_dir=tmp_path, verbose=0)
+    assert table.fields["checks"]["clean"]
+    assert table.fields["fit_rms_ms"] < 1e-6
+    full, variants = FakeWorker.made  # one attempt: two workers
+    assert full.closed and variants.closed
+    assert full.loads == ["full.onnx"]
+    assert len(variants.loads) == len(fake_workers) - 1 > 1
+    assert fake_workers[0] == model.name
+    # Every variant's block medians are its MACs' `macs_ms`: the table
+    # predicts the full model exactly.
+    assert table.full == pytest.approx(macs_ms(model))
+
+
+def test_onnxruntime_sessions_neither_spin_nor_run_in_parallel():
+    options = onnx_runtime.session_options(2)
+    assert options.intra_op_num_threads == 2
+    assert options.inter_op_num_threads == 1
+    assert options.execution_mode.name == "ORT_SEQUENTIAL"
+    assert options.graph_optimization_level.name == "ORT_ENABLE_ALL"
+    for pool in ("intra_op", "inter_op"):
+        assert options.get_session_config_entry(
+            f"session.{pool}.allow_spinning") == "0"
+    assert onnx_runtime.session_options(None).intra_op_num_threads == 0
+
+
+def test_openvino_compiles_with_explicit_cpu_properties(model, tmp_path,
+                                                        monkeypatch):
+    path = str(tmp_path / "m.xml")
+    kc.export(model, path, "openvino")
+    asked = []
+    real = ov.Core.compile_model
+
+    def compile_model(core, file, device, config):
+        asked.append(config)
+        compiled = real(core, file, device, config)
+        asked.append({k: compiled.get_property(k) for k in config})
+        return compiled
+
+    monkeypatch.setattr(ov.Core, "compile_model", compile_model)
+    runtimes.get("openvino").load(path, threads=1)
+    config, actual = asked
+    assert config == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                      "ENABLE_CPU_PINNING": False,
+                      "ENABLE_CPU_RESERVATION": False,
+                      "INFERENCE_NUM_THREADS": 1}
+    assert str(actual.pop("PERFORMANCE_HINT")).endswith("LATENCY")
+    assert actual == {k: v for k, v in config.items()
+                      if k != "PERFORMANCE_HINT"}
+    assert "INFERENCE_NUM_THREADS" not in openvino_runtime.cpu_config(None)
+
+
+def _onnx_ops(path):
+    return [node.op_type for node in onnx.load(path).graph.node]
+
+
+def _openvino_ops(path):
+    return [op.get_type_name()
+            for op in ov.Core().read_model(path).get_ordered_ops()]
+
+
+@pytest.mark.parametrize("fmt, ops", [("onnx", _onnx_ops),
+                                      ("openvino", _openvino_ops)])
+def test_quick_write_writes_the_graph_keras_exports(model, fmt, ops,
+                                                    tmp_path):
+    runtime = runtimes.for_format(fmt)
+    quick = str(tmp_path / f"quick{runtime.suffix}")
+    exported = str(tmp_path / f"keras{runtime.suffix}")
+    runtime.quick_write(model, quick)
+    runtime.write(model, exported)
+    assert ops(quick) == ops(exported)
+    x = np.random.default_rng(1).uniform(size=(3, 8, 8, 3)).astype("f4")
+    assert np.array_equal(runtime.load(quick, 1).run(x),
+                          runtime.load(exported, 1).run(x))
+
+
+def test_a_worker_times_a_file_and_reports_failures(model, tmp_path):
+    path = str(tmp_path / "m.onnx")
+    kc.export(model, path, "onnx")
+    with worker.Worker("onnxruntime", 2, 1) as child:
+        with pytest.raises(RuntimeError, match="worker of onnxruntime "
+                                               "failed: TypeError"):
+            child.block(2, 0)  # nothing loaded yet
+        with pytest.raises(RuntimeError, match="NoSuchFile"):
+            child.load(str(tmp_path / "missing.onnx"))
+        child.load(path)
+        assert child.block(3, 1) > 0
+    assert child.process.returncode == 0
