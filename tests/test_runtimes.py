@@ -142,8 +142,8 @@ class FakeTimer:
         self.sigma = sigma * self.full
         self.fulls = [self.full]
 
-    def delta(self, variant):
-        return macs_ms(variant) - self.full + self.rng.normal(0, self.sigma)
+    def delta(self, name, build):
+        return macs_ms(build()) - self.full + self.rng.normal(0, self.sigma)
 
     def close(self):
         pass

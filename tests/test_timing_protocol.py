@@ -66,6 +66,12 @@ class FakeWorker:
         self.closed = True
 
 
+def fake_quick_write(self, model, path):
+    """Writes `model`'s MACs (what `FakeWorker` times) to `path`."""
+    with open(path, "w") as f:
+        f.write(str(kc.count_macs(model)))
+
+
 @pytest.fixture
 def fake_workers(monkeypatch):
     monkeypatch.setattr(timing, "Worker", FakeWorker)
@@ -74,8 +80,7 @@ def fake_workers(monkeypatch):
 
     def quick_write(self, model, path):
         written.append(model.name)
-        with open(path, "w") as f:
-            f.write(str(kc.count_macs(model)))
+        fake_quick_write(self, model, path)
 
     for cls in (runtimes.OnnxRuntime, runtimes.OpenVINO):
         monkeypatch.setattr(cls, "quick_write", quick_write)
@@ -84,18 +89,25 @@ def fake_workers(monkeypatch):
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_separate_process_runtime_times_each_model_in_its_worker(
-    model, runtime, fake_workers
+    model, runtime, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(timing, "Worker", FakeWorker)
+    monkeypatch.setattr(FakeWorker, "made", [])
     variant = tiny(4, name="narrow")
+    paths = {}
+    for m in (model, variant):
+        paths[m.name] = str(tmp_path / f"{m.name}.x")
+        fake_quick_write(None, m, paths[m.name])
     with timing.Pair(model, runtime, 1, 2, False, block_ms=5.0,
-                     budget_ms=100.0, rounds=(3, 3)) as pair:
-        stats = pair.against(variant)
+                     budget_ms=100.0, rounds=(3, 3),
+                     path=paths["tiny"]) as pair:
+        stats = pair.against(None, paths["narrow"])
         full, other = FakeWorker.made
         assert full.args == other.args == (runtime, 1, 2)
+        with pytest.raises(ValueError, match="`path` is required"):
+            pair.against(variant)
     assert full.closed and other.closed
-    assert fake_workers == ["tiny", "narrow"]
-    assert full.loads == ["full" + runtimes.get(runtime).suffix]
-    assert other.loads == ["variant" + runtimes.get(runtime).suffix]
+    assert full.loads == ["tiny.x"] and other.loads == ["narrow.x"]
     # Sizing (3 calls after 2), one call each, then 3 rounds of blocks of
     # round(5 ms / full ms) calls after one untimed call.
     calls = round(5.0 / macs_ms(model))
@@ -114,17 +126,28 @@ def test_an_in_process_runtime_starts_no_worker(model, fake_workers,
     assert FakeWorker.made == [] and fake_workers == []
 
 
-def test_profile_on_workers_writes_each_variant_once(model, fake_workers,
-                                                     tmp_path):
+def test_profile_writes_each_variant_once_for_all_attempts(
+    model, fake_workers, tmp_path, monkeypatch
+):
+    """The first attempt fails its checks (faked): the second re-times the
+    files the first wrote, in two new workers."""
+    verdicts = [["faked problem"], []]
+    monkeypatch.setattr(profiling.quality, "problems",
+                        lambda *args: verdicts.pop(0))
     table = latency.profile(model, "onnxruntime", threads=1, rounds=2,
                             cache_dir=tmp_path, verbose=0)
-    assert table.fields["checks"]["clean"]
+    assert table.fields["checks"] == {"clean": True, "attempts": 2,
+                                      "problems": []}
     assert table.fields["fit_rms_ms"] < 1e-6
-    full, variants = FakeWorker.made  # one attempt: two workers
-    assert full.closed and variants.closed
-    assert full.loads == ["full.onnx"]
-    assert len(variants.loads) == len(fake_workers) - 1 > 1
+    assert len(FakeWorker.made) == 4  # two per attempt
+    assert all(w.closed for w in FakeWorker.made)
+    first, second = FakeWorker.made[1].loads, FakeWorker.made[3].loads
+    assert first == second == [f"variant{k}.onnx"
+                               for k in range(len(first))]
+    assert FakeWorker.made[0].loads == FakeWorker.made[2].loads == [
+        "full.onnx"]
     assert fake_workers[0] == model.name
+    assert len(fake_workers) == 1 + len(first) > 2  # each written once
     # Every variant's block medians are its MACs' `macs_ms`: the table
     # predicts the full model exactly.
     assert table.full == pytest.approx(macs_ms(model))

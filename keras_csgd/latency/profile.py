@@ -22,6 +22,9 @@ a block changes the latency well above noise.
 
 from __future__ import annotations
 
+import functools
+import os
+import tempfile
 import time
 import warnings
 
@@ -64,13 +67,40 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
     return fields
 
 
+class _Files:
+    """Each model `profile` times, written once (`Runtime.quick_write`)
+    into a temporary folder, so that a second attempt re-times the same
+    files without converting them again (the folder holds every variant's
+    file until `profile` returns); none for runtimes timed from the model
+    (TensorFlow) and for an injected `measure`, which build it again."""
+
+    def __init__(self, runtime, measure):
+        self.runtime, self.folder = runtimes.get(runtime), None
+        if measure is None and self.runtime.timed_from_file:
+            self.folder = tempfile.TemporaryDirectory(prefix="keras-csgd-")
+
+    def get(self, name, build) -> tuple:
+        """`(model, None)` or `(None, path)` of the model `build()` makes,
+        called `name`."""
+        if self.folder is None:
+            return build(), None
+        path = os.path.join(self.folder.name, name + self.runtime.suffix)
+        if not os.path.exists(path):
+            self.runtime.quick_write(build(), path)
+        return None, path
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+
+
 class _Timer:
     """Latency changes of variants against the full model (`timing.Pair`,
     or `measure`)."""
 
     def __init__(self, model, runtime, batch_size, threads, jit_compile,
-                 rounds, measure):
-        self.measure, self.pair = measure, None
+                 rounds, measure, files):
+        self.measure, self.pair, self.files = measure, None, files
         self.fulls = []
         if measure is None:
             limits = PROFILE_TIMING["rounds"] if rounds is None else (
@@ -78,14 +108,16 @@ class _Timer:
             self.pair = timing.Pair(
                 model, runtime, batch_size, threads, jit_compile,
                 PROFILE_TIMING["block_ms"], PROFILE_TIMING["budget_ms"],
-                limits)
+                limits, path=files.get("full", lambda: model)[1])
         else:
             self.fulls.append(float(measure(model)))
 
-    def delta(self, variant) -> float:
+    def delta(self, name, build) -> float:
+        """The latency change of the variant `build()` makes, called
+        `name`."""
         if self.measure is not None:
-            return float(self.measure(variant)) - self.fulls[0]
-        stats = self.pair.against(variant)
+            return float(self.measure(build())) - self.fulls[0]
+        stats = self.pair.against(*self.files.get(name, build))
         self.fulls.append(stats["first_ms"])
         return stats["delta_ms"]
 
@@ -175,10 +207,13 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     (`design.grid_widths`) or none (`design.width_variants`: one variant
     per grid width narrowing every class, then a balanced random design;
     about 1.33 times as many variants as (class, width) pairs), are built
-    (`kc.slim`), compiled on the runtime (`Runtime.compile`) and timed
-    interleaved with the full model (rounds of blocks of about 5 ms, as
-    many as fit 1 s; each model's latency is its fastest block median, see
-    `timing.fastest_blocks`). Each class's change at each width is the
+    (`kc.slim`), written once for the runtime (`Runtime.quick_write`: the
+    graph `kc.export` writes, converted the quickest way; TensorFlow
+    compiles the model instead) and timed interleaved with the full model
+    (`timing.Pair`: rounds of blocks of about 5 ms, as many as fit 1 s;
+    each model's latency is its fastest block median, see
+    `timing.fastest_blocks`; ONNX Runtime and OpenVINO time each model in
+    a process of its own). Each class's change at each width is the
     least-squares fit to all variants of the table's own prediction
     (changes scaled by their interactions, `LatencyTable.factors`), shared
     equally among its groups; `table.fields["fit_rms_ms"]` is the fit's
@@ -188,7 +223,8 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     Before it is cached the table checks itself (`quality.problems`: fit
     residual, predictions for 4 held-out variants, no narrower width or
     removed block that measures slower beyond `max_error`). One that fails
-    is measured again from scratch, up to `attempts` times in all; when no
+    is timed again from scratch (the same files, not converted again), up
+    to `attempts` times in all; when no
     attempt is clean, the one with the smallest fit residual is kept, a
     warning says what is wrong, and `table.fields["checks"]` records it
     (`{"clean", "attempts", "problems"}`), also in the cache. A cached
@@ -285,15 +321,21 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
                       "checks when it was measured; measuring again.")
     start = time.perf_counter()
     plan = _Design(model, an, prunable, grid)
-    for _ in range(attempts):
-        deltas, full = _measure(model, an, plan, (
-            runtime, batch_size, threads, jit_compile, rounds, measure),
-            verbose)
-        table = plan.table(model, full, deltas, key, fields)
-        wrong = quality.problems(table, plan.held_out(deltas), max_error)
-        tries.append((table.fields.get("fit_rms_ms", 0.0), table, wrong))
-        if not wrong:
-            break
+    files = _Files(runtime, measure)
+    try:
+        for _ in range(attempts):
+            deltas, full = _measure(model, an, plan, (
+                runtime, batch_size, threads, jit_compile, rounds, measure,
+                files), verbose)
+            table = plan.table(model, full, deltas, key, fields)
+            wrong = quality.problems(table, plan.held_out(deltas),
+                                     max_error)
+            tries.append((table.fields.get("fit_rms_ms", 0.0), table,
+                          wrong))
+            if not wrong:
+                break
+    finally:
+        files.close()
     _, table, wrong = min(tries, key=lambda t: (bool(t[2]), t[0]))
     table.cached = False  # measured again even when the old one stays
     table.fields["checks"] = {"clean": not wrong, "attempts": len(tries),
@@ -313,6 +355,12 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     return table
 
 
+def _variant(model, an, widths, removed):
+    """The slim variant of `model` at `widths` without `removed` blocks."""
+    return slim(model, design.width_plan(model, an, widths, removed),
+                check=False)
+
+
 def _measure(model, an, plan, args, verbose):
     """One attempt: `(deltas, full_ms)`, every variant of `plan` timed."""
     timer = _Timer(model, *args)
@@ -320,10 +368,9 @@ def _measure(model, an, plan, args, verbose):
                               unit_name="variant")
     deltas = []
     try:
-        for k, (widths, removed) in enumerate(plan.work):
-            variant = slim(model, design.width_plan(model, an, widths,
-                                                    removed), check=False)
-            deltas.append(timer.delta(variant))
+        for k, work in enumerate(plan.work):
+            build = functools.partial(_variant, model, an, *work)
+            deltas.append(timer.delta(f"variant{k}", build))
             bar.update(k + 1)
     finally:
         timer.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ import tensorflow as tf
 import keras_csgd
 from keras_csgd import runtimes
 from keras_csgd.latency.worker import Worker
-from keras_csgd.runtimes.base import random_inputs
+from keras_csgd.runtimes.base import uniform
 
 RUNTIMES = tuple(runtimes.RUNTIMES)
 # /proc/cpuinfo flags that change which kernels a runtime picks.
@@ -106,7 +105,7 @@ def runner(model, runtime: str, batch_size: int, threads: int,
     rt = runtimes.get(runtime)
     program = (rt.compile(model, threads, jit_compile) if path is None
                else rt.load(path, threads, jit_compile))
-    return program.bind(random_inputs(model, batch_size))
+    return program.bind(uniform((batch_size, *program.input_shape)))
 
 
 def time_calls(fn, runs, warmup):
@@ -204,26 +203,26 @@ class Pair:
     protocol.
 
     In this process (LiteRT, TensorFlow), each model is a call here
-    (`runner`). For a runtime with `Runtime.separate_process` (ONNX
-    Runtime, OpenVINO), the full model is loaded in one `worker.Worker`
-    and each variant, in turn, in a second one, and every block is timed
-    in its worker; a model without a file is first written by
-    `Runtime.quick_write`. A context manager: leaving it (or `close`) ends
-    the workers.
+    (`runner`: its file loaded, or, without one, the model compiled). For
+    a runtime with `Runtime.separate_process` (ONNX Runtime, OpenVINO),
+    the full model's file is loaded in one `worker.Worker` and each
+    variant's, in turn, in a second one, and every block is timed in its
+    worker. A context manager: leaving it (or `close`) ends the workers.
 
     Args:
         model: the full model.
         runtime, batch_size, threads, jit_compile: the timed calls' (see
             `runner`).
         block_ms, budget_ms, rounds: the schedule (see `schedule`).
-        path: `model`'s file (`kc.export`), or `None`.
+        path: `model`'s file (`kc.export` or `Runtime.quick_write`), or
+            `None` (not for `separate_process` runtimes).
 
     Example:
 
     ```python
     with Pair(model, "onnxruntime", 1, 2, False, 10.0, 6000.0,
-              (9, 101)) as pair:
-        stats = pair.against(slim)  # see `fastest_blocks`
+              (9, 101), path="full.onnx") as pair:
+        stats = pair.against(None, "slim.onnx")  # see `fastest_blocks`
     ```
     """
 
@@ -231,9 +230,8 @@ class Pair:
                  block_ms, budget_ms, rounds, path=None):
         self.args = (runtime, batch_size, threads, jit_compile)
         self.runtime = runtimes.get(runtime)
-        self.workers, self.folder = {}, None
+        self.workers = {}
         if self.runtime.separate_process:
-            self.folder = tempfile.TemporaryDirectory(prefix="keras-csgd-")
             # Both start now: their imports overlap with each other and
             # with the work before the first variant's load.
             self.workers = {slot: Worker(*self.args[:3])
@@ -247,32 +245,31 @@ class Pair:
             raise
 
     def _timed(self, model, path, slot):
-        """`model` ready to time: a call, or the worker of `slot` with
-        `model`'s file loaded."""
+        """A model ready to time: a call, or the worker of `slot` with the
+        file at `path` loaded."""
         if not self.runtime.separate_process:
             return runner(model, *self.args, path=path)
         if path is None:
-            path = os.path.join(self.folder.name,
-                                f"{slot}{self.runtime.suffix}")
-            self.runtime.quick_write(model, path)
+            raise ValueError(
+                f"`path` is required: {self.runtime.name} times files in "
+                f"processes of their own. Received: path={path!r}"
+            )
         self.workers[slot].load(path)
         return self.workers[slot]
 
     def against(self, variant, path=None) -> dict:
-        """`variant` (its file at `path`, or `None`) timed against the full
-        model: `fastest_blocks` of their interleaved rounds."""
+        """A variant timed against the full model: `fastest_blocks` of
+        their interleaved rounds. `variant` is the model (`None` where
+        `path`, its file, is given)."""
         return fastest_blocks(*interleaved(
             self.full, self._timed(variant, path, "variant"), self.rounds,
             self.calls))
 
     def close(self) -> None:
-        """Ends the workers and removes the written files."""
+        """Ends the workers."""
         for worker in self.workers.values():
             worker.close()
         self.workers = {}
-        if self.folder is not None:
-            self.folder.cleanup()
-            self.folder = None
 
     def __enter__(self):
         return self

@@ -37,7 +37,7 @@ class Verifier:
         """`model`'s checked file (TensorFlow: none, it is served compiled
         in process)."""
         runtime = get(self.args[0])
-        if runtime.name == "tensorflow":
+        if not runtime.timed_from_file:
             return None
         return export(model, os.path.join(
             self.folder, f"{name}{runtime.suffix}"), runtime.format).path

@@ -105,6 +105,8 @@ class Runtime:
         separate_process: latency timing loads each model in a process of
             its own (`keras_csgd.latency.worker`) instead of timing two
             models in this one.
+        timed_from_file: latency timing loads the file `quick_write` (or
+            `write`) made; `False`: it compiles the model (`compile`).
     """
 
     name = ""
@@ -114,6 +116,7 @@ class Runtime:
     packages: tuple[tuple[str, str], ...] = ()
     extra: str | None = None
     separate_process = False
+    timed_from_file = True
 
     def require(self) -> None:
         """Raises `ImportError` naming the first missing package and the

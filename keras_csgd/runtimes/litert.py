@@ -269,10 +269,18 @@ class LiteRT(Runtime):
         return _program(load_interpreter(path, threads),
                         TOLERANCES[self.quantize])
 
-    def compile(self, model, threads=None, jit_compile="auto"):
+    def _quick(self, model) -> bytes:
+        """The flatbuffer converted from the traced function (int8:
+        calibrated on a few uniform inputs)."""
         data = (random_inputs(model, QUICK_CALIBRATION_SAMPLES)
                 if self.quantize == "int8" else None)
-        flatbuffer = tflite_flatbuffer(model, self.quantize, data,
-                                       saved_model=False)
-        return _program(load_interpreter(flatbuffer, threads),
+        return tflite_flatbuffer(model, self.quantize, data,
+                                 saved_model=False)
+
+    def quick_write(self, model, path):
+        with open(path, "wb") as f:
+            f.write(self._quick(model))
+
+    def compile(self, model, threads=None, jit_compile="auto"):
+        return _program(load_interpreter(self._quick(model), threads),
                         TOLERANCES[self.quantize])

@@ -70,6 +70,7 @@ class TensorFlow(Runtime):
     name = "tensorflow"
     format = "saved_model"
     keras_format = "tf_saved_model"
+    timed_from_file = False  # served as a compiled call in process
 
     def versions(self):
         return {"tensorflow": tf.__version__}
