@@ -8,9 +8,9 @@ quantizations, `"onnxruntime"`, `"openvino"` or `"tensorflow"` (a compiled
 are timed *interleaved*: rounds alternate between them, each round times a
 block of calls per model (its median), and each model's latency is its
 fastest block median, the one other processes disturbed least. `Pair`
-times variants against a full model so, by the runtime's protocol: in this
-process, or each model in a process of its own (`worker.Worker`) for the
-runtimes with `Runtime.separate_process`.
+times variants against a full model this way, by the runtime's protocol:
+in this process, or each model in a process of its own (`worker.Worker`)
+for the runtimes with `Runtime.separate_process`.
 """
 
 from __future__ import annotations
