@@ -37,10 +37,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from cifar10 import command, dump_json, machine, write_atomically  # noqa: E402
-from timing_protocol import retime  # noqa: E402
+from timing_protocol import MODELS, retime  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import latency  # noqa: E402
@@ -53,13 +52,6 @@ TARGETS = (0.7, 0.5, 0.35)
 SETUPS = {"litert_b1": ("litert", 1), "litert-int8_b1": ("litert-int8", 1),
           "onnxruntime_b1": ("onnxruntime", 1), "openvino_b1": ("openvino", 1),
           "tensorflow_b64": ("tensorflow", 64)}
-MODELS = {
-    "resnet20": lambda: kc.models.resnet_cifar(20),
-    "resnet56": lambda: kc.models.resnet_cifar(56),
-    "mobilenetv2_128": lambda: keras.applications.MobileNetV2(
-        input_shape=(128, 128, 3), weights=None
-    ),
-}
 
 
 def uniform_widths(table, keep) -> dict:
