@@ -15,9 +15,9 @@ re-timed each alone in its own process (`timing_protocol.retime`). Next to
 each, the uniform plan (`kc.methods.magnitude_plan(keep, round_to=8)`) that
 measures the latency plan's measured ratio is searched (the table's guess,
 then secant steps on measured ratios, never timing the same widths twice:
-up to 4 timings) and
-reported with the importance (L1 filter norms, see
-`kc.latency.kept_importance`) each keeps. Writes
+up to `--uniform-tries` timings, 4 by default, 0 skips it) and reported
+with the importance (L1 filter norms, see `kc.latency.kept_importance`)
+each keeps. Writes
 `benchmarks/results/latency_target[_quick].json` with the machine (CPU
 model, SIMD flags, cores), the runtimes' versions and the load average,
 after every model and runtime. `--quick` verifies at most 4 plans (else 6).
@@ -161,18 +161,19 @@ def run_setup(name, setup, args):
             seconds=0.5 if args.smoke else 3.0)
         row["separate_minus_library"] = (
             row["separate_processes"]["ratio"] - report.measured_ratio)
-        row["uniform_round_to_8"] = uniform_row(
-            model, table, report.measured_ratio, setup, args.threads,
-            tries=1 if args.smoke else 4,
-        )
-        print(f"{name} {runtime} b{batch} target {target}: {report}; "
-              "re-timed in separate processes "
-              f"{row['separate_processes']['ratio']:.3f}; "
-              f"uniform keep {row['uniform_round_to_8']['keep']} measures "
-              f"{row['uniform_round_to_8']['measured_ratio']:.3f}, "
-              f"importance {report.kept_importance:.3f} vs "
-              f"{row['uniform_round_to_8']['kept_importance']:.3f}",
-              flush=True)
+        line = (f"{name} {runtime} b{batch} target {target}: {report}; "
+                "re-timed in separate processes "
+                f"{row['separate_processes']['ratio']:.3f}")
+        if args.uniform_tries:
+            uniform = row["uniform_round_to_8"] = uniform_row(
+                model, table, report.measured_ratio, setup, args.threads,
+                tries=1 if args.smoke else args.uniform_tries,
+            )
+            line += (f"; uniform keep {uniform['keep']} measures "
+                     f"{uniform['measured_ratio']:.3f}, importance "
+                     f"{report.kept_importance:.3f} vs "
+                     f"{uniform['kept_importance']:.3f}")
+        print(line, flush=True)
         rows.append(row)
     return {
         "model": name, "runtime": runtime, "batch_size": batch,
@@ -207,6 +208,9 @@ def main(argv=None):
                         "resnet20)")
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS),
                         default=list(SETUPS))
+    parser.add_argument("--uniform-tries", type=int, default=4,
+                        help="timings of the uniform plan search per "
+                        "target (0: no uniform row)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     args.targets = TARGETS[1:2] if args.smoke else TARGETS
