@@ -17,8 +17,8 @@ import pytest
 from test_latency import macs_ms, tiny
 
 import keras_csgd as kc
-from keras_csgd import latency, runtimes
-from keras_csgd.latency import timing, worker
+from keras_csgd import graph, latency, runtimes
+from keras_csgd.latency import design, timing, worker, writers
 from keras_csgd.runtimes import onnx as onnx_runtime
 from keras_csgd.runtimes import openvino as openvino_runtime
 
@@ -84,6 +84,8 @@ def fake_workers(monkeypatch):
 
     for cls in (runtimes.OnnxRuntime, runtimes.OpenVINO):
         monkeypatch.setattr(cls, "quick_write", quick_write)
+    # No writer processes: the fake `quick_write` is this process's.
+    monkeypatch.setattr(writers, "_save", lambda model, folder: None)
     return written
 
 
@@ -227,3 +229,80 @@ def test_a_worker_times_a_file_and_reports_failures(model, tmp_path):
         child.load(path)
         assert child.block(3, 1) > 0
     assert child.process.returncode == 0
+
+
+def test_a_writer_process_writes_the_variant_built_here(model, tmp_path):
+    an = graph.analyze(model)
+    expected = writers.signature(model, an)
+    source = str(tmp_path / "source.keras")
+    model.save(source)
+    path = str(tmp_path / "v.tflite")
+    widths, removed = {"b_conv1": 4}, ["b_add"]
+    with writers.Writer(source, "litert", expected, []) as child:
+        child.start()
+        child.write((path, widths, removed))
+    here = design.variant(model, an, widths, removed)
+    x = np.random.default_rng(0).uniform(size=(2, 8, 8, 3)).astype("f4")
+    out = runtimes.get("litert").load(path, 1).run(x)
+    np.testing.assert_allclose(out, here.predict(x, verbose=0), atol=1e-5)
+    with writers.Writer(source, "litert", [expected[0], []], []) as child:
+        with pytest.raises(RuntimeError, match="loaded model differs"):
+            child.start()
+
+
+class FakeWriter:
+    """Stands in for `writers.Writer` in this process: writes the job's
+    widths, and fails on the file named "bad"."""
+
+    made = []
+
+    def __init__(self, source, runtime, expected, modules):
+        self.jobs = []
+        FakeWriter.made.append(self)
+
+    def start(self):
+        pass
+
+    def write(self, job):
+        if job[0].endswith("bad"):
+            raise RuntimeError("faked failure")
+        with open(job[0], "w") as f:
+            f.write(f"child {job[1]}")
+        self.jobs.append(job[0])
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("serializable", [True, False])
+def test_write_all_shares_the_files_and_writes_failures_here(
+    model, tmp_path, monkeypatch, serializable
+):
+    monkeypatch.setattr(writers, "Writer", FakeWriter)
+    monkeypatch.setattr(FakeWriter, "made", [])
+    if not serializable:
+        monkeypatch.setattr(writers, "_save", lambda model, folder: None)
+    runtime = runtimes.get("litert")
+    here = []
+
+    def quick_write(m, path):
+        here.append(os.path.basename(path))
+        with open(path, "w") as f:
+            f.write(f"here {m}")
+
+    monkeypatch.setattr(runtime, "quick_write", quick_write)
+    names = [f"v{k}" for k in range(12)] + ["bad"]
+    jobs = [(str(tmp_path / n), {"b_conv1": k}, ())
+            for k, n in enumerate(names)]
+    (tmp_path / "v0").write_text("already written")
+    writers.write_all(model, graph.analyze(model), runtime, jobs,
+                      str(tmp_path), lambda widths, removed: widths,
+                      processes=3, verbose=0)
+    children = [name for w in FakeWriter.made for name in w.jobs]
+    assert len(FakeWriter.made) == (2 if serializable else 0)
+    assert (tmp_path / "v0").read_text() == "already written"
+    # Every other file written once, the failed one here.
+    assert sorted(here + [os.path.basename(p) for p in children]) == sorted(
+        names[1:])
+    assert "bad" in here
+    assert (tmp_path / "bad").read_text().startswith("here")

@@ -4,8 +4,8 @@ Structurally identical groups form classes (`group_classes`), identical
 removable residual blocks likewise (`block_classes`); `width_variants`
 narrow many classes at once to grid widths (`grid_widths`), and
 `design_matrix` is the least-squares problem `profile` fits to their timed
-changes. `width_plan` makes a variant's plan; `cost_calls` gives the
-table the MACs records that scale with each group.
+changes. `width_plan` makes a variant's plan, `variant` the variant;
+`cost_calls` gives the table the MACs records that scale with each group.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from keras_csgd import blocks, graph
 from keras_csgd.clusters import target_width
 from keras_csgd.layers.registry import handler_for
 from keras_csgd.plan import PruningPlan
+from keras_csgd.surgery import slim
 
 GRID = (0.75, 0.5, 0.25)
 
@@ -210,3 +211,12 @@ def width_plan(model, an: graph.Analysis, widths,
     )
     plan.analysis = (model, an)
     return plan
+
+
+def variant(model, an: graph.Analysis, widths, remove_blocks=()):
+    """The slim variant of `model` at `widths` without `remove_blocks`
+    (`model` itself for `widths=None`)."""
+    if widths is None:
+        return model
+    return slim(model, width_plan(model, an, widths, remove_blocks),
+                check=False)

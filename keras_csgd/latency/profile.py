@@ -32,11 +32,10 @@ import keras
 import numpy as np
 
 from keras_csgd import blocks, checks, graph, runtimes
-from keras_csgd.latency import design, quality, timing
+from keras_csgd.latency import design, quality, timing, writers
 from keras_csgd.latency import table as tables
 from keras_csgd.latency.design import GRID
 from keras_csgd.runtimes.tensorflow import xla
-from keras_csgd.surgery import slim
 
 # Variants the fit does not see, timed to check its predictions.
 HELD_OUT = 4
@@ -79,12 +78,28 @@ class _Files:
         if measure is None and self.runtime.timed_from_file:
             self.folder = tempfile.TemporaryDirectory(prefix="keras-csgd-")
 
+    def path(self, name) -> str:
+        return os.path.join(self.folder.name, name + self.runtime.suffix)
+
+    def prepare(self, model, an, work, verbose) -> None:
+        """Writes the full model's and every variant's file before any is
+        timed, on every core (`writers.write_all`)."""
+        if self.folder is None:
+            return
+        jobs = [(self.path("full"), None, ())] + [
+            (self.path(f"variant{k}"), widths, removed)
+            for k, (widths, removed) in enumerate(work)]
+        writers.write_all(
+            model, an, self.runtime, jobs, self.folder.name,
+            functools.partial(design.variant, model, an),
+            timing.cores(), verbose)
+
     def get(self, name, build) -> tuple:
         """`(model, None)` or `(None, path)` of the model `build()` makes,
         called `name`."""
         if self.folder is None:
             return build(), None
-        path = os.path.join(self.folder.name, name + self.runtime.suffix)
+        path = self.path(name)
         if not os.path.exists(path):
             self.runtime.quick_write(build(), path)
         return None, path
@@ -208,10 +223,11 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     per grid width narrowing every class, then a balanced random design;
     about 1.33 times as many variants as (class, width) pairs), are built
     (`kc.slim`), written once for the runtime (`Runtime.quick_write`: the
-    graph `kc.export` writes, converted the quickest way; TensorFlow
-    compiles the model instead) and timed interleaved with the full model
-    (`timing.Pair`: rounds of blocks of about 5 ms, as many as fit 1 s;
-    each model's latency is its fastest block median, see
+    graph `kc.export` writes, converted the quickest way, all before any
+    timing and on every core, see `keras_csgd.latency.writers`;
+    TensorFlow compiles the model instead) and timed interleaved with the
+    full model (`timing.Pair`: rounds of blocks of about 5 ms, as many as
+    fit 1 s; each model's latency is its fastest block median, see
     `timing.fastest_blocks`; ONNX Runtime and OpenVINO time each model in
     a process of its own). Each class's change at each width is the
     least-squares fit to all variants of the table's own prediction
@@ -335,6 +351,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     plan = _Design(model, an, prunable, grid)
     files = _Files(runtime, measure)
     try:
+        files.prepare(model, an, plan.work, verbose)
         for _ in range(attempts):
             deltas, full = _measure(model, an, plan, (
                 runtime, batch_size, threads, jit_compile, rounds, measure,
@@ -369,12 +386,6 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     return table
 
 
-def _variant(model, an, widths, removed):
-    """The slim variant of `model` at `widths` without `removed` blocks."""
-    return slim(model, design.width_plan(model, an, widths, removed),
-                check=False)
-
-
 def _measure(model, an, plan, args, verbose):
     """One attempt: `(deltas, full_ms)`, every variant of `plan` timed."""
     timer = _Timer(model, *args)
@@ -383,7 +394,7 @@ def _measure(model, an, plan, args, verbose):
     deltas = []
     try:
         for k, work in enumerate(plan.work):
-            build = functools.partial(_variant, model, an, *work)
+            build = functools.partial(design.variant, model, an, *work)
             deltas.append(timer.delta(f"variant{k}", build))
             bar.update(k + 1)
     finally:

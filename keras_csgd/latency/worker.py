@@ -8,7 +8,8 @@ request, times a block of calls there: the parent's interleaved rounds
 (`timing.interleaved`) then time each model as it runs alone, while the
 parent and the other worker wait in a pipe read. Requests and replies are
 JSON lines on the child's stdin and on a copy of its original stdout;
-anything else the child prints goes to stderr.
+anything else the child prints goes to stderr (`Child` and `run`, which
+`keras_csgd.latency.writers` shares).
 
     python -m keras_csgd.latency.worker
 """
@@ -22,7 +23,65 @@ import subprocess
 import sys
 
 
-class Worker:
+class Child:
+    """A child Python process running `python -m module`, asked JSON
+    requests one line at a time (see `run`). A context manager: leaving it
+    (or `close`) ends the process.
+
+    Args:
+        module: the child's module (its `main` calls `run`).
+        name: what errors call the child.
+    """
+
+    def __init__(self, module: str, name: str):
+        self.name = name
+        package = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+        path = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONPATH=os.pathsep.join(path))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, env=env)
+
+    def ask(self, **request) -> dict:
+        """Sends `request`, returns the reply; `RuntimeError` when the
+        child failed or exited."""
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            line = self.process.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            raise RuntimeError(
+                f"The {self.name} exited with code {self.process.wait()}."
+            )
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"The {self.name} failed: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        """Ends the process (it exits at the end of its input)."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Worker(Child):
     """A child process that times one file at a time.
 
     Args:
@@ -41,63 +100,19 @@ class Worker:
     """
 
     def __init__(self, runtime: str, batch_size: int, threads: int):
+        super().__init__("keras_csgd.latency.worker",
+                         f"timing worker of {runtime}")
         self.args = {"runtime": runtime, "batch_size": batch_size,
                      "threads": threads}
-        package = os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))))
-        path = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                   PYTHONPATH=os.pathsep.join(path))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "keras_csgd.latency.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True, env=env)
-
-    def _ask(self, **request) -> dict:
-        try:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            raise RuntimeError(
-                f"The timing worker of {self.args['runtime']} exited with "
-                f"code {self.process.wait()}."
-            )
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(
-                f"The timing worker of {self.args['runtime']} failed: "
-                f"{reply['error']}"
-            )
-        return reply
 
     def load(self, path) -> None:
         """Loads the file at `path` (replacing the one loaded before)."""
-        self._ask(load=os.fspath(path), **self.args)
+        self.ask(load=os.fspath(path), **self.args)
 
     def block(self, calls: int, warmup: int) -> float:
         """The median time (ms) of `calls` calls after `warmup` untimed
         ones (`timing.time_calls`), in the worker."""
-        return self._ask(block=calls, warmup=warmup)["ms"]
-
-    def close(self) -> None:
-        """Ends the process (it exits at the end of its input)."""
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return self.ask(block=calls, warmup=warmup)["ms"]
 
 
 def serve(requests, replies) -> None:
@@ -130,12 +145,14 @@ def serve(requests, replies) -> None:
         replies.flush()
 
 
-def main() -> None:
-    """The child's entry point: `serve` stdin, replying on stdout."""
+def run(serve_requests) -> None:
+    """A child's entry point: `serve_requests(stdin, replies)`, replying
+    on a copy of stdout (stray prints go to stderr, not into the
+    replies)."""
     replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # stray prints go to stderr, not into the replies
-    serve(sys.stdin, replies)
+    os.dup2(2, 1)
+    serve_requests(sys.stdin, replies)
 
 
 if __name__ == "__main__":
-    main()
+    run(serve)
