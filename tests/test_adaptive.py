@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import keras_csgd as kc
+from keras_csgd.latency import design
 from keras_csgd.methods.adaptive import (
     AdaptiveGates,
     BlockGate,
@@ -330,20 +331,37 @@ def test_latency_target_follows_the_table():
     assert logs["latency_ms"] >= gates.target
 
 
-def test_latency_budget_closes_the_cheapest_gates_to_the_target():
+@pytest.mark.parametrize("round_to", [None, 1])
+def test_latency_budget_closes_the_cheapest_gates_to_the_target(round_to):
     model = resnet8()
     table = LinearTable(AdaptiveGates(model, macs_target=0.5), seed=1)
-    gates = AdaptiveGates(model, latency_target=0.9, latency_table=table)
+    gates = AdaptiveGates(model, latency_target=0.9, latency_table=table,
+                          round_to=round_to)
     for gate in gates.channel_gates.values():
         gate.gate.assign(RNG.uniform(0.0, 0.5, gate.gate.shape))
     for gate in gates.block_gates.values():  # blocks rank after channels
         gate.gate.assign([1.0])
+    values = gates.gate_values()
     gates.lock()
     _, plan = gates.finalize()
     assert not plan.remove_blocks and plan.clusters
-    latency = table.predict(plan.widths())
-    step = max(table.per_channel.values())
-    assert gates.target <= latency < gates.target + step
+    # By default widths are kept at the multiples the table measures
+    # (resnet8: 4 of 16 channels, 8 of 32 and 64), else channel by channel.
+    steps = {g: 1 if round_to else design.channel_step(n)
+             for g, n in table.sizes.items()}
+    assert set(steps.values()) == ({1} if round_to else {4, 8})
+    widths = plan.widths()
+    for group, width in widths.items():
+        assert width % steps[group] == 0
+        kept = plan.clusters[group]
+        closed = np.setdiff1d(np.arange(table.sizes[group]),
+                              np.concatenate(kept))
+        if len(closed):  # the lowest gates close
+            assert values[group][closed].max() <= min(
+                values[group][c].min() for c in kept)
+    latency = table.predict(widths)
+    chunk = max(table.per_channel[g] * steps[g] for g in steps)
+    assert gates.target <= latency < gates.target + chunk
     np.testing.assert_allclose(gates.estimated_cost(), latency)
 
 
@@ -388,3 +406,6 @@ def test_bad_latency_arguments():
         AdaptiveGates(model, latency_target=1.5, latency_table=table)
     with pytest.raises(TypeError, match="`latency_table` must have"):
         AdaptiveGates(model, latency_target=0.5, latency_table=object())
+    with pytest.raises(ValueError, match="`round_to` must be"):
+        AdaptiveGates(model, latency_target=0.5, latency_table=table,
+                      round_to=0)

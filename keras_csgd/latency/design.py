@@ -37,10 +37,17 @@ def prunable_groups(model, an: graph.Analysis) -> list[str]:
     return names
 
 
+def channel_step(size: int) -> int:
+    """The multiple a group of `size` channels is measured and kept at: 8
+    (4 below 32 channels, 1 below 8), the SIMD widths runtimes block
+    channels by."""
+    return 8 if size >= 32 else 4 if size >= 8 else 1
+
+
 def grid_widths(size: int, grid=GRID) -> list[int]:
     """Widths measured for a group of `size`: `grid` fractions rounded to
-    multiples of 8 (of 4 below 32 channels), narrower than `size`."""
-    step = 8 if size >= 32 else 4 if size >= 8 else 1
+    multiples of `channel_step(size)`, narrower than `size`."""
+    step = channel_step(size)
     widths = {target_width(size, f, step) for f in grid}
     return sorted((w for w in widths if w < size), reverse=True)
 

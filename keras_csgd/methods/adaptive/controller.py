@@ -6,6 +6,7 @@ import numpy as np
 
 from keras_csgd import flops, graph
 from keras_csgd.callbacks.macs_target import MacsTargetCallback
+from keras_csgd.latency import design
 from keras_csgd.methods.adaptive import budget, sites
 from keras_csgd.methods.adaptive.gates import BlockGate, ChannelGate
 from keras_csgd.plan import PruningPlan
@@ -65,6 +66,14 @@ class AdaptiveGates:
             (milliseconds of the slim model at `{group name: width}` with
             those blocks removed) is the cost model, for `latency_target`,
             such as `kc.latency.LatencyTable`. Defaults to `None`.
+        round_to: channels close in chunks of this many per group (the
+            lowest gates first), so that kept widths are multiples of it
+            (the first chunk takes the remainder). Defaults to `None`: for
+            a latency target, the multiple the table was measured at
+            (`kc.latency.design.channel_step`: 8, 4 below 32 channels),
+            since runtimes block channels by their SIMD width and a width
+            between two multiples runs about as slowly as the wider one;
+            for a MACs target, 1.
 
     Attributes:
         model: the gated, trainable copy of `model`.
@@ -116,6 +125,7 @@ class AdaptiveGates:
         factor=1.5,
         latency_target=None,
         latency_table=None,
+        round_to=None,
     ):
         if not threshold >= 0:
             raise ValueError(
@@ -148,6 +158,16 @@ class AdaptiveGates:
             int(self.target) if latency_table is None else None
         )
         self.latency_target = None if latency_table is None else self.target
+        if round_to is not None and not (
+                isinstance(round_to, int) and round_to >= 1):
+            raise ValueError(
+                "`round_to` must be a positive integer or None. "
+                f"Received: round_to={round_to!r}"
+            )
+        self._steps = {
+            s.group: round_to or (1 if latency_table is None
+                                  else design.channel_step(s.size))
+            for s in self._sites}
         self._build_gated_model()
         self.penalty_weight = penalty_weight
         self._locked = None
@@ -232,7 +252,8 @@ class AdaptiveGates:
         """Holds the gates that `finalize()` would close at exactly 0.
 
         Chooses the channels and blocks as `finalize(threshold=None)` does
-        (ascending gate values, down to the budget), fixes their gates at 0
+        (ascending gate values, in chunks of `round_to` channels, down to
+        the budget), fixes their gates at 0
         for the rest of training (`ChannelGate.lock`) and sets the penalty
         weight to 0. Further training fine-tunes what is left, and
         `finalize()` removes exactly these channels and blocks, whose
@@ -308,22 +329,24 @@ class AdaptiveGates:
         masks = {site.root: np.ones(site.size, bool) for site in self._sites}
         closed = []
         roots = {site.group: site.root for site in self._sites}
+        chunks = {n: self._chunks(values[n], self._steps[n])
+                  for n in self.channel_gates}
         items = sorted(
             [(float(values[n][0]), 0, n, -1) for n in self.block_gates]
             + [
-                (float(v), 1, n, i)
+                (float(np.mean(values[n][chunk])), 1, n, k)
                 for n in self.channel_gates
-                for i, v in enumerate(values[n])
+                for k, chunk in enumerate(chunks[n])
             ]
         )
         cost = self.cost(self._widths(masks), set(closed))
-        for _, is_channel, name, i in items:
+        for _, is_channel, name, k in items:
             if cost <= self.target:
                 break
             trial_masks, trial_closed = masks, closed + [name]
             if is_channel:
                 mask = masks[roots[name]].copy()
-                mask[i] = False
+                mask[chunks[name][k]] = False
                 if not mask.any():
                     continue
                 trial_masks, trial_closed = {**masks, roots[name]: mask}, closed
@@ -331,6 +354,15 @@ class AdaptiveGates:
             if trial >= self.target:
                 masks, closed, cost = trial_masks, trial_closed, trial
         return masks, closed
+
+    @staticmethod
+    def _chunks(values, step) -> list[np.ndarray]:
+        """Channel indices in ascending order of `values`, in chunks of
+        `step` (the first one the remainder), closed in this order."""
+        order = np.argsort(values, kind="stable")
+        first = len(order) % step or step
+        return [order[:first]] + [order[i:i + step]
+                                  for i in range(first, len(order), step)]
 
     def _removal(self, threshold):
         """`_decide(threshold)`, or the locked decision for `None`."""
