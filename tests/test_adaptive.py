@@ -294,6 +294,9 @@ class LinearTable:
             n * self.per_channel[g] for g, n in self.sizes.items()
         )
 
+    def step(self, group):
+        return design.channel_step(self.sizes[group])
+
     def predict(self, widths, remove_blocks=()):
         return self.full - sum(
             (n - widths.get(g, n)) * self.per_channel[g]

@@ -4,6 +4,7 @@ Planner tests use hand-made tables or an injected cost (`measure`), never
 wall-clock speed-ups; one real profiling run per runtime checks the cache.
 """
 
+import importlib
 import itertools
 import json
 import os
@@ -15,9 +16,9 @@ import tensorflow as tf
 
 import keras_csgd as kc
 import zoo
-from keras_csgd import graph, latency
+from keras_csgd import graph, latency, runtimes
 from keras_csgd.latency import planner
-from keras_csgd.latency.design import width_plan, width_variants
+from keras_csgd.latency.design import grid_widths, width_plan, width_variants
 from keras_csgd.latency.target import MAX_EXTRAPOLATION, corrected_ratio
 from keras_csgd.runtimes.tensorflow import xla
 
@@ -324,6 +325,30 @@ def test_no_prunable_group_and_unreachable_target():
     _, report = kc.plan_for_latency(model, 0.7, table=table, measure=macs_ms,
                                     return_report=True)
     assert report.met and report.measured_ratio <= 0.7 * 1.05
+
+
+def test_wide_groups_are_measured_at_the_runtimes_channel_block(
+    monkeypatch
+):
+    avx512, avx2 = ["avx2", "avx512f"], ["avx2"]
+    for name in ("onnxruntime", "openvino"):
+        assert runtimes.get(name).channel_block(avx512) == 16
+        assert runtimes.get(name).channel_block(avx2) == 8
+    assert runtimes.get("litert").channel_block(avx512) == 8
+    assert grid_widths(64, block=16) == [48, 32, 16]
+    assert grid_widths(32, block=16) == [16]
+    assert grid_widths(32) == [24, 16, 8]
+    assert grid_widths(16, block=16) == grid_widths(16) == [12, 8, 4]
+    table = hand_table()
+    assert [table.step(n) for n in "abc"] == [2, 4, 1]
+    # The block is in the cache key where it is not 8 (older tables).
+    profiling = importlib.import_module("keras_csgd.latency.profile")
+    machine = {"cpu": "x", "simd": avx512, "cores": 2, "gpus": []}
+    monkeypatch.setattr(profiling.timing, "machine", lambda: machine)
+    fields = {rt: profiling.key_fields(tiny(8), rt, 1, 2, False, (0.5,))
+              for rt in ("litert", "onnxruntime")}
+    assert "channel_block" not in fields["litert"]
+    assert fields["onnxruntime"]["channel_block"] == 16
 
 
 def test_profile_caches_per_structure_batch_and_runtime(tmp_path,

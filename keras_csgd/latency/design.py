@@ -37,17 +37,18 @@ def prunable_groups(model, an: graph.Analysis) -> list[str]:
     return names
 
 
-def channel_step(size: int) -> int:
-    """The multiple a group of `size` channels is measured and kept at: 8
-    (4 below 32 channels, 1 below 8), the SIMD widths runtimes block
-    channels by."""
-    return 8 if size >= 32 else 4 if size >= 8 else 1
+def channel_step(size: int, block: int = 8) -> int:
+    """The multiple a group of `size` channels is measured and kept at:
+    the runtime's channel `block` (`Runtime.channel_block`: 8, or 16 for
+    ONNX Runtime and OpenVINO with AVX-512) from 32 channels on, 4 below
+    (1 below 8 channels)."""
+    return block if size >= 32 else 4 if size >= 8 else 1
 
 
-def grid_widths(size: int, grid=GRID) -> list[int]:
+def grid_widths(size: int, grid=GRID, block: int = 8) -> list[int]:
     """Widths measured for a group of `size`: `grid` fractions rounded to
-    multiples of `channel_step(size)`, narrower than `size`."""
-    step = channel_step(size)
+    multiples of `channel_step(size, block)`, narrower than `size`."""
+    step = channel_step(size, block)
     widths = {target_width(size, f, step) for f in grid}
     return sorted((w for w in widths if w < size), reverse=True)
 

@@ -57,6 +57,9 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
         "machine": timing.machine(), "versions": timing.versions(runtime),
         "format_version": tables.FORMAT_VERSION,
     }
+    block = runtimes.get(runtime).channel_block(fields["machine"]["simd"])
+    if block != 8:  # the widths measured (8: tables cached before it)
+        fields["channel_block"] = block
     if runtime != "tensorflow":
         fields["threads"] = threads
     else:
@@ -145,7 +148,7 @@ class _Design:
     """What `profile` times: width variants (the fit's rows), one variant
     per class of identical blocks, and held-out width variants."""
 
-    def __init__(self, model, an, prunable, grid):
+    def __init__(self, model, an, prunable, grid, block):
         sizes = {g.name: g.size for g in an.groups}
         self.inner = design.removable_blocks(model, an)
         self.calls = design.cost_calls(an, prunable)
@@ -154,8 +157,8 @@ class _Design:
         shape = tables.LatencyTable(1.0, self.skeleton, calls=self.calls)
         self.classes = [
             names for names in design.group_classes(an, prunable)
-            if design.grid_widths(sizes[names[0]], grid)]
-        self.options = [design.grid_widths(sizes[names[0]], grid)
+            if design.grid_widths(sizes[names[0]], grid, block)]
+        self.options = [design.grid_widths(sizes[names[0]], grid, block)
                         for names in self.classes]
         rows, self.x = (
             design.full_rank_design(shape, self.classes, self.options, 0)
@@ -221,7 +224,9 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     variants that narrow many classes at once, each to a width of the grid
     (`design.grid_widths`) or none (`design.width_variants`: one variant
     per grid width narrowing every class, then a balanced random design;
-    about 1.33 times as many variants as (class, width) pairs), are built
+    about 1.33 times as many variants as (class, width) pairs; from 32
+    channels on, widths are multiples of the runtime's channel block,
+    `Runtime.channel_block`), are built
     (`kc.slim`), written once for the runtime (`Runtime.quick_write`: the
     graph `kc.export` writes, converted the quickest way, all before any
     timing and on every core, see `keras_csgd.latency.writers`;
@@ -348,7 +353,8 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
                 print(f"The cached latency table {key}.json failed its "
                       "checks when it was measured; measuring again.")
     start = time.perf_counter()
-    plan = _Design(model, an, prunable, grid)
+    plan = _Design(model, an, prunable, grid,
+                   fields.get("channel_block", 8))
     files = _Files(runtime, measure)
     try:
         files.prepare(model, an, plan.work, verbose)

@@ -136,6 +136,12 @@ class LatencyTable:
         return (np.array([w for w, _ in pairs]),
                 np.array([t for _, t in pairs]))
 
+    def step(self, name: str) -> int:
+        """The multiple the group's widths were measured at (the greatest
+        common divisor of its size and measured widths)."""
+        g = self._group(name)
+        return math.gcd(g["size"], *(int(w) for w in g["widths"]))
+
     def choices(self, name: str) -> list[tuple[int, float]]:
         """The widths worth choosing: the monotone lower envelope.
 

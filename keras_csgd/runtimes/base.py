@@ -142,6 +142,14 @@ class Runtime:
                 out[pip] = None
         return out
 
+    def channel_block(self, simd) -> int:
+        """The channels the runtime's convolution kernels work in at once
+        on a CPU with the SIMD flags `simd` (`kc.latency.timing.machine`):
+        a width between two multiples runs about as slowly as the wider
+        one, or slower. Profiles measure wide groups at its multiples
+        (`kc.latency.design.channel_step`). Here 8."""
+        return 8
+
     def files(self, path: str) -> list[str]:
         """The paths `write(model, path)` creates (one, or several)."""
         return [path]

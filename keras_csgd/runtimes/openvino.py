@@ -33,6 +33,10 @@ class OpenVINO(Runtime):
     def files(self, path):
         return [path, os.path.splitext(path)[0] + ".bin"]
 
+    def channel_block(self, simd):
+        # oneDNN's blocked layouts (nChw16c with AVX-512, nChw8c with AVX2).
+        return 16 if "avx512f" in simd else 8
+
     def versions(self):
         out = super().versions()
         if out["openvino"] is not None:

@@ -6,7 +6,6 @@ import numpy as np
 
 from keras_csgd import flops, graph
 from keras_csgd.callbacks.macs_target import MacsTargetCallback
-from keras_csgd.latency import design
 from keras_csgd.methods.adaptive import budget, sites
 from keras_csgd.methods.adaptive.gates import BlockGate, ChannelGate
 from keras_csgd.plan import PruningPlan
@@ -69,11 +68,12 @@ class AdaptiveGates:
         round_to: channels close in chunks of this many per group (the
             lowest gates first), so that kept widths are multiples of it
             (the first chunk takes the remainder). Defaults to `None`: for
-            a latency target, the multiple the table was measured at
-            (`kc.latency.design.channel_step`: 8, 4 below 32 channels),
-            since runtimes block channels by their SIMD width and a width
-            between two multiples runs about as slowly as the wider one;
-            for a MACs target, 1.
+            a latency target, the multiple the table measured each group
+            at (`latency_table.step(group)`, where the table has `step`;
+            `kc.latency.LatencyTable`: 8 or the runtime's channel block
+            from 32 channels on, 4 below), since runtimes block channels
+            by their SIMD width and a width between two multiples runs
+            about as slowly as the wider one, or slower; else 1.
 
     Attributes:
         model: the gated, trainable copy of `model`.
@@ -164,10 +164,9 @@ class AdaptiveGates:
                 "`round_to` must be a positive integer or None. "
                 f"Received: round_to={round_to!r}"
             )
-        self._steps = {
-            s.group: round_to or (1 if latency_table is None
-                                  else design.channel_step(s.size))
-            for s in self._sites}
+        step = getattr(latency_table, "step", lambda group: 1)
+        self._steps = {s.group: round_to or step(s.group)
+                       for s in self._sites}
         self._build_gated_model()
         self.penalty_weight = penalty_weight
         self._locked = None
