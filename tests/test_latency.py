@@ -88,6 +88,35 @@ def test_planner_matches_brute_force(seed):
         )
 
 
+class HalfSavings(latency.LatencyTable):
+    """Interactions that cost more than the knapsack's summed changes:
+    every plan saves half of what the additive table says."""
+
+    def predict(self, widths, remove_blocks=()):
+        return self.full - 0.5 * (self.full - super().predict(widths,
+                                                               remove_blocks))
+
+
+def test_planner_bisects_the_budget_where_interactions_overshoot_it():
+    base = hand_table()
+    table = HalfSavings(base.full, base.groups, base.blocks)
+    rng = np.random.default_rng(0)
+    values = planner.kept_values(
+        {n: rng.uniform(size=g["size"]) for n, g in table.groups.items()}
+    )
+    fastest = planner.fastest_choice(table, values)
+    fastest_value = planner.value_of(values, fastest[0], {
+        g for b in fastest[1] for g in table.blocks[b]["groups"]})
+    low = table.predict(*fastest)
+    for budget in np.linspace(low, table.full, 7)[1:-1]:
+        widths, removed, ms, value = planner.choose(table, values, budget)
+        assert ms <= budget + 1e-9
+        # Not the fastest plan (what it fell back to), and no better than
+        # the best plan within the budget.
+        assert fastest_value < value <= brute_force(table, values,
+                                                    budget) + 1e-12
+
+
 def test_planner_never_picks_a_width_slower_than_a_wider_one():
     table = hand_table()
     assert table.choices("a") == [(8, 10.0), (6, 9.0), (2, 7.0)]

@@ -11,7 +11,10 @@ multiple-choice knapsack, solved exactly by merging Pareto frontiers of
 (latency, value), item by item. Where the table scales group changes by
 their interactions (`LatencyTable.factors`), the knapsack is solved with the
 factors of the previous solution until the choice repeats, and the best
-choice that the full prediction puts within the budget is kept.
+choice that the full prediction puts within the budget is kept; where
+none is (interactions that cost more than the summed changes), the
+knapsack is solved again for budgets bisected between the fastest plan
+and the budget, rather than falling back to the fastest plan.
 
 A *uniform* plan (one `keep` for every group, what a keras_hub decoder
 LLM needs to keep its class and `generate`) is chosen among the widths
@@ -171,6 +174,10 @@ def choose(table, values: Mapping[str, np.ndarray], budget_ms: float,
         if not table.calls:
             break
         factors = table.factors(*choice)
+    if not any(table.predict(*c) <= budget_ms + 1e-9
+               for c in candidates[1:]):
+        candidates += _narrower(table, values, budget_ms, factors,
+                                max_states)
     best = None
     for widths, removed in candidates:
         ms = table.predict(widths, removed)
@@ -179,6 +186,27 @@ def choose(table, values: Mapping[str, np.ndarray], budget_ms: float,
         if ms <= budget_ms + 1e-9 and (best is None or value > best[3]):
             best = (widths, removed, ms, value)
     return best
+
+
+def _narrower(table, values, budget_ms, factors, max_states):
+    """Knapsack choices for budgets bisected between the fastest options'
+    summed changes and `budget_ms`'s (`MAX_ROUNDS` steps), for when every
+    choice at the budget itself predicts above it (the table's
+    interactions cost more than the changes the knapsack sums): the plans
+    that fit, instead of the fastest plan alone."""
+    items_ = items(table, values, factors)
+    low = sum(min(o[0] for o in options) for options in items_)
+    high = table.additive(budget_ms) - table.full
+    out = []
+    for _ in range(MAX_ROUNDS):
+        middle = (low + high) / 2
+        choice = _solve(items_, middle, max_states)
+        if choice is not None and table.predict(*choice) <= budget_ms + 1e-9:
+            out.append(choice)
+            low = middle
+        else:
+            high = middle
+    return out
 
 
 def _solve(opts, slack, max_states):
