@@ -292,12 +292,11 @@ def test_write_all_shares_the_files_and_writes_failures_here(
 
     monkeypatch.setattr(runtime, "quick_write", quick_write)
     names = [f"v{k}" for k in range(12)] + ["bad"]
-    jobs = [(str(tmp_path / n), {"b_conv1": k}, ())
+    jobs = [(str(tmp_path / n), {"b_conv1": 1 + k % 7}, ())
             for k, n in enumerate(names)]
     (tmp_path / "v0").write_text("already written")
     writers.write_all(model, graph.analyze(model), runtime, jobs,
-                      str(tmp_path), lambda widths, removed: widths,
-                      processes=3, verbose=0)
+                      str(tmp_path), processes=3, verbose=0)
     children = [name for w in FakeWriter.made for name in w.jobs]
     assert len(FakeWriter.made) == (2 if serializable else 0)
     assert (tmp_path / "v0").read_text() == "already written"

@@ -10,7 +10,7 @@ from keras_csgd.latency.target import met
 from keras_csgd.methods.adaptive import AdaptiveGates
 
 # Adaptive gates: they learn (Nesterov SGD from this learning rate,
-# distilled from the input model with --distill) for GATE_EPOCHS, lock by
+# distilled from the input model) for GATE_EPOCHS, lock by
 # the budget, and the slim model is then fine-tuned for `--epochs` like a
 # planned method's. Learning the gates in the first half of `--epochs` and
 # fine-tuning the locked network for the second (no distillation) gave

@@ -70,10 +70,10 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
 
 
 class _Files:
-    """Each model `profile` times, written once (`Runtime.quick_write`)
-    into a temporary folder, so that a second attempt re-times the same
-    files without converting them again (the folder holds every variant's
-    file until `profile` returns); none for runtimes timed from the model
+    """Each model `profile` times, written once (`prepare`) into a
+    temporary folder, so that a second attempt re-times the same files
+    without converting them again (the folder holds every variant's file
+    until `profile` returns); none for runtimes timed from the model
     (TensorFlow) and for an injected `measure`, which build it again."""
 
     def __init__(self, runtime, measure):
@@ -92,20 +92,15 @@ class _Files:
         jobs = [(self.path("full"), None, ())] + [
             (self.path(f"variant{k}"), widths, removed)
             for k, (widths, removed) in enumerate(work)]
-        writers.write_all(
-            model, an, self.runtime, jobs, self.folder.name,
-            functools.partial(design.variant, model, an),
-            timing.cores(), verbose)
+        writers.write_all(model, an, self.runtime, jobs, self.folder.name,
+                          timing.cores(), verbose)
 
     def get(self, name, build) -> tuple:
-        """`(model, None)` or `(None, path)` of the model `build()` makes,
-        called `name`."""
+        """`(model, None)` of the model `build()` makes, or `(None, path)`
+        of its file, called `name`, that `prepare` wrote."""
         if self.folder is None:
             return build(), None
-        path = self.path(name)
-        if not os.path.exists(path):
-            self.runtime.quick_write(build(), path)
-        return None, path
+        return None, self.path(name)
 
     def close(self) -> None:
         if self.folder is not None:

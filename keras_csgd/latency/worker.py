@@ -29,7 +29,7 @@ class Child:
     (or `close`) ends the process.
 
     Args:
-        module: the child's module (its `main` calls `run`).
+        module: the child's module (run as `__main__`, it calls `run`).
         name: what errors call the child.
     """
 

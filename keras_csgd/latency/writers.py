@@ -17,7 +17,6 @@ variants a child fails on.
 from __future__ import annotations
 
 import collections
-import functools
 import importlib
 import json
 import os
@@ -26,6 +25,7 @@ import warnings
 
 import keras
 
+from keras_csgd.latency import design
 from keras_csgd.latency.worker import Child, run
 
 
@@ -78,8 +78,8 @@ def _save(model, folder) -> str | None:
     return path
 
 
-def write_all(model, an, runtime, jobs, folder, build,
-              processes: int, verbose: int = 1) -> None:
+def write_all(model, an, runtime, jobs, folder, processes: int,
+              verbose: int = 1) -> None:
     """Writes the file of every job not written yet.
 
     Args:
@@ -89,7 +89,6 @@ def write_all(model, an, runtime, jobs, folder, build,
             full model, else `{group: width}`, and the removed blocks
             (`design.variant`).
         folder: where the model's `.keras` copy for the children goes.
-        build: `(widths, removed) -> model` here (`design.variant`).
         processes: processes writing at once, this one included.
         verbose: `1` shows a progress bar.
     """
@@ -139,7 +138,7 @@ def write_all(model, an, runtime, jobs, folder, build,
                 job = queue.popleft()
             except IndexError:
                 break
-            _write(runtime, build, job)
+            _write(runtime, model, an, job)
             done()
         for thread in threads:
             thread.join()
@@ -150,13 +149,13 @@ def write_all(model, an, runtime, jobs, folder, build,
         for path in runtime.files(job[0]):
             if os.path.exists(path):
                 os.remove(path)
-        _write(runtime, build, job)
+        _write(runtime, model, an, job)
         done()
 
 
-def _write(runtime, build, job) -> None:
+def _write(runtime, model, an, job) -> None:
     path, widths, removed = job
-    runtime.quick_write(build(widths, removed), path)
+    runtime.quick_write(design.variant(model, an, widths, removed), path)
 
 
 def serve(requests, replies) -> None:
@@ -165,7 +164,6 @@ def serve(requests, replies) -> None:
     `signature` differs), `{"path", "widths", "removed"}` writes a file;
     replies `{}` or `{"error": message}`."""
     from keras_csgd import graph, runtimes
-    from keras_csgd.latency import design
 
     model = an = rt = None
     for line in requests:
@@ -184,9 +182,8 @@ def serve(requests, replies) -> None:
                     raise ValueError("the loaded model differs")
                 rt = runtimes.get(request["runtime"])
             else:
-                _write(rt, functools.partial(design.variant, model, an),
-                       (request["path"], request["widths"],
-                        request["removed"]))
+                _write(rt, model, an, (request["path"], request["widths"],
+                                       request["removed"]))
             reply = {}
         except Exception as error:  # reported to the parent
             reply = {"error": f"{type(error).__name__}: {error}"}

@@ -105,6 +105,7 @@ class Runtime:
         separate_process: latency timing loads each model in a process of
             its own (`keras_csgd.latency.worker`) instead of timing two
             models in this one.
+        avx512_block: the channel block with AVX-512F (`channel_block`).
         timed_from_file: latency timing loads the file `quick_write` (or
             `write`) made; `False`: it compiles the model (`compile`).
     """
@@ -116,6 +117,7 @@ class Runtime:
     packages: tuple[tuple[str, str], ...] = ()
     extra: str | None = None
     separate_process = False
+    avx512_block = 8
     timed_from_file = True
 
     def require(self) -> None:
@@ -147,8 +149,9 @@ class Runtime:
         on a CPU with the SIMD flags `simd` (`kc.latency.timing.machine`):
         a width between two multiples runs about as slowly as the wider
         one, or slower. Profiles measure wide groups at its multiples
-        (`kc.latency.design.channel_step`). Here 8."""
-        return 8
+        (`kc.latency.design.channel_step`): `avx512_block` with AVX-512F,
+        else 8."""
+        return self.avx512_block if "avx512f" in simd else 8
 
     def files(self, path: str) -> list[str]:
         """The paths `write(model, path)` creates (one, or several)."""

@@ -29,13 +29,11 @@ class OpenVINO(Runtime):
     extra = "openvino"
     keras_format = "openvino"
     separate_process = True
+    # oneDNN's blocked layouts: nChw16c with AVX-512, nChw8c with AVX2.
+    avx512_block = 16
 
     def files(self, path):
         return [path, os.path.splitext(path)[0] + ".bin"]
-
-    def channel_block(self, simd):
-        # oneDNN's blocked layouts (nChw16c with AVX-512, nChw8c with AVX2).
-        return 16 if "avx512f" in simd else 8
 
     def versions(self):
         out = super().versions()
