@@ -132,8 +132,9 @@ def test_profile_writes_each_variant_once_for_all_attempts(
     model, fake_workers, tmp_path, monkeypatch
 ):
     """The first attempt fails its checks (faked): the second re-times the
-    files the first wrote, in two new workers."""
-    verdicts = [["faked problem"], []]
+    files the first wrote, in two new workers (its fit and the fit of the
+    two measurements' mean are checked)."""
+    verdicts = [["faked problem"], [], []]
     monkeypatch.setattr(profiling.quality, "problems",
                         lambda *args: verdicts.pop(0))
     table = latency.profile(model, "onnxruntime", threads=1, rounds=2,

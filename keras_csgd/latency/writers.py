@@ -9,7 +9,7 @@ further core), each of which loads the model from a `.keras` file saved
 once, builds the variants it is given and writes them. A model that does
 not load back with the same groups (a custom layer Keras cannot
 deserialize in a fresh process) is written here alone, as are the
-variants a child fails on.
+variants a child fails on. `Files` holds a profile's files.
 
     python -m keras_csgd.latency.writers
 """
@@ -20,12 +20,14 @@ import collections
 import importlib
 import json
 import os
+import tempfile
 import threading
 import warnings
 
 import keras
 
-from keras_csgd.latency import design
+from keras_csgd import runtimes
+from keras_csgd.latency import design, timing
 from keras_csgd.latency.worker import Child, run
 
 
@@ -151,6 +153,44 @@ def write_all(model, an, runtime, jobs, folder, processes: int,
                 os.remove(path)
         _write(runtime, model, an, job)
         done()
+
+
+class Files:
+    """Each model `kc.latency.profile` times, written once (`prepare`) into a
+    temporary folder, so that a second attempt re-times the same files
+    without converting them again (the folder holds every variant's file
+    until `profile` returns); none for runtimes timed from the model
+    (TensorFlow) and for an injected `measure`, which build it again."""
+
+    def __init__(self, runtime, measure):
+        self.runtime, self.folder = runtimes.get(runtime), None
+        if measure is None and self.runtime.timed_from_file:
+            self.folder = tempfile.TemporaryDirectory(prefix="keras-csgd-")
+
+    def path(self, name) -> str:
+        return os.path.join(self.folder.name, name + self.runtime.suffix)
+
+    def prepare(self, model, an, work, verbose) -> None:
+        """Writes the full model's and every variant's file before any is
+        timed, on every core (`write_all`)."""
+        if self.folder is None:
+            return
+        jobs = [(self.path("full"), None, ())] + [
+            (self.path(f"variant{k}"), widths, removed)
+            for k, (widths, removed) in enumerate(work)]
+        write_all(model, an, self.runtime, jobs, self.folder.name,
+                          timing.cores(), verbose)
+
+    def get(self, name, build) -> tuple:
+        """`(model, None)` of the model `build()` makes, or `(None, path)`
+        of its file, called `name`, that `prepare` wrote."""
+        if self.folder is None:
+            return build(), None
+        return None, self.path(name)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
 
 
 def _write(runtime, model, an, job) -> None:
