@@ -156,15 +156,18 @@ def test_profile_writes_each_variant_once_for_all_attempts(
     assert table.full == pytest.approx(macs_ms(model))
 
 
-def test_onnxruntime_sessions_neither_spin_nor_run_in_parallel():
+def test_onnxruntime_sessions_stop_spinning_after_a_call():
     options = onnx_runtime.session_options(2)
     assert options.intra_op_num_threads == 2
     assert options.inter_op_num_threads == 1
     assert options.execution_mode.name == "ORT_SEQUENTIAL"
     assert options.graph_optimization_level.name == "ORT_ENABLE_ALL"
-    for pool in ("intra_op", "inter_op"):
-        assert options.get_session_config_entry(
-            f"session.{pool}.allow_spinning") == "0"
+    assert options.get_session_config_entry(
+        "session.force_spinning_stop") == "1"
+    for pool in ("intra_op", "inter_op"):  # ONNX Runtime's default: spin
+        with pytest.raises(Exception, match="does not have configuration"):
+            options.get_session_config_entry(
+                f"session.{pool}.allow_spinning")
     assert onnx_runtime.session_options(None).intra_op_num_threads == 0
 
 
