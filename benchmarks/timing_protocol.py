@@ -140,9 +140,8 @@ def protocol(runtime, threads) -> dict:
             "execution_mode": str(options.execution_mode),
             "graph_optimization_level": str(
                 options.graph_optimization_level),
-            **{key: options.get_session_config_entry(key) for key in (
-                "session.intra_op.allow_spinning",
-                "session.inter_op.allow_spinning")}}
+            "session.force_spinning_stop": options.get_session_config_entry(
+                "session.force_spinning_stop")}
     elif runtime == "openvino":
         out["cpu_config"] = cpu_config(threads)
     return out

@@ -271,6 +271,11 @@ def test_order_violations_beyond_noise_are_the_runtimes():
     assert quality.runtime_effects(table, vague) == []
     (problem,) = quality.problems(table, errors=vague)
     assert "'a' measures 1.5 ms slower at width 4" in problem
+    # Slower in every one of several measurements: the runtime's too.
+    assert quality.slower_groups(table) == {"a"}
+    assert quality.problems(table, errors=vague, reproduced={"a"}) == []
+    (kept,) = quality.runtime_effects(table, vague, reproduced={"a"})
+    assert kept.endswith("at width 4 than at 6 (in every measurement)")
 
 
 class PhasedPair:

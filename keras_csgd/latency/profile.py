@@ -167,17 +167,17 @@ class _Design:
         return tables.LatencyTable(full, groups, block_rows, self.calls,
                                    key=key, fields=fields), errors
 
-    def checked(self, model, full, deltas, key, fields,
-                max_error) -> tuple:
+    def checked(self, model, full, deltas, key, fields, max_error,
+                reproduced=frozenset()) -> tuple:
         """`(fit residual, table, problems)` of the table fitted to
         `deltas` (`quality.problems`); `table.fields["runtime_effects"]`
-        lists the order violations beyond noise (`quality.runtime_effects`).
-        """
+        lists the order violations beyond noise or `reproduced` in every
+        measurement (`quality.runtime_effects`)."""
         table, errors = self.table(model, full, deltas, key, fields)
         wrong = quality.problems(table, self.held_out(deltas), max_error,
-                                 errors)
+                                 errors, reproduced)
         table.fields["runtime_effects"] = quality.runtime_effects(
-            table, errors, max_error)
+            table, errors, max_error, reproduced)
         return table.fields.get("fit_rms_ms", 0.0), table, wrong
 
     def held_out(self, deltas) -> list:
@@ -226,7 +226,9 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     listed in `table.fields["runtime_effects"]`. A table that fails is
     timed again from scratch (the same files, not converted again), up to
     `attempts` times in all, and the mean of the call's measurements is
-    fitted as well (`fields["measurements_averaged"]`); when no fit is
+    fitted as well (`fields["measurements_averaged"]`), where a group
+    slower at a narrower width in every measurement is the runtime's too;
+    when no fit is
     clean, the one with the smallest residual is kept, a warning says what
     is wrong, and `table.fields["checks"]` records it
     (`{"clean", "attempts", "problems"}`, `attempts` counting every
@@ -339,7 +341,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     files = writers.Files(runtime, measure)
     try:
         files.prepare(model, an, plan.work, verbose)
-        changes, fulls = [], []
+        changes, fulls, slower = [], [], []
         for _ in range(attempts):
             deltas, full = _measure(model, an, plan, (
                 runtime, batch_size, threads, jit_compile, rounds, measure,
@@ -349,11 +351,12 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             fulls.append(full)
             fresh = [plan.checked(model, full, deltas, key, fields,
                                   max_error)]
+            slower.append(quality.slower_groups(fresh[0][1], max_error))
             if len(fulls) > 1:  # the mean of this call's measurements
                 full = float(np.median(fulls))
                 fresh.append(plan.checked(
                     model, full, list(np.mean(changes, axis=0) * full), key,
-                    fields, max_error))
+                    fields, max_error, set.intersection(*slower)))
                 fresh[-1][1].fields["measurements_averaged"] = len(fulls)
             tries += fresh
             if any(not wrong for _, _, wrong in fresh):

@@ -21,7 +21,9 @@ test against a share of the full latency (`max_error`):
   fitted changes' standard errors (`errors`), the difference is more than
   `SIGNIFICANT` of them: that is the runtime's, not noise (on ONNX
   Runtime with AVX-512 a 16-channel group narrowed to 12 runs slower,
-  repeatably: MLAS blocks channels by 16), and `runtime_effects` lists it.
+  repeatably: MLAS blocks channels by 16), and so is a group slower at a
+  narrower width in every one of several measurements (`reproduced`);
+  `runtime_effects` lists them.
   Plans use each group's monotone lower envelope either way;
 - *sign*: no block's removal costs more than `max_error`.
 """
@@ -37,7 +39,7 @@ SIGNIFICANT = 4.0
 
 
 def problems(table, held_out=(), max_error: float = MAX_ERROR,
-             errors=None) -> list[str]:
+             errors=None, reproduced=frozenset()) -> list[str]:
     """What is wrong with `table`, as sentences (empty when clean).
 
     Args:
@@ -49,6 +51,9 @@ def problems(table, held_out=(), max_error: float = MAX_ERROR,
         errors: `{group: {width: standard error of its ms}}` of a fitted
             table (the full width: 0). Defaults to `None`: every order
             violation counts.
+        reproduced: groups measured slower at a narrower width in every
+            one of several measurements (`slower_groups` of each): the
+            runtime's, not noise. Defaults to none.
 
     Returns:
         One sentence per failed test.
@@ -64,7 +69,8 @@ def problems(table, held_out=(), max_error: float = MAX_ERROR,
         if rms > max(HELD_OUT_ERROR, 2 * max_error) * full:
             out.append(f"predictions for {len(misses)} held-out variants "
                        f"miss by {rms:.3g} ms RMS, {rms / full:.1%} of full")
-    for name, width, worse, _ in _slower(table, max_error, errors):
+    for name, width, worse, _ in _slower(table, max_error, errors,
+                                         reproduced):
         out.append(f"group {name!r} measures {worse:.3g} ms slower at width "
                    f"{width} than at a wider width")
     for name, b in table.blocks.items():
@@ -74,21 +80,33 @@ def problems(table, held_out=(), max_error: float = MAX_ERROR,
     return out
 
 
-def runtime_effects(table, errors, max_error: float = MAX_ERROR) -> list:
+def runtime_effects(table, errors, max_error: float = MAX_ERROR,
+                    reproduced=frozenset()) -> list:
     """The order violations `problems` leaves to the runtime: narrower
     widths that measure slower than a wider one by more than `max_error`
-    and `SIGNIFICANT` standard errors, as sentences."""
+    and either `SIGNIFICANT` standard errors or in every measurement
+    (`reproduced`), as sentences."""
     return [f"group {name!r} measures {worse:.3g} ms slower at width "
-            f"{width} than at {wider} ({worse / se:.0f} standard errors)"
+            f"{width} than at {wider} ("
+            + ("in every measurement" if name in reproduced else
+               f"{worse / se:.0f} standard errors") + ")"
             for name, width, worse, (wider, se) in _slower(
-                table, max_error, errors, significant=True)]
+                table, max_error, errors, reproduced, runtime=True)]
 
 
-def _slower(table, max_error, errors, significant=False):
+def slower_groups(table, max_error: float = MAX_ERROR) -> set:
+    """Groups that measure slower at a narrower width than at a wider one
+    by more than `max_error` of the full latency."""
+    return {name for name, *_ in _slower(table, max_error, None)}
+
+
+def _slower(table, max_error, errors, reproduced=frozenset(),
+            runtime=False):
     """`(group, width, ms slower, (wider width, standard error))` of each
-    group's largest order violation beyond `max_error` that is within
-    noise (`significant=False`: `SIGNIFICANT` standard errors or fewer, or
-    any without `errors`) or beyond it (`significant=True`)."""
+    group's largest order violation beyond `max_error` that is noise
+    (`runtime=False`: within `SIGNIFICANT` standard errors, or any without
+    `errors`, in a group not `reproduced`) or the runtime's
+    (`runtime=True`: the others)."""
     for name in table.groups:
         widths, ms = table.points(name)
         wider = np.array([int(np.argmin(ms[:k + 1])) for k in range(len(ms))])
@@ -101,8 +119,9 @@ def _slower(table, max_error, errors, significant=False):
                            for k, j in enumerate(wider)])
         beyond = worse > SIGNIFICANT * se if errors is not None else (
             np.zeros(len(ms), bool))
+        beyond |= name in reproduced
         worse = np.where((worse > max_error * table.full)
-                         & (beyond == significant), worse, 0.0)
+                         & (beyond == runtime), worse, 0.0)
         k = int(np.argmax(worse))
         if worse[k] > 0:
             yield name, widths[k], float(worse[k]), (widths[wider[k]],
