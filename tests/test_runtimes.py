@@ -369,3 +369,40 @@ def test_cli_exports_and_benches_every_format(model, tmp_path, capsys):
     code, stdout, err = run(["bench", str(saved), "--runtime", "onnxruntime",
                              "--runs", "2", "--batch-sizes", "1"], capsys)
     assert code == 0, err
+
+
+class SlowPhasePair:
+    """Stands in for `timing.Pair`: the first timing falls in a slow phase
+    (full model 1.6x, its ratio off), the next ones do not."""
+
+    made = []
+
+    def __init__(self, model, *args, **kwargs):
+        self.timings = 0
+
+    def against(self, variant, path=None):
+        self.timings += 1
+        SlowPhasePair.made.append(self.timings)
+        if self.timings == 1:
+            return {"first_ms": 1.6, "second_ms": 0.56, "ratio": 0.35}
+        return {"first_ms": 1.0, "second_ms": 0.3, "ratio": 0.3}
+
+    def close(self):
+        pass
+
+
+def test_a_verification_in_a_slow_phase_is_timed_again(model, monkeypatch,
+                                                        tmp_path):
+    verify = importlib.import_module("keras_csgd.latency.verify")
+    monkeypatch.setattr(verify.timing, "Pair", SlowPhasePair)
+    monkeypatch.setattr(SlowPhasePair, "made", [])
+    args = (model, "tensorflow", 1, 1, False, None, str(tmp_path))
+    with verify.Verifier(*args, full_ms=1.0) as verifier:
+        assert verifier(model, "a") == (1.0, 0.3, 0.3)
+        assert verifier(model, "b") == (1.0, 0.3, 0.3)
+    assert SlowPhasePair.made == [1, 2, 3]  # the first timed twice
+    # Without a known full latency the first timing is the reference.
+    SlowPhasePair.made = []
+    with verify.Verifier(*args) as verifier:
+        assert verifier(model, "a") == (1.6, 0.56, 0.35)
+    assert SlowPhasePair.made == [1]

@@ -230,7 +230,7 @@ def _search(model, an, table, values, uniform, target, tolerance,
     budget, history, best, tried = target * table.full, [], None, []
     reason = "no plan was verified"
     with tempfile.TemporaryDirectory() as folder, Verifier(
-        model, *args, measure, folder
+        model, *args, measure, folder, table.full
     ) as verifier:
         floor = planner.fastest(table, values, uniform)
         for k in range(max_iterations):
