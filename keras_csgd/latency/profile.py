@@ -343,14 +343,14 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
         files.prepare(model, an, plan.work, verbose)
         changes, fulls, slower = [], [], []
         for _ in range(attempts):
-            deltas, full = _measure(model, an, plan, (
+            change, full = _measure(model, an, plan, (
                 runtime, batch_size, threads, jit_compile, rounds, measure,
                 files), verbose)
             measured += 1
-            changes.append(np.array(deltas) / full)
+            changes.append(change)
             fulls.append(full)
-            fresh = [plan.checked(model, full, deltas, key, fields,
-                                  max_error)]
+            fresh = [plan.checked(model, full, list(change * full), key,
+                                  fields, max_error)]
             slower.append(quality.slower_groups(fresh[0][1], max_error))
             if len(fulls) > 1:  # the mean of this call's measurements
                 full = float(np.median(fulls))
@@ -384,13 +384,14 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
 
 
 def _measure(model, an, plan, args, verbose):
-    """One attempt: `(deltas, full_ms)`, every variant of `plan` timed.
+    """One attempt: `(changes, full_ms)`, every variant of `plan` timed.
 
     Each variant's change is its latency over the full model's in the same
-    interleaved rounds, times the full model's median over the attempt:
-    a slow phase of the machine scales both and cancels. (On a quiet
-    2-core VM, the full MobileNetV2 on ONNX Runtime ran 1.45x slower for
-    stretches of several variants, 30% of a profile; as absolute
+    interleaved rounds, minus 1 (times `full_ms`, the full model's median
+    over the attempt, it is the change in ms): a slow phase of the machine
+    scales both and cancels. (On a quiet 2-core VM, the full MobileNetV2
+    on ONNX Runtime ran 1.45x slower for stretches of several variants,
+    30% of a profile; as absolute
     differences, two measurements of the same files differed by 11.6% of
     the full latency RMS per variant, as ratios by 5.8%, and the fit's
     residual halved.)"""
@@ -406,4 +407,4 @@ def _measure(model, an, plan, args, verbose):
     finally:
         timer.close()
     full = float(sorted(timer.fulls)[len(timer.fulls) // 2])
-    return [c * full for c in changes], full
+    return np.array(changes), full

@@ -156,8 +156,8 @@ def write_all(model, an, runtime, jobs, folder, processes: int,
 
 
 class Files:
-    """Each model `kc.latency.profile` times, written once (`prepare`) into a
-    temporary folder, so that a second attempt re-times the same files
+    """Each model `kc.latency.profile` times, written once (`prepare`)
+    into a temporary folder, so that a second attempt re-times the same files
     without converting them again (the folder holds every variant's file
     until `profile` returns); none for runtimes timed from the model
     (TensorFlow) and for an injected `measure`, which build it again."""
@@ -179,7 +179,7 @@ class Files:
             (self.path(f"variant{k}"), widths, removed)
             for k, (widths, removed) in enumerate(work)]
         write_all(model, an, self.runtime, jobs, self.folder.name,
-                          timing.cores(), verbose)
+                  timing.cores(), verbose)
 
     def get(self, name, build) -> tuple:
         """`(model, None)` of the model `build()` makes, or `(None, path)`
