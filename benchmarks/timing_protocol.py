@@ -89,7 +89,7 @@ def alone(path, runtime, batch_size, threads, seconds) -> dict:
             "median_ms": float(np.median(times)), "calls": len(times)}
 
 
-def _spawn(path, runtime, batch_size, threads, seconds) -> dict:
+def spawn_alone(path, runtime, batch_size, threads, seconds) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--alone", path,
             "--runtime", runtime, "--batch-size", str(batch_size),
             "--threads", str(threads), "--seconds", str(seconds)]
@@ -116,7 +116,7 @@ def retime(model, slim, runtime, batch_size, threads, processes=3,
         for k in range(processes):
             for name in (("full", "slim") if k % 2 == 0
                          else ("slim", "full")):
-                out[name].append(_spawn(paths[name], runtime, batch_size,
+                out[name].append(spawn_alone(paths[name], runtime, batch_size,
                                         threads, seconds))
     best = {n: min(r["fastest_block_ms"] for r in rs)
             for n, rs in out.items()}

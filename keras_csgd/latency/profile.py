@@ -22,24 +22,19 @@ a block changes the latency well above noise.
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 
-import keras
 import numpy as np
 
 from keras_csgd import blocks, checks, graph, runtimes
-from keras_csgd.latency import design, quality, timing, writers
+from keras_csgd.latency import design, quality, sweep, timing, writers
 from keras_csgd.latency import table as tables
 from keras_csgd.latency.design import GRID
 from keras_csgd.runtimes.tensorflow import xla
 
 # Variants the fit does not see, timed to check its predictions.
 HELD_OUT = 4
-# Per variant: blocks of about 5 ms in as many rounds (5 to 51) as fit in
-# 1 s of timing.
-PROFILE_TIMING = {"block_ms": 5.0, "budget_ms": 1000.0, "rounds": (5, 51)}
 
 
 def key_fields(model, runtime, batch_size, threads, jit_compile,
@@ -65,38 +60,6 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
         fields["threads"] = threading.get_intra_op_parallelism_threads()
         fields["jit_compile"] = jit_compile
     return fields
-
-
-class _Timer:
-    """Latency changes of variants relative to the full model
-    (`timing.Pair`, or `measure`)."""
-
-    def __init__(self, model, runtime, batch_size, threads, jit_compile,
-                 rounds, measure, files):
-        self.measure, self.pair, self.files = measure, None, files
-        self.fulls = []
-        if measure is None:
-            limits = PROFILE_TIMING["rounds"] if rounds is None else (
-                rounds, rounds)
-            self.pair = timing.Pair(
-                model, runtime, batch_size, threads, jit_compile,
-                PROFILE_TIMING["block_ms"], PROFILE_TIMING["budget_ms"],
-                limits, path=files.get("full", lambda: model)[1])
-        else:
-            self.fulls.append(float(measure(model)))
-
-    def change(self, name, build) -> float:
-        """The latency of the variant `build()` makes, called `name`, over
-        the full model's timed with it, minus 1."""
-        if self.measure is not None:
-            return float(self.measure(build())) / self.fulls[0] - 1.0
-        stats = self.pair.against(*self.files.get(name, build))
-        self.fulls.append(stats["first_ms"])
-        return stats["ratio"] - 1.0
-
-    def close(self) -> None:
-        if self.pair is not None:
-            self.pair.close()
 
 
 class _Design:
@@ -226,11 +189,10 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     listed in `table.fields["runtime_effects"]`. A table that fails is
     timed again from scratch (the same files, not converted again), up to
     `attempts` times in all, and the mean of the call's measurements is
-    fitted as well (`fields["measurements_averaged"]`), where a group
-    slower at a narrower width in every measurement is the runtime's too;
-    when no fit is
-    clean, the one with the smallest residual is kept, a warning says what
-    is wrong, and `table.fields["checks"]` records it
+    fitted as well (`fields["measurements_averaged"]`), where a width slower
+    than a wider one of its group in every measurement is the runtime's
+    too; when no fit is clean, the one with the smallest residual is kept,
+    a warning says what is wrong, and `table.fields["checks"]` records it
     (`{"clean", "attempts", "problems"}`, `attempts` counting every
     measurement of the table), also in the cache. A cached table that
     failed its checks is not reused as it is: the next call measures again
@@ -343,7 +305,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
         files.prepare(model, an, plan.work, verbose)
         changes, fulls, slower = [], [], []
         for _ in range(attempts):
-            change, full = _measure(model, an, plan, (
+            change, full = sweep.measure(model, an, plan.work, (
                 runtime, batch_size, threads, jit_compile, rounds, measure,
                 files), verbose)
             measured += 1
@@ -351,7 +313,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             fulls.append(full)
             fresh = [plan.checked(model, full, list(change * full), key,
                                   fields, max_error)]
-            slower.append(quality.slower_groups(fresh[0][1], max_error))
+            slower.append(quality.slower_widths(fresh[0][1], max_error))
             if len(fulls) > 1:  # the mean of this call's measurements
                 full = float(np.median(fulls))
                 fresh.append(plan.checked(
@@ -381,30 +343,3 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     if measure is None:
         tables.save(folder, table)
     return table
-
-
-def _measure(model, an, plan, args, verbose):
-    """One attempt: `(changes, full_ms)`, every variant of `plan` timed.
-
-    Each variant's change is its latency over the full model's in the same
-    interleaved rounds, minus 1 (times `full_ms`, the full model's median
-    over the attempt, it is the change in ms): a slow phase of the machine
-    scales both and cancels. (On a quiet 2-core VM, the full MobileNetV2
-    on ONNX Runtime ran 1.45x slower for stretches of several variants,
-    30% of a profile; as absolute
-    differences, two measurements of the same files differed by 11.6% of
-    the full latency RMS per variant, as ratios by 5.8%, and the fit's
-    residual halved.)"""
-    timer = _Timer(model, *args)
-    bar = keras.utils.Progbar(len(plan.work), verbose=verbose,
-                              unit_name="variant")
-    changes = []
-    try:
-        for k, work in enumerate(plan.work):
-            build = functools.partial(design.variant, model, an, *work)
-            changes.append(timer.change(f"variant{k}", build))
-            bar.update(k + 1)
-    finally:
-        timer.close()
-    full = float(sorted(timer.fulls)[len(timer.fulls) // 2])
-    return np.array(changes), full

@@ -21,8 +21,9 @@ test against a share of the full latency (`max_error`):
   fitted changes' standard errors (`errors`), the difference is more than
   `SIGNIFICANT` of them: that is the runtime's, not noise (on ONNX
   Runtime with AVX-512 a 16-channel group narrowed to 12 runs slower,
-  repeatably: MLAS blocks channels by 16), and so is a group slower at a
-  narrower width in every one of several measurements (`reproduced`);
+  repeatably: MLAS blocks channels by 16), and so is a width of a group
+  slower than a wider one in every one of several measurements
+  (`reproduced`);
   `runtime_effects` lists them.
   Plans use each group's monotone lower envelope either way;
 - *sign*: no block's removal costs more than `max_error`.
@@ -51,9 +52,9 @@ def problems(table, held_out=(), max_error: float = MAX_ERROR,
         errors: `{group: {width: standard error of its ms}}` of a fitted
             table (the full width: 0). Defaults to `None`: every order
             violation counts.
-        reproduced: groups measured slower at a narrower width in every
-            one of several measurements (`slower_groups` of each): the
-            runtime's, not noise. Defaults to none.
+        reproduced: `(group, width)` pairs measured slower than a wider
+            width in every one of several measurements (`slower_widths`
+            of each): the runtime's, not noise. Defaults to none.
 
     Returns:
         One sentence per failed test.
@@ -88,16 +89,27 @@ def runtime_effects(table, errors, max_error: float = MAX_ERROR,
     (`reproduced`), as sentences."""
     return [f"group {name!r} measures {worse:.3g} ms slower at width "
             f"{width} than at {wider} ("
-            + ("in every measurement" if name in reproduced else
+            + ("in every measurement" if (name, width) in reproduced else
                f"{worse / se:.0f} standard errors") + ")"
             for name, width, worse, (wider, se) in _slower(
                 table, max_error, errors, reproduced, runtime=True)]
 
 
-def slower_groups(table, max_error: float = MAX_ERROR) -> set:
-    """Groups that measure slower at a narrower width than at a wider one
-    by more than `max_error` of the full latency."""
-    return {name for name, *_ in _slower(table, max_error, None)}
+def slower_widths(table, max_error: float = MAX_ERROR) -> set:
+    """`(group, width)` of every width that measures slower than a wider
+    one of its group by more than `max_error` of the full latency."""
+    return {(name, int(widths[k]))
+            for name in table.groups
+            for widths, worse, _ in [_above_wider(table, name)]
+            for k in np.flatnonzero(worse > max_error * table.full)}
+
+
+def _above_wider(table, name) -> tuple:
+    """`(widths, ms above the fastest wider width, index of that width)`
+    of group `name`'s measured points."""
+    widths, ms = table.points(name)
+    wider = np.array([int(np.argmin(ms[:k + 1])) for k in range(len(ms))])
+    return widths, ms - ms[wider], wider
 
 
 def _slower(table, max_error, errors, reproduced=frozenset(),
@@ -105,24 +117,23 @@ def _slower(table, max_error, errors, reproduced=frozenset(),
     """`(group, width, ms slower, (wider width, standard error))` of each
     group's largest order violation beyond `max_error` that is noise
     (`runtime=False`: within `SIGNIFICANT` standard errors, or any without
-    `errors`, in a group not `reproduced`) or the runtime's
+    `errors`, at a `(group, width)` not `reproduced`) or the runtime's
     (`runtime=True`: the others)."""
     for name in table.groups:
-        widths, ms = table.points(name)
-        wider = np.array([int(np.argmin(ms[:k + 1])) for k in range(len(ms))])
-        worse = ms - ms[wider]  # above the fastest wider width's time
-        se = np.zeros(len(ms))
+        widths, worse, wider = _above_wider(table, name)
+        se = np.zeros(len(widths))
         if errors is not None:
             e = errors.get(name, {})
             se = np.array([np.hypot(e.get(int(widths[k]), 0.0),
                                     e.get(int(widths[j]), 0.0))
                            for k, j in enumerate(wider)])
         beyond = worse > SIGNIFICANT * se if errors is not None else (
-            np.zeros(len(ms), bool))
-        beyond |= name in reproduced
+            np.zeros(len(widths), bool))
+        beyond |= np.array([(name, int(w)) in reproduced for w in widths],
+                           bool)
         worse = np.where((worse > max_error * table.full)
                          & (beyond == runtime), worse, 0.0)
         k = int(np.argmax(worse))
         if worse[k] > 0:
-            yield name, widths[k], float(worse[k]), (widths[wider[k]],
-                                                     float(se[k]))
+            yield name, int(widths[k]), float(worse[k]), (
+                int(widths[wider[k]]), float(se[k]))

@@ -13,15 +13,6 @@ from keras_csgd.runtimes.exporter import export
 
 # Blocks of about 10 ms in as many rounds (9 to 101) as fit in 6 s.
 VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
-# A timing whose full model runs more than SLOW_PHASE times its fastest
-# known latency is taken again, up to RETIMES times. On a quiet 2-core VM
-# the whole machine had slow phases of 10 to 20 s (ONNX Runtime's
-# MobileNetV2 ran 2.08 ms instead of 1.28 in separate processes timed in
-# a row), and they do not slow every model alike: a ResNet-56 plan
-# verified at 0.358 while its full model ran 1.55 ms (1.21 ms otherwise)
-# measured 0.301 re-timed alone.
-SLOW_PHASE = 1.15
-RETIMES = 2
 
 
 class Verifier:
@@ -36,9 +27,10 @@ class Verifier:
         folder: where the exported files go.
         full_ms: the full model's latency known beforehand (a latency
             table's `full`), or `None`. A timing whose full model runs
-            more than `SLOW_PHASE` times the fastest of it and the full
-            model's earlier timings is taken again, up to `RETIMES` times,
-            and the one with the fastest full model is kept.
+            more than `timing.SLOW_PHASE` times the fastest of it and the
+            full model's earlier timings is taken again, up to
+            `timing.RETIMES` times, and the one with the fastest full
+            model is kept.
     """
 
     def __init__(self, model, runtime, batch_size, threads, jit_compile,
@@ -68,12 +60,12 @@ class Verifier:
                                     **VERIFY_TIMING,
                                     path=self._path(self.model, "full"))
         path, best = self._path(variant, name), None
-        for _ in range(1 + RETIMES):
+        for _ in range(1 + timing.RETIMES):
             stats = self.pair.against(variant, path)
             if best is None or stats["first_ms"] < best["first_ms"]:
                 best = stats
             if self.fastest is None or (
-                    best["first_ms"] <= SLOW_PHASE * self.fastest):
+                    best["first_ms"] <= timing.SLOW_PHASE * self.fastest):
                 break
         self.fastest = min(best["first_ms"], self.fastest or best["first_ms"])
         return best["first_ms"], best["second_ms"], best["ratio"]

@@ -87,9 +87,10 @@ def session_options(threads=None):
     its cores with the rest of the program too, and the other model of a
     timed pair runs in a process beside it). Without spinning at all
     (`allow_spinning` at `"0"`, before) every operation woke its threads
-    from sleep: a MobileNetV2 at 128x128 ran 1.8 ms instead of 1.28, and
+    from sleep: a MobileNetV2 at 128x128 ran 1.88 ms instead of 1.29, and
     the ratio of the full model timed against itself in worker processes
-    varied by 4.2% (standard deviation over 12 pairs) instead of 0.6%.
+    varied by 5.4% (standard deviation over 12 pairs) instead of 0.34%
+    (`benchmarks/timing_noise.py`).
     """
     import onnxruntime as ort
 
