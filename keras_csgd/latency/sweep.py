@@ -81,8 +81,9 @@ def measure(model, an, work, args, verbose):
             if not slow:
                 break
             if verbose:
-                print(f"Timing {len(slow)} variants again: their full "
-                      f"model ran over {timing.SLOW_PHASE}x its fastest.")
+                print(f"Timing again {len(slow)} of {len(timed)} variants: "
+                      "the full model timed with them ran over "
+                      f"{timing.SLOW_PHASE}x its fastest.")
             for k in slow:
                 timed[k] = min(timed[k], timer.change(f"variant{k}",
                                                       builds[k]),
