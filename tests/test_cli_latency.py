@@ -89,6 +89,21 @@ def test_prune_to_a_latency_target(model_path, tmp_path, capsys):
     )
 
 
+def test_prune_says_when_its_latency_table_failed_its_checks(
+        model_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(latency.quality, "problems",
+                        lambda *a, **k: ["the fit's RMS residual is 1 ms"])
+    monkeypatch.setenv("KERAS_CSGD_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(
+        ["prune", model_path, "--method", "magnitude", "--latency", "0.9",
+         *FAST, "--out", str(tmp_path / "slim.keras")], capsys)
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines()
+               if x.startswith("warning: The latency table")]
+    assert "failed its checks in 2 measurements" in line
+    assert "the fit's RMS residual is 1 ms" in line
+
+
 @pytest.mark.parametrize("method", ["asfp", "cap", "adaptive", "ensembles"])
 def test_trained_and_compensated_methods_take_a_latency_target(
         model_path, tmp_path, capsys, method):
