@@ -80,14 +80,17 @@ import keras_csgd as kc  # noqa: E402
 from keras_csgd import runtimes  # noqa: E402
 from keras_csgd.latency import timing  # noqa: E402
 from keras_csgd.latency.sweep import PROFILE_TIMING  # noqa: E402
-from keras_csgd.latency.worker import Child, Worker  # noqa: E402
+from keras_csgd.latency.worker import Worker  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class SpinningWorker(Worker):
     """A `Worker` whose ONNX Runtime sessions spin as `spinning` says
-    (`"within calls"`: the library's options; `"never"`)."""
+    (`"within calls"`: the library's options; `"never"`): this script,
+    run as its child."""
+
+    module = "timing_noise"
 
     def __init__(self, spinning, runtime, batch_size, threads):
         saved = dict(os.environ)
@@ -95,12 +98,10 @@ class SpinningWorker(Worker):
         os.environ["PYTHONPATH"] = os.pathsep.join(
             filter(None, [HERE, saved.get("PYTHONPATH")]))
         try:
-            Child.__init__(self, "timing_noise", f"timing worker ({spinning})")
+            super().__init__(runtime, batch_size, threads)
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        self.args = {"runtime": runtime, "batch_size": batch_size,
-                     "threads": threads}
 
 
 def write_files(model, runtime, keeps, folder) -> dict:
@@ -110,9 +111,9 @@ def write_files(model, runtime, keeps, folder) -> dict:
     rt.quick_write(model, paths["full"])
     for keep in keeps:
         plan = kc.methods.magnitude_plan(model, keep=keep, round_to=8)
-        paths[f"keep{keep:g}"] = os.path.join(folder,
-                                              f"keep{keep:g}{rt.suffix}")
-        rt.quick_write(kc.slim(model, plan), paths[f"keep{keep:g}"])
+        name = f"keep{keep:g}"
+        paths[name] = os.path.join(folder, name + rt.suffix)
+        rt.quick_write(kc.slim(model, plan), paths[name])
     return paths
 
 
@@ -123,8 +124,8 @@ def phases(path, runtime, threads, sessions, processes, seconds) -> dict:
     for _ in range(sessions):
         at = time.perf_counter() - start
         call = timing.runner(None, runtime, 1, threads, False, path=path)
-        blocks = timing.interleaved(call, call, 25, max(1, round(
-            10.0 / timing.time_calls(call, 5, 2)["median_ms"])))
+        calls, rounds = timing.schedule(call, 10.0, 0.0, (25, 25))
+        blocks = timing.interleaved(call, call, rounds, calls)
         out["sessions"].append({"started_s": round(at, 1),
                                 "fastest_block_ms": float(np.min(blocks))})
         del call

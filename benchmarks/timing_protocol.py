@@ -116,8 +116,8 @@ def retime(model, slim, runtime, batch_size, threads, processes=3,
         for k in range(processes):
             for name in (("full", "slim") if k % 2 == 0
                          else ("slim", "full")):
-                out[name].append(spawn_alone(paths[name], runtime, batch_size,
-                                        threads, seconds))
+                out[name].append(spawn_alone(paths[name], runtime,
+                                             batch_size, threads, seconds))
     best = {n: min(r["fastest_block_ms"] for r in rs)
             for n, rs in out.items()}
     median = {n: min(r["median_ms"] for r in rs) for n, rs in out.items()}

@@ -98,10 +98,11 @@ def runtime_effects(table, errors, max_error: float = MAX_ERROR,
 def slower_widths(table, max_error: float = MAX_ERROR) -> set:
     """`(group, width)` of every width that measures slower than a wider
     one of its group by more than `max_error` of the full latency."""
-    return {(name, int(widths[k]))
-            for name in table.groups
-            for widths, worse, _ in [_above_wider(table, name)]
-            for k in np.flatnonzero(worse > max_error * table.full)}
+    out = set()
+    for name in table.groups:
+        widths, worse, _ = _above_wider(table, name)
+        out |= {(name, int(w)) for w in widths[worse > max_error * table.full]}
+    return out
 
 
 def _above_wider(table, name) -> tuple:

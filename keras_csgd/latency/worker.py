@@ -99,9 +99,11 @@ class Worker(Child):
     ```
     """
 
+    # The child's module (`python -m`); it serves with `run(serve)`.
+    module = "keras_csgd.latency.worker"
+
     def __init__(self, runtime: str, batch_size: int, threads: int):
-        super().__init__("keras_csgd.latency.worker",
-                         f"timing worker of {runtime}")
+        super().__init__(self.module, f"timing worker of {runtime}")
         self.args = {"runtime": runtime, "batch_size": batch_size,
                      "threads": threads}
 
