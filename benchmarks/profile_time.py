@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from cifar10 import command, dump_json, machine  # noqa: E402
 from timing_protocol import MODELS  # noqa: E402
 
-RUNTIMES = ("litert", "litert-int8", "onnxruntime", "openvino")
+RUNTIMES = ("litert", "litert-int8", "onnxruntime", "openvino", "tensorflow")
 # Issue #25's limits, in seconds.
 LIMITS = {"resnet56": 120, "mobilenetv2_128": 300}
 
@@ -40,7 +40,9 @@ LIMITS = {"resnet56": 120, "mobilenetv2_128": 300}
 def one(name, runtime, threads) -> dict:
     """Profiles `name` on `runtime` into an empty cache; its record."""
     import keras_csgd as kc
+    from keras_csgd.runtimes.tensorflow import set_tf_threads
 
+    set_tf_threads(threads)  # before TensorFlow starts, as the CLI does
     model = MODELS[name]()
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

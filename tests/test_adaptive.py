@@ -1,18 +1,21 @@
 """Tests of `kc.methods.adaptive`: gates, folding, block removal, budget."""
 
 import inspect
+import itertools
 
 import keras
 import numpy as np
 import pytest
 
 import keras_csgd as kc
+from keras_csgd import graph
 from keras_csgd.latency import design
 from keras_csgd.methods.adaptive import (
     AdaptiveGates,
     BlockGate,
     ChannelGate,
     MacsTargetCallback,
+    controller,
 )
 from keras_csgd.models import resnet_cifar
 from utils import relative_error
@@ -412,3 +415,91 @@ def test_bad_latency_arguments():
     with pytest.raises(ValueError, match="`round_to` must be"):
         AdaptiveGates(model, latency_target=0.5, latency_table=table,
                       round_to=0)
+
+
+def measured_table(gates, seed):
+    """A `kc.latency.LatencyTable` of `LinearTable`'s costs at the widths a
+    profile measures, with the blocks a plan may remove."""
+    fake = LinearTable(gates, seed)
+    model = gates.source
+    groups = {
+        g: {"size": n, "widths": design.grid_widths(n),
+            "ms": [fake.predict({g: w}) for w in design.grid_widths(n)]}
+        for g, n in fake.sizes.items()
+    }
+    inner = design.removable_blocks(model, graph.analyze(model))
+    blocks = {b: {"saving_ms": fake.per_block[b], "groups": inner[b]}
+              for b in inner}
+    return kc.latency.LatencyTable(fake.full, groups, blocks)
+
+
+def test_measured_table_locks_the_most_gate_value_within_the_budget():
+    model = resnet8()
+    table = measured_table(AdaptiveGates(model, macs_target=0.5), seed=3)
+    gates = AdaptiveGates(model, latency_target=0.6, latency_table=table)
+    assert set(table.blocks) <= set(gates.block_gates)
+    for gate in gates._all_gates():
+        gate.gate.assign(RNG.uniform(0.0, 1.0, gate.gate.shape))
+    values = gates.gate_values()
+    inside = {g: b for b, block in table.blocks.items()
+              for g in block["groups"]}
+
+    def value(widths, removed):  # the sum of kept gates, as a reference
+        total = 0.0
+        for g, n in ((g, t["size"]) for g, t in table.groups.items()):
+            if inside.get(g) in removed:
+                continue
+            v = np.sort(values[g])[::-1] / values[g].max()
+            scale = min(values[inside[g]][0], 1.0) if g in inside else 1.0
+            w = widths.get(g, n)
+            total += v[:w].sum() * scale + controller.FILL * w
+        return total
+
+    names = list(table.groups)
+    best = 0.0
+    for combo in itertools.product(*(
+            [table.groups[g]["size"], *table.groups[g]["widths"]]
+            for g in names)):
+        widths = dict(zip(names, combo))
+        for k in range(len(table.blocks) + 1):
+            for removed in itertools.combinations(table.blocks, k):
+                if table.predict(widths, removed) <= gates.target:
+                    best = max(best, value(widths, set(removed)))
+
+    gates.lock()
+    expected = gates.model.predict(X, verbose=0)
+    folded, plan = gates.finalize()
+    removed = set(plan.remove_blocks)
+    widths = {g: table.groups[g]["size"] for g in names}
+    widths.update(plan.widths())
+    assert table.predict(widths, removed) <= gates.target
+    np.testing.assert_allclose(value(widths, removed), best, rtol=1e-9)
+    for group, kept in plan.clusters.items():  # the largest gates stay
+        kept = np.concatenate(kept)
+        closed = np.setdiff1d(np.arange(len(values[group])), kept)
+        assert values[group][closed].max() <= values[group][kept].min()
+    slim = kc.slim(folded, plan)
+    assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
+
+    gates.tighten(0.45 * table.full)  # narrower still, and exact
+    _, tighter = gates.finalize()
+    assert removed <= set(tighter.remove_blocks)
+    for group, width in tighter.widths().items():
+        assert width <= plan.widths().get(group, table.groups[group]["size"])
+    assert gates.estimated_cost() <= 0.45 * table.full
+    expected = gates.model.predict(X, verbose=0)
+    folded, plan = gates.finalize()
+    slim = kc.slim(folded, plan)
+    assert relative_error(slim.predict(X, verbose=0), expected) < 1e-5
+
+
+def test_measured_table_closes_zero_gates_only_as_far_as_the_budget():
+    model = resnet8()
+    table = measured_table(AdaptiveGates(model, macs_target=0.5), seed=3)
+    gates = AdaptiveGates(model, latency_target=0.7, latency_table=table)
+    for gate in gates.channel_gates.values():  # the penalty took all to 0
+        gate.gate.assign(np.zeros(gate.gate.shape))
+    gates.lock()
+    # Every plan keeps no gate value: the knapsack keeps the widest within
+    # the budget, not the fastest (0.41 of full).
+    assert 0.6 * table.full < gates.estimated_cost() <= gates.target

@@ -28,11 +28,13 @@ GATE_EPOCHS = 1
 # timings. Closed gates do not reopen, so the steps are the cautious ones:
 # `plan_for_latency`'s secant steps (`corrected_ratio`) took a ResNet-20
 # from 0.384 measured to 0.305 at target 0.35 (60.9% after fine-tuning).
-# Channels close in chunks of the table's step (`AdaptiveGates`'s default
-# `round_to`): at 0.5 the first lock then measured 52.0% / 48.6% for a
-# predicted 50.1% (channel by channel: 54.5%, four timings), 74.64% /
-# 75.02% against 74.26% / 74.80%; at 0.35, 64.62% / 67.44% against
-# 69.84% / 69.58% (README, issue #22).
+# The gates lock by the knapsack `plan_for_latency` solves, over the
+# table's widths and blocks, valued by the gates (`AdaptiveGates._planned`):
+# on `benchmarks/latency_methods.py` (README, "Adaptive's lock") 77.52% /
+# 77.76% at 0.5 and 74.40% / 75.46% at 0.35, against 65.34% / 65.34% and
+# 61.42% / 57.68% closing the lowest gates first (which undershot the
+# target, 0.40 and 0.31 measured) and magnitude's 77.16% / 76.60% and
+# 74.30% / 72.76%.
 TRIES = 5
 
 

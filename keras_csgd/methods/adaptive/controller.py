@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from keras_csgd import flops, graph
 from keras_csgd.callbacks.macs_target import MacsTargetCallback
+from keras_csgd.latency import planner
+from keras_csgd.latency.table import LatencyTable
 from keras_csgd.methods.adaptive import budget, sites
 from keras_csgd.methods.adaptive.gates import BlockGate, ChannelGate
 from keras_csgd.plan import PruningPlan
 from keras_csgd.rebuild import rebuild
+
+# The value of a kept channel besides its gate's (`AdaptiveGates._planned`).
+FILL = 1e-6
 
 
 class AdaptiveGates:
@@ -39,7 +46,9 @@ class AdaptiveGates:
     what removing one channel of the group saves; per block: what removing
     the block saves), times a global penalty weight that `.callback` adapts
     towards the target and, once the target is reached, locks the gates
-    that go at exactly 0 (`lock`): the rest of training fine-tunes the
+    that go at exactly 0 (`lock`; with a measured latency table, the
+    knapsack of `kc.plan_for_latency` chooses them, valuing channels by
+    their gates): the rest of training fine-tunes the
     pruned network, and its removal is exact. Train `.model` with momentum
     SGD: its steps follow the cost weighting, whereas Adam moves every gate
     at the same pace whatever it costs.
@@ -64,16 +73,18 @@ class AdaptiveGates:
         latency_table: the table whose `predict(widths, remove_blocks)`
             (milliseconds of the slim model at `{group name: width}` with
             those blocks removed) is the cost model, for `latency_target`,
-            such as `kc.latency.LatencyTable`. Defaults to `None`.
+            such as `kc.latency.LatencyTable` (whose measured widths the
+            lock then chooses among, see `finalize`). Defaults to `None`.
         round_to: channels close in chunks of this many per group (the
             lowest gates first), so that kept widths are multiples of it
-            (the first chunk takes the remainder). Defaults to `None`: for
-            a latency target, the multiple the table measured each group
-            at (`latency_table.step(group)`, where the table has `step`;
-            `kc.latency.LatencyTable`: 8 or the runtime's channel block
-            from 32 channels on, 4 below), since runtimes block channels
-            by their SIMD width and a width between two multiples runs
-            about as slowly as the wider one, or slower; else 1.
+            (the first chunk takes the remainder); not used with a
+            `kc.latency.LatencyTable`, whose widths are the ones it
+            measured. Defaults to `None`: for a latency target, the
+            multiple the table measured each group at
+            (`latency_table.step(group)`, where the table has `step`),
+            since runtimes block channels by their SIMD width and a width
+            between two multiples runs about as slowly as the wider one,
+            or slower; else 1.
 
     Attributes:
         model: the gated, trainable copy of `model`.
@@ -167,6 +178,9 @@ class AdaptiveGates:
         step = getattr(latency_table, "step", lambda group: 1)
         self._steps = {s.group: round_to or step(s.group)
                        for s in self._sites}
+        # A measured table: the knapsack decides (`_planned`).
+        self._table = (latency_table if isinstance(latency_table, LatencyTable)
+                       else None)
         self._build_gated_model()
         self.penalty_weight = penalty_weight
         self._locked = None
@@ -251,19 +265,24 @@ class AdaptiveGates:
         """Holds the gates that `finalize()` would close at exactly 0.
 
         Chooses the channels and blocks as `finalize(threshold=None)` does
-        (ascending gate values, in chunks of `round_to` channels, down to
-        the budget), fixes their gates at 0
-        for the rest of training (`ChannelGate.lock`) and sets the penalty
-        weight to 0. Further training fine-tunes what is left, and
-        `finalize()` removes exactly these channels and blocks, whose
-        outputs are then exactly 0.
+        (for a `kc.latency.LatencyTable`, the knapsack of the table's widths
+        that keeps the most gate value within the budget; otherwise
+        ascending gate values, in chunks of `round_to` channels, down to
+        the budget), fixes their gates at 0 for the rest of training
+        (`ChannelGate.lock`) and sets the penalty weight to 0. Further
+        training fine-tunes what is left, and `finalize()` removes exactly
+        these channels and blocks, whose outputs are then exactly 0.
 
         Raises:
             RuntimeError: when already locked.
         """
         if self.locked:
             raise RuntimeError("The gates are already locked.")
-        masks, closed = self._decide(None)
+        self._hold(*self._decide(None))
+
+    def _hold(self, masks, closed) -> None:
+        """Holds the gates of `masks`' closed channels and of the `closed`
+        blocks at 0, and the penalty weight at 0."""
         for site in self._sites:
             self.channel_gates[site.group].lock(masks[site.root])
         for name in closed:
@@ -278,8 +297,8 @@ class AdaptiveGates:
         the cost model predicted, lower the target (in the units of
         `.cost`, e.g. `gates.target * target / measured` for a latency
         target and ratio) and call `finalize()` again. The locked channels
-        and blocks stay closed; further ones close in ascending order of
-        their gate values, as in `lock`, and their gates are held at 0, so
+        and blocks stay closed; further ones close as in `lock` (no group
+        widens, no removed block returns), and their gates are held at 0, so
         the slim model still computes what the gated model does (train on
         to recover).
 
@@ -298,24 +317,23 @@ class AdaptiveGates:
                 f"target={target!r}"
             )
         old = self._locked
-        self.target, self._locked = float(target), None
+        self.target = float(target)
         if self.macs_target is not None:
             self.macs_target = int(self.target)
         else:
             self.latency_target = self.target
-        self.lock()
+        masks, closed = self._decide(None, within=old)
         if old is not None:  # what was locked stays closed (its gates: 0)
-            masks, closed = self._locked
-            self._locked = (
-                {root: mask & old[0][root] for root, mask in masks.items()},
-                sorted(set(closed) | set(old[1])),
-            )
+            masks = {root: mask & old[0][root] for root, mask in masks.items()}
+            closed = sorted(set(closed) | set(old[1]))
+        self._hold(masks, closed)
 
     def _widths(self, masks) -> dict[str, int]:
         return {s.group: int(masks[s.root].sum()) for s in self._sites}
 
-    def _decide(self, threshold):
-        """Kept-channel masks per gated group root, and closed blocks."""
+    def _decide(self, threshold, within=None):
+        """Kept-channel masks per gated group root, and closed blocks
+        (`within`: a locked decision that tightening narrows)."""
         values = self.gate_values()
         if threshold is not None:
             closed = [n for n in self.block_gates if values[n][0] < threshold]
@@ -325,6 +343,8 @@ class AdaptiveGates:
                 keep[np.argmax(values[site.group])] = True
                 masks[site.root] = keep
             return masks, closed
+        if self._table is not None:
+            return self._planned(values, within)
         masks = {site.root: np.ones(site.size, bool) for site in self._sites}
         closed = []
         roots = {site.group: site.root for site in self._sites}
@@ -353,6 +373,53 @@ class AdaptiveGates:
             if trial >= self.target:
                 masks, closed, cost = trial_masks, trial_closed, trial
         return masks, closed
+
+    def _planned(self, values, within=None):
+        """The latency knapsack's decision (`kc.latency.planner.choose`):
+        the table's widths and block removals that keep the most gate
+        value within the budget.
+
+        A group's value at a width is the sum of its largest gate values
+        there, divided by its largest (as `plan_for_latency` values filter
+        norms), times its block's gate value (clipped to [0, 1]) for a
+        group inside a gated block's branch, which that gate scales;
+        removing a block keeps none of its groups' value. Each kept channel
+        is also worth `FILL`, so that of plans of equal value the knapsack
+        keeps the one that closes least: gates the penalty took to exactly
+        0 close only as far as the budget needs (as in the ascending
+        order), and the others can grow again once the penalty stops (a
+        lock that closed every 0 gate took a CIFAR ResNet-20 to 9% of its
+        latency at target 0.5, `benchmarks/latency_methods.py`). The kept
+        channels are the group's largest gates. With `within`, no group
+        gets wider and no removed block comes back.
+        """
+        table = copy.copy(self._table)  # only blocks with a gate go
+        table.blocks = {n: b for n, b in table.blocks.items()
+                        if n in self.block_gates}
+        kept = planner.kept_values({n: values[n] for n in self.channel_gates
+                                    if n in table.groups})
+        for name, block in table.blocks.items():
+            scale = float(np.clip(values[name][0], 0.0, 1.0))
+            for group in set(block["groups"]) & set(kept):
+                kept[group] = kept[group] * scale
+        for group, value in kept.items():  # of equal values, keep more
+            kept[group] = value + FILL * np.arange(len(value))
+        if within is not None:  # wider than locked: never worth it
+            for site in self._sites:
+                if site.group in kept:
+                    kept[site.group][within[0][site.root].sum() + 1:] = -1e9
+            for name in set(within[1]) & set(table.blocks):
+                for group in set(table.blocks[name]["groups"]) & set(kept):
+                    kept[group][1:] = -1e9
+        choice = planner.choose(table, kept, self.target)
+        widths, removed = (choice[:2] if choice is not None
+                           else planner.fastest_choice(table, kept))
+        masks = {}
+        for site in self._sites:
+            order = np.argsort(-values[site.group], kind="stable")
+            masks[site.root] = np.zeros(site.size, bool)
+            masks[site.root][order[:widths.get(site.group, site.size)]] = True
+        return masks, sorted(removed)
 
     @staticmethod
     def _chunks(values, step) -> list[np.ndarray]:
@@ -415,12 +482,16 @@ class AdaptiveGates:
 
         - `threshold=None` (the default): the locked gates when `lock` has
           run (the callback locks when training reaches the target);
-          otherwise the gates are closed in ascending order of their values
-          (blocks first on ties), each one only if the cost stays at or
-          above the target, until the target is reached: the learnt gates
-          rank what goes, the budget says how much, and the cost lands just
-          above the target (within one channel's cost, when a channel
-          fits).
+          otherwise, with a `kc.latency.LatencyTable`, the knapsack over
+          the table's measured widths and blocks that keeps the most gate
+          value within the budget (`kc.plan_for_latency`'s, with each
+          group's gate values for its filter norms, scaled by the gate of
+          the block it is in), and else the gates are closed in ascending
+          order of their values (blocks first on ties), each one only if
+          the cost stays at or above the target, until the target is
+          reached: the learnt gates rank what goes, the budget says how
+          much, and the cost lands just above the target (within one
+          channel's cost, when a channel fits).
         - a number: every gate below it is closed, whatever the cost.
 
         Removal is exact for gates at 0 (all of them after `lock`) and
