@@ -14,6 +14,7 @@ from keras_csgd.methods.adaptive import budget, sites
 from keras_csgd.methods.adaptive.gates import BlockGate, ChannelGate
 from keras_csgd.plan import PruningPlan
 from keras_csgd.rebuild import rebuild
+from keras_csgd.scoring import top_channels
 
 # The value of a kept channel besides its gate's (`AdaptiveGates._planned`).
 FILL = 1e-6
@@ -178,9 +179,13 @@ class AdaptiveGates:
         step = getattr(latency_table, "step", lambda group: 1)
         self._steps = {s.group: round_to or step(s.group)
                        for s in self._sites}
-        # A measured table: the knapsack decides (`_planned`).
-        self._table = (latency_table if isinstance(latency_table, LatencyTable)
-                       else None)
+        # A measured table: the knapsack decides (`_planned`), among the
+        # blocks that have a gate.
+        self._table = None
+        if isinstance(latency_table, LatencyTable):
+            self._table = copy.copy(latency_table)
+            self._table.blocks = {n: b for n, b in latency_table.blocks.items()
+                                  if n in self._blocks}
         self._build_gated_model()
         self.penalty_weight = penalty_weight
         self._locked = None
@@ -393,9 +398,7 @@ class AdaptiveGates:
         channels are the group's largest gates. With `within`, no group
         gets wider and no removed block comes back.
         """
-        table = copy.copy(self._table)  # only blocks with a gate go
-        table.blocks = {n: b for n, b in table.blocks.items()
-                        if n in self.block_gates}
+        table = self._table
         kept = planner.kept_values({n: values[n] for n in self.channel_gates
                                     if n in table.groups})
         for name, block in table.blocks.items():
@@ -416,9 +419,9 @@ class AdaptiveGates:
                            else planner.fastest_choice(table, kept))
         masks = {}
         for site in self._sites:
-            order = np.argsort(-values[site.group], kind="stable")
             masks[site.root] = np.zeros(site.size, bool)
-            masks[site.root][order[:widths.get(site.group, site.size)]] = True
+            masks[site.root][[i for (i,) in top_channels(
+                values[site.group], widths.get(site.group, site.size))]] = True
         return masks, sorted(removed)
 
     @staticmethod
