@@ -29,6 +29,12 @@ def resnet8():
     return randomize(resnet_cifar(8, input_shape=(16, 16, 3)), seed=4)
 
 
+def open_gates(gates, low):
+    """Every gate uniform in `[low, 1)`."""
+    for gate in gates._all_gates():
+        gate.gate.assign(RNG.uniform(low, 1.0, gate.gate.shape))
+
+
 def close_some(gates):
     """Closes a third of every channel gate and half of the block gates."""
     for gate in gates.channel_gates.values():
@@ -375,8 +381,7 @@ def test_tighten_closes_more_gates_and_keeps_removal_exact():
     model = resnet8()
     table = LinearTable(AdaptiveGates(model, macs_target=0.5), seed=2)
     gates = AdaptiveGates(model, latency_target=0.8, latency_table=table)
-    for gate in gates._all_gates():
-        gate.gate.assign(RNG.uniform(0.2, 1.0, gate.gate.shape))
+    open_gates(gates, 0.2)
     gates.lock()
     first_masks, first_closed = gates._locked
     first = gates.estimated_cost()
@@ -438,8 +443,7 @@ def test_measured_table_locks_the_most_gate_value_within_the_budget():
     table = measured_table(AdaptiveGates(model, macs_target=0.5), seed=3)
     gates = AdaptiveGates(model, latency_target=0.6, latency_table=table)
     assert set(table.blocks) <= set(gates.block_gates)
-    for gate in gates._all_gates():
-        gate.gate.assign(RNG.uniform(0.0, 1.0, gate.gate.shape))
+    open_gates(gates, 0.0)
     values = gates.gate_values()
     inside = {g: b for b, block in table.blocks.items()
               for g in block["groups"]}
@@ -503,3 +507,15 @@ def test_measured_table_closes_zero_gates_only_as_far_as_the_budget():
     # Every plan keeps no gate value: the knapsack keeps the widest within
     # the budget, not the fastest (0.41 of full).
     assert 0.6 * table.full < gates.estimated_cost() <= gates.target
+
+
+def test_tighten_closes_more_even_when_the_lock_is_under_the_new_budget():
+    model = resnet8()
+    table = measured_table(AdaptiveGates(model, macs_target=0.5), seed=3)
+    gates = AdaptiveGates(model, latency_target=0.8, latency_table=table)
+    open_gates(gates, 0.0)
+    gates.lock()
+    locked = gates.estimated_cost()
+    assert locked < gates.target  # the knapsack's plan is under its budget
+    gates.tighten((locked + gates.target) / 2)  # which the lock still meets
+    assert gates.estimated_cost() < locked

@@ -303,7 +303,9 @@ class AdaptiveGates:
         `.cost`, e.g. `gates.target * target / measured` for a latency
         target and ratio) and call `finalize()` again. The locked channels
         and blocks stay closed; further ones close as in `lock` (no group
-        widens, no removed block returns), and their gates are held at 0, so
+        widens, no removed block returns; the budget is at most just below
+        the locked plan's cost, which the knapsack's plans can be well
+        under), and their gates are held at 0, so
         the slim model still computes what the gated model does (train on
         to recover).
 
@@ -322,6 +324,8 @@ class AdaptiveGates:
                 f"target={target!r}"
             )
         old = self._locked
+        if old is not None:  # a budget the locked plan meets closes nothing
+            target = min(target, self.estimated_cost() * (1 - 1e-6))
         self.target = float(target)
         if self.macs_target is not None:
             self.macs_target = int(self.target)
