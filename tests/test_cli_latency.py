@@ -70,6 +70,11 @@ def prune_to_90_percent(model_path, tmp_path, capsys, *argv):
     line = next(x for x in out.splitlines() if x.startswith("latency ("))
     full, slim = map(float, re.findall(r"([\d.]+) ms", line))
     assert full > 0 and slim > 0 and "target 90.0%" in line
+    if "--method" in argv and argv[argv.index("--method") + 1] != "adaptive":
+        # `plan_for_latency`'s plans: each verified plan's ratio, the
+        # written model's among them (adaptive times its own gates).
+        ratio = re.search(r"\(([\d.]+%); target", line).group(1)
+        assert ratio in line.split("plans timed: ")[1].split(", ")
     return out_path
 
 

@@ -307,7 +307,8 @@ def cmd_prune(args):
     full_ms, slim_ms, ratio = measured
     tail = ")" if report is None else (
         f", predicted {report.predicted_ratio:.1%}); "
-        f"{len(report.remove_blocks)} blocks removed"
+        f"{len(report.remove_blocks)} blocks removed; plans timed: "
+        + ", ".join(f"{h['measured_ratio']:.1%}" for h in report.iterations)
     )
     print(
         f"latency ({args.runtime}, batch {args.batch_size}, measured "

@@ -7,7 +7,8 @@ TensorFlow: fold and compile) and time slim against full, interleaved
 (`verify.Verifier`). A miss of more than
 `tolerance` re-plans for the prediction that the verified plans say
 measures the target (secant steps: the table's error near the chosen
-point), a bounded number of times.
+point), kept inside the bracket of budgets the verified plans set (else
+bisected), a bounded number of times.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CLUSTERS = ("prune", "kmeans")
 MAX_EXTRAPOLATION = 3.0
 # The default allowed relative miss of a measured ratio (`tolerance`).
 TOLERANCE = 0.05
+# Halvings of the bracket of verified budgets tried for an untimed plan.
+BISECTIONS = 3
 
 
 def met(ratio, target, tolerance=TOLERANCE) -> bool:
@@ -50,7 +53,7 @@ def met(ratio, target, tolerance=TOLERANCE) -> bool:
 def plan_for_latency(model, target, runtime="litert", batch_size=1,
                      scores=None, *, table=None, clusters="prune",
                      threads=None, grid=GRID, tolerance=TOLERANCE,
-                     max_iterations=4, jit_compile="auto", cache_dir=None,
+                     max_iterations=6, jit_compile="auto", cache_dir=None,
                      measure=None, verify=True, return_report=False, seed=0,
                      uniform=None, verbose=1):
     """A plan whose slim model runs at `target` times the full latency.
@@ -74,8 +77,10 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
        needed), the plan is
        made again for the prediction that the verified plans say measures
        `target` (secant steps on predicted against measured ratios, see
-       `corrected_ratio`), at most `max_iterations` plans in all. The plan
-       meeting the target with the most importance is returned. Where the
+       `corrected_ratio`; a budget outside the bracket that the verified
+       plans set, or whose plan was timed, bisects the bracket instead), at
+       most `max_iterations` plans in all. The plan meeting the target with
+       the most importance is returned. Where the
        correction asks for less than the table's fastest plan, that plan is
        timed: when it misses too, the target is unreachable (`ValueError`);
        when the tries run out first, a warning says why and the fastest
@@ -109,7 +114,7 @@ def plan_for_latency(model, target, runtime="litert", batch_size=1,
         grid: width fractions profiled. Defaults to `(0.75, 0.5, 0.25)`.
         tolerance: allowed relative miss of the measured ratio. Defaults to
             `0.05`.
-        max_iterations: most plans verified. Defaults to `4`.
+        max_iterations: most plans verified. Defaults to `6`.
         jit_compile: XLA for the TensorFlow runtime (`True`, `False` or
             `"auto"`: on a GPU only). Defaults to `"auto"`.
         cache_dir: latency cache folder. Defaults to `None` (see `profile`).
@@ -221,6 +226,15 @@ def _search(model, an, table, values, uniform, target, tolerance,
     """Plans (among the `uniform` plans, when given) and verifies until the
     target is met or the tries run out.
 
+    The next budget is the secant correction (`corrected_ratio`) kept inside
+    the bracket of budgets the verified plans set: below the least budget
+    whose plan missed, above the largest whose plan met needlessly fast.
+    Where it falls outside, or on a plan already timed, the bracket is
+    bisected. A budget's plan is the most valuable of every plan chosen so
+    far that the table puts within it (`planner.choose` is not monotone in
+    the budget where the table has interactions): a larger budget never
+    gets a less valuable plan.
+
     Returns:
         `(chosen, reason)`: the decision (`widths`, `remove`,
         `predicted_ms`, `params`, the measured fields and `history`) and
@@ -228,6 +242,7 @@ def _search(model, an, table, values, uniform, target, tolerance,
     """
     sizes = {g.name: g.size for g in an.groups}
     budget, history, best, tried = target * table.full, [], None, []
+    pool, met_at, missed_at = [], [], [table.full]
     reason = "no plan was verified"
     with tempfile.TemporaryDirectory() as folder, Verifier(
         model, *args, measure, folder, table.full
@@ -236,20 +251,23 @@ def _search(model, an, table, values, uniform, target, tolerance,
         for k in range(max_iterations):
             fastest = budget < floor
             budget = max(budget, floor)  # below it: the fastest plan
-            choice = planner.choose(table, values, budget, uniform=uniform)
-            widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
-            mark = (sorted(widths.items()), choice[1])
-            if mark in tried:
+            high = min(missed_at)
+            low = max([b for b in met_at if b < high], default=floor)
+            found = _untried(table, values, uniform, budget, (low, high),
+                             pool, tried, sizes, first=fastest or not tried)
+            if found is None:
                 if fastest and reason is not None:
-                    timed = history[tried.index(mark)]["measured_ratio"]
-                    raise ValueError(_unreachable(target, floor / table.full,
-                                                  timed))
-                break  # the correction lands on a plan already timed
+                    raise ValueError(_unreachable(
+                        target, floor / table.full,
+                        min(h["measured_ratio"] for h in history)))
+                break  # every plan in the bracket is timed
+            budget, choice, widths, mark = found
+            fastest = fastest and budget == floor
             tried.append(mark)
             variant = slim(model, width_plan(model, an, widths, choice[1]),
                            check=False)
             chosen = {"widths": widths, "remove": choice[1],
-                      "predicted_ms": choice[2],
+                      "predicted_ms": choice[2], "value": choice[3],
                       "params": variant.count_params()}
             if not verify:
                 best, reason = chosen, None
@@ -259,30 +277,31 @@ def _search(model, an, table, values, uniform, target, tolerance,
             history.append({
                 "budget_ratio": budget / table.full,
                 "predicted_ratio": choice[2] / table.full,
-                "measured_ratio": chosen["measured"],
+                "measured_ratio": ratio,
             })
-            chosen["value"] = choice[3]
-            if fastest and not met(ratio, target, tolerance) and (
-                reason is not None
-            ):
-                raise ValueError(_unreachable(target, floor / table.full,
-                                              ratio))
-            if met(chosen["measured"], target, tolerance):
+            if not met(ratio, target, tolerance):
+                missed_at.append(budget)
+                if fastest and reason is not None:
+                    raise ValueError(_unreachable(target, floor / table.full,
+                                                  ratio))
+                if reason is not None and (
+                    best is None or ratio < best["measured"]
+                ):
+                    best = chosen
+                    reason = (
+                        f"the fastest of {len(history)} verified plans "
+                        f"measures {ratio:.3f} of the full latency, above "
+                        f"the target {target:g} (+{tolerance:g}); the "
+                        "machine may be busy, or latency at these widths is "
+                        "not additive"
+                    )
+            else:
                 if reason is not None or best["value"] < chosen["value"]:
                     best = chosen
                 reason = None
-                if chosen["measured"] >= target * (1 - tolerance):
+                if ratio >= target * (1 - tolerance):
                     break  # met, and not needlessly fast
-            elif reason is not None and (
-                best is None or chosen["measured"] < best["measured"]
-            ):
-                best = chosen
-                reason = (
-                    f"the fastest of {len(history)} verified plans measures "
-                    f"{best['measured']:.3f} of the full latency, above the "
-                    f"target {target:g} (+{tolerance:g}); the machine may be "
-                    "busy, or latency at these widths is not additive"
-                )
+                met_at.append(budget)
             budget = table.full * min(1.0, corrected_ratio(
                 [(h["predicted_ratio"], h["measured_ratio"])
                  for h in history], target,
@@ -293,6 +312,36 @@ def _search(model, an, table, values, uniform, target, tolerance,
         )
     best["history"] = history
     return best, reason
+
+
+def _untried(table, values, uniform, budget, bracket, pool, tried, sizes,
+             first=False):
+    """The first budget, of `budget` (when inside the open `bracket`, or
+    `first`) then
+    the bracket's bisection points (depth `BISECTIONS`), whose plan is not
+    yet in `tried`: `(budget, choice, widths, mark)`, or `None`.
+
+    A budget's plan is the most valuable plan within it among `pool` (every
+    plan chosen so far, extended here) and `planner.choose`'s own.
+    """
+    low, high = bracket
+    budgets = [budget] if first or low < budget < high else []
+    for depth in range(1, BISECTIONS + 1):
+        n = 2 ** depth
+        budgets += [low + (high - low) * i / n for i in range(1, n, 2)]
+    for b in budgets:
+        own = planner.choose(table, values, b, uniform=uniform)
+        if own is not None and own not in pool:
+            pool.append(own)
+        within = [c for c in pool if c[2] <= b + 1e-9]
+        if not within:
+            continue
+        choice = max(within, key=lambda c: c[3])
+        widths = {n: w for n, w in choice[0].items() if w < sizes[n]}
+        mark = (sorted(widths.items()), choice[1])
+        if mark not in tried:
+            return b, choice, widths, mark
+    return None
 
 
 def _unreachable(target, predicted, measured=None) -> str:
