@@ -61,6 +61,24 @@ def test_ridge_matches_sklearn():
     )
 
 
+def test_auto_ridge_follows_the_noise_of_the_metric():
+    """Leave-one-out picks the least penalty for an exact linear metric and
+    a strong one for a metric the masks do not explain."""
+    rng = np.random.default_rng(0)
+    bits = (rng.random((300, 40)) < 0.9).astype(np.float32)
+    exact = bits @ rng.normal(size=40)
+    assert ensembles.chosen_ridge(bits, exact) == min(ensembles.RIDGES)
+    noise = rng.normal(size=300)
+    assert ensembles.chosen_ridge(bits, noise) >= 0.1  # a bit's var: 0.09
+    # The penalty chosen is the one `ensemble_importance` fits with.
+    ridge = ensembles.chosen_ridge(bits, exact + noise)
+    assert ridge in ensembles.RIDGES
+    ref = Ridge(alpha=ridge * 300).fit(bits.astype(float), exact + noise)
+    np.testing.assert_allclose(
+        ensembles.ridge_coefficients(bits, exact + noise, ridge), ref.coef_,
+        atol=1e-8)
+
+
 @pytest.mark.parametrize("name", ["densenet", "plain_cnn", "mbv2", "nested"])
 def test_mask_equals_slim_removal(name):
     """A mask's metric equals the metric of the slim model without them."""

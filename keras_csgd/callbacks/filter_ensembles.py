@@ -37,7 +37,8 @@ class FilterEnsembles(keras.callbacks.Callback):
             that a channel is kept). Defaults to `0.9`.
         metric: `"loss"` (the compiled loss) or `"accuracy"`. Defaults to
             `"loss"`.
-        ridge: ridge penalty of the fit. Defaults to `1e-3`.
+        ridge: ridge penalty of the fit, or `"auto"` (chosen by
+            leave-one-out error). Defaults to `"auto"`.
         seed: seed of the masks. Defaults to `0`.
         verbose: `1` shows a progress bar. Defaults to `1`.
 
@@ -64,7 +65,7 @@ class FilterEnsembles(keras.callbacks.Callback):
         samples=512,
         mask_keep=0.9,
         metric="loss",
-        ridge=1e-3,
+        ridge="auto",
         seed=0,
         verbose=1,
     ):

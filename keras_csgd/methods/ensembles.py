@@ -6,11 +6,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from sklearn.linear_model import RidgeCV
 
 from keras_csgd import checks, graph
 from keras_csgd.batches import fixed_batches
 
 METRICS = ("loss", "accuracy")
+# The penalties `ridge="auto"` chooses among (see `chosen_ridge`).
+RIDGES = tuple(float(r) for r in np.logspace(-4, 2, 25))
 
 
 def ensemble_importance(
@@ -20,7 +23,7 @@ def ensemble_importance(
     samples: int = 512,
     mask_keep: float = 0.9,
     metric: str = "loss",
-    ridge: float = 1e-3,
+    ridge: float | str = "auto",
     seed: int = 0,
     verbose: int = 1,
 ) -> dict[str, np.ndarray]:
@@ -40,6 +43,14 @@ def ensemble_importance(
     Importance is `w` for `"accuracy"` and `-w` for `"loss"`: larger means
     more important (removing the channel costs more), in the units of the
     metric, so importances compare across groups.
+
+    With fewer masks than channels (512 masks, 688 channels in a CIFAR
+    ResNet-20) the fit is underdetermined, and a nearly unpenalised one
+    ranks channels almost at random: on a trained ResNet-20, two runs of
+    512 masks (other images and masks) ranked each group's channels with
+    a mean Spearman correlation of 0.05 at `ridge=1e-3`, 0.21 at `0.03` to
+    `0.1`. `ridge="auto"` takes the penalty of `RIDGES` with the least
+    leave-one-out error (`chosen_ridge`).
 
     How a mask is applied: dropping channel `c` of a group means that no
     consumer reads it, exactly what `kc.slim` does when it removes `c`. So
@@ -65,9 +76,11 @@ def ensemble_importance(
         metric: `"loss"` (the model's compiled loss, averaged over the
             examples) or `"accuracy"` (top-1; integer or one-hot labels).
             Defaults to `"loss"`.
-        ridge: ridge penalty (see above), `>= 0`. The variance of one mask
-            bit is `mask_keep * (1 - mask_keep)`, 0.09 by default, so the
-            default shrinks coefficients by about 1%. Defaults to `1e-3`.
+        ridge: ridge penalty (see above), `>= 0`, or `"auto"`: chosen by
+            leave-one-out error (`chosen_ridge`). The variance of one mask
+            bit is `mask_keep * (1 - mask_keep)`, 0.09 by default, so a
+            penalty of 0.09 halves a lone bit's coefficient. Defaults to
+            `"auto"` (`1e-3` before).
         seed: seed of the masks. Defaults to `0`.
         verbose: `1` shows a progress bar. Defaults to `1`.
 
@@ -96,7 +109,8 @@ def ensemble_importance(
             f"`samples` must be an int >= 2. Received: samples={samples!r}"
         )
     checks.fraction("mask_keep", mask_keep, high_closed=False)
-    checks.number("ridge", ridge, low=0)
+    if ridge != "auto":
+        checks.number("ridge", ridge, low=0)
     metric_fn = _metric_fn(model, metric)
     data = fixed_batches(data)
     an = graph.analyze(model)
@@ -118,6 +132,8 @@ def ensemble_importance(
     finally:
         for variable, original, _, _ in masked:
             variable.assign(original)
+    if ridge == "auto":
+        ridge = chosen_ridge(bits, values)
     coef = ridge_coefficients(bits, values, ridge)
     if metric == "loss":
         coef = -coef
@@ -125,6 +141,16 @@ def ensemble_importance(
         g.name: coef[offsets[k] : offsets[k + 1]]
         for k, g in enumerate(groups)
     }
+
+
+def chosen_ridge(bits: np.ndarray, values: np.ndarray) -> float:
+    """The penalty of `RIDGES` (in `ridge_coefficients`' units) whose fit
+    has the least leave-one-out squared error (`sklearn.linear_model.
+    RidgeCV`'s efficient leave-one-out, intercept fitted)."""
+    alphas = np.array(RIDGES) * len(values)
+    fit = RidgeCV(alphas=alphas).fit(bits.astype(np.float64),
+                                     np.asarray(values, np.float64))
+    return RIDGES[int(np.argmin(np.abs(alphas - fit.alpha_)))]
 
 
 def ridge_coefficients(
