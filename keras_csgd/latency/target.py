@@ -317,9 +317,9 @@ def _search(model, an, table, values, uniform, target, tolerance,
 def _untried(table, values, uniform, budget, bracket, pool, tried, sizes,
              first=False):
     """The first budget, of `budget` (when inside the open `bracket`, or
-    `first`) then
-    the bracket's bisection points (depth `BISECTIONS`), whose plan is not
-    yet in `tried`: `(budget, choice, widths, mark)`, or `None`.
+    `first`) then the bracket's bisection points (depth `BISECTIONS`),
+    whose plan is not yet in `tried`: `(budget, choice, widths, mark)`, or
+    `None`.
 
     A budget's plan is the most valuable plan within it among `pool` (every
     plan chosen so far, extended here) and `planner.choose`'s own.
