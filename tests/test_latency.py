@@ -19,7 +19,12 @@ import zoo
 from keras_csgd import graph, latency, runtimes
 from keras_csgd.latency import planner
 from keras_csgd.latency.design import grid_widths, width_plan, width_variants
-from keras_csgd.latency.target import MAX_EXTRAPOLATION, corrected_ratio
+from keras_csgd.latency.report import default_scores
+from keras_csgd.latency.target import (
+    MAX_EXTRAPOLATION,
+    _untried,
+    corrected_ratio,
+)
 from keras_csgd.runtimes.tensorflow import xla
 
 
@@ -474,6 +479,26 @@ def test_a_correction_on_a_timed_plan_bisects_instead_of_stopping():
         small = kc.slim(model, plan)
     np.testing.assert_allclose(report.measured_ratio,
                                noisy(small) / noisy(model))
+
+
+def test_a_larger_budget_never_gets_a_less_valuable_plan():
+    """With the table's interactions the knapsack is not monotone in the
+    budget; the search's plans are (every plan chosen so far competes)."""
+    keras.utils.set_random_seed(0)
+    model = kc.models.resnet_cifar(20, input_shape=(16, 16, 3))
+    an = graph.analyze(model)
+    table = latency.profile(model, measure=macs_ms, verbose=0)
+    values = planner.kept_values(default_scores(model, an))
+    budgets = np.linspace(0.2, 0.9, 71) * table.full
+    alone = [planner.choose(table, values, b)[3] for b in budgets]
+    assert any(b < a for a, b in zip(alone, alone[1:]))
+    pool, sizes, kept = [], {g.name: g.size for g in an.groups}, []
+    for b in budgets:
+        found = _untried(table, values, None, b, (0.0, table.full), pool,
+                         [], sizes, first=True)
+        assert found[0] == b and found[1][2] <= b + 1e-9
+        kept.append(found[1][3])
+    assert kept == sorted(kept) and kept[-1] == max(alone)
 
 
 def test_corrected_ratio_solves_an_affine_miss_in_two_steps():
