@@ -48,9 +48,10 @@ def ensemble_importance(
     ResNet-20) the fit is underdetermined, and a nearly unpenalised one
     ranks channels almost at random: on a trained ResNet-20, two runs of
     512 masks (other images and masks) ranked each group's channels with
-    a mean Spearman correlation of 0.05 at `ridge=1e-3`, 0.21 at `0.03` to
-    `0.1`. `ridge="auto"` takes the penalty of `RIDGES` with the least
-    leave-one-out error (`chosen_ridge`).
+    a mean Spearman correlation of 0.05 at `ridge=1e-3`, 0.21 to 0.23 at
+    `0.03` to `0.1` (`benchmarks/ensemble_ridge.py`). `ridge="auto"` takes
+    the penalty of `RIDGES` with the least leave-one-out error
+    (`chosen_ridge`).
 
     How a mask is applied: dropping channel `c` of a group means that no
     consumer reads it, exactly what `kc.slim` does when it removes `c`. So
