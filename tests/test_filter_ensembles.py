@@ -79,6 +79,23 @@ def test_auto_ridge_follows_the_noise_of_the_metric():
         atol=1e-8)
 
 
+def test_masks_drop_every_channel_equally_often():
+    """Binomially many drops per mask, on the channels dropped least so
+    far: every channel is seen, which independent draws do not ensure."""
+    bits = ensembles.balanced_masks(512, 448, 0.99, seed=0)
+    dropped = 1 - bits
+    per_channel = dropped.sum(axis=0)
+    assert per_channel.max() - per_channel.min() <= 1
+    assert per_channel.min() >= 4
+    per_mask = dropped.sum(axis=1)
+    assert per_mask.std() > 1  # the intercept stays identifiable
+    assert per_mask.mean() == pytest.approx(448 * 0.01, rel=0.15)
+    independent = np.random.default_rng(0).random((512, 448)) >= 0.99
+    assert (independent.sum(axis=0) == 0).any()
+    np.testing.assert_array_equal(
+        bits, ensembles.balanced_masks(512, 448, 0.99, seed=0))
+
+
 @pytest.mark.parametrize("name", ["densenet", "plain_cnn", "mbv2", "nested"])
 def test_mask_equals_slim_removal(name):
     """A mask's metric equals the metric of the slim model without them."""

@@ -34,7 +34,8 @@ class FilterEnsembles(keras.callbacks.Callback):
             `"train_end"`.
         samples: number of random masks. Defaults to `512`.
         mask_keep: the kept fraction of each random mask (the probability
-            that a channel is kept). Defaults to `0.9`.
+            that a channel is kept). Defaults to `0.99` (see
+            `kc.methods.ensemble_importance`).
         metric: `"loss"` (the compiled loss) or `"accuracy"`. Defaults to
             `"loss"`.
         ridge: ridge penalty of the fit, or `"auto"` (chosen by
@@ -63,7 +64,7 @@ class FilterEnsembles(keras.callbacks.Callback):
         data,
         when="train_end",
         samples=512,
-        mask_keep=0.9,
+        mask_keep=0.99,
         metric="loss",
         ridge="auto",
         seed=0,
