@@ -128,6 +128,35 @@ def test_an_in_process_runtime_starts_no_worker(model, fake_workers,
     assert FakeWorker.made == [] and fake_workers == []
 
 
+def test_a_pair_compares_blocks_by_the_runtimes_statistic(model,
+                                                          monkeypatch):
+    """TensorFlow compares its calls' median blocks (its calls vary by
+    themselves), the other runtimes their fastest; the TensorFlow cache
+    key says so (tables timed before it compared the fastest)."""
+    first, second = np.array([1.0, 2.0, 2.2]), np.array([1.5, 2.0, 2.4])
+    fastest = timing.block_ratio(first, second, "fastest")
+    assert fastest == timing.fastest_blocks(first, second)
+    assert fastest["ratio"] == pytest.approx(1.5)
+    median = timing.block_ratio(first, second, "median")
+    assert median["first_ms"] == 2.0 and median["ratio"] == 1.0
+    assert runtimes.get("tensorflow").block_statistic == "median"
+    assert {runtimes.get(n).block_statistic for n in
+            ("litert", "litert-int8", "onnxruntime", "openvino")} == {
+                "fastest"}
+    # A pair reduces the same blocks by its runtime's statistic.
+    monkeypatch.setattr(timing, "runner", lambda m, *args, path=None: m)
+    monkeypatch.setattr(timing, "schedule", lambda *args: (1, 3))
+    monkeypatch.setattr(timing, "interleaved",
+                        lambda full, variant, rounds, calls: (first, second))
+    for name, ratio in (("tensorflow", 1.0), ("litert", 1.5)):
+        pair = timing.Pair(model, name, 1, 1, False, 5.0, 10.0, (3, 3))
+        assert pair.against(model)["ratio"] == pytest.approx(ratio)
+    fields = {rt: profiling.key_fields(model, rt, 1, 2, False, (0.5,))
+              for rt in ("litert", "tensorflow")}
+    assert fields["tensorflow"]["block_statistic"] == "median"
+    assert "block_statistic" not in fields["litert"]
+
+
 def test_profile_writes_each_variant_once_for_all_attempts(
     model, fake_workers, tmp_path, monkeypatch
 ):

@@ -50,9 +50,12 @@ def key_fields(model, runtime, batch_size, threads, jit_compile,
         "machine": timing.machine(), "versions": timing.versions(runtime),
         "format_version": tables.FORMAT_VERSION,
     }
-    block = runtimes.get(runtime).channel_block(fields["machine"]["simd"])
+    rt = runtimes.get(runtime)
+    block = rt.channel_block(fields["machine"]["simd"])
     if block != 8:  # the widths measured (8: tables cached before it)
         fields["channel_block"] = block
+    if rt.block_statistic != "fastest":  # (fastest: tables before it)
+        fields["block_statistic"] = rt.block_statistic
     if runtime != "tensorflow":
         fields["threads"] = threads
     else:

@@ -204,7 +204,18 @@ def fastest_blocks(first_blocks, second_blocks) -> dict:
         `{"first_ms", "second_ms", "delta_ms" (second - first),
         "ratio" (second / first)}`.
     """
-    first, second = float(np.min(first_blocks)), float(np.min(second_blocks))
+    return block_ratio(first_blocks, second_blocks, "fastest")
+
+
+def block_ratio(first_blocks, second_blocks, statistic) -> dict:
+    """`fastest_blocks` (`statistic="fastest"`), or the same from each
+    call's median block (`"median"`): for a runtime whose calls vary by
+    themselves (`Runtime.block_statistic`), where the fastest of many
+    blocks is an extreme of that spread rather than the undisturbed
+    time."""
+    reduce = {"fastest": np.min, "median": np.median}[statistic]
+    first = float(reduce(first_blocks))
+    second = float(reduce(second_blocks))
     return {"first_ms": first, "second_ms": second,
             "delta_ms": second - first, "ratio": second / first}
 
@@ -269,12 +280,12 @@ class Pair:
         return self.workers[slot]
 
     def against(self, variant, path=None) -> dict:
-        """A variant timed against the full model: `fastest_blocks` of
-        their interleaved rounds. `variant` is the model (`None` where
-        `path`, its file, is given)."""
-        return fastest_blocks(*interleaved(
+        """A variant timed against the full model: `block_ratio` of their
+        interleaved rounds, by the runtime's `block_statistic`. `variant`
+        is the model (`None` where `path`, its file, is given)."""
+        return block_ratio(*interleaved(
             self.full, self._timed(variant, path, "variant"), self.rounds,
-            self.calls))
+            self.calls), self.runtime.block_statistic)
 
     def close(self) -> None:
         """Ends the workers."""

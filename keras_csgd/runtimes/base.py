@@ -108,6 +108,9 @@ class Runtime:
         avx512_block: the channel block with AVX-512F (`channel_block`).
         timed_from_file: latency timing loads the file `quick_write` (or
             `write`) made; `False`: it compiles the model (`compile`).
+        block_statistic: how a pair of models timed in interleaved
+            blocks compares (`keras_csgd.latency.timing.block_ratio`):
+            `"fastest"` (each model's fastest block) or `"median"`.
     """
 
     name = ""
@@ -119,6 +122,7 @@ class Runtime:
     separate_process = False
     avx512_block = 8
     timed_from_file = True
+    block_statistic = "fastest"
 
     def require(self) -> None:
         """Raises `ImportError` naming the first missing package and the
