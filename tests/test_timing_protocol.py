@@ -185,6 +185,45 @@ def test_profile_writes_each_variant_once_for_all_attempts(
     assert table.full == pytest.approx(macs_ms(model))
 
 
+def test_profile_compiles_each_tensorflow_variant_once_for_all_attempts(
+    model, tmp_path, monkeypatch
+):
+    """TensorFlow has no files: a second attempt (the first fails its
+    checks, faked) times the variants the first compiled."""
+    verdicts = [["faked problem"], [], []]
+    monkeypatch.setattr(profiling.quality, "problems",
+                        lambda *args: verdicts.pop(0))
+    compiled = []
+
+    class Call:
+        def __init__(self, m):
+            self.ms = macs_ms(m)
+
+    def runner(m, *args, path=None):
+        compiled.append(m)
+        return Call(m)
+
+    built, variant = [], design.variant
+
+    def counted(*args):
+        built.append(args)
+        return variant(*args)
+
+    monkeypatch.setattr(timing, "runner", runner)
+    monkeypatch.setattr(design, "variant", counted)
+    monkeypatch.setattr(timing, "block_timer",
+                        lambda call: lambda calls, warmup: call.ms)
+    table = latency.profile(model, "tensorflow", rounds=2,
+                            cache_dir=tmp_path, verbose=0)
+    assert table.fields["checks"]["attempts"] == 2
+    an = graph.analyze(model)
+    work = profiling._Design(model, an, design.prunable_groups(model, an),
+                             design.GRID, 8).work
+    assert len(built) == len(work) > 2  # each variant built once
+    assert len(compiled) == 2 + len(work)  # and the full model per attempt
+    assert table.full == pytest.approx(macs_ms(model))
+
+
 def test_onnxruntime_sessions_stop_spinning_after_a_call():
     options = onnx_runtime.session_options(2)
     assert options.intra_op_num_threads == 2

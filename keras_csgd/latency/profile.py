@@ -162,27 +162,27 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
 
     Identical prunable groups form classes (always at one width). Slim
     variants that narrow many classes at once, each to a width of the grid
-    (`design.grid_widths`) or none (`design.width_variants`: one variant
-    per grid width narrowing every class, then a balanced random design;
-    about 1.33 times as many variants as (class, width) pairs; from 32
-    channels on, widths are multiples of the runtime's channel block,
-    `Runtime.channel_block`), are built
-    (`kc.slim`), written once for the runtime (`Runtime.quick_write`: the
-    graph `kc.export` writes, converted the quickest way, all before any
-    timing and on every core, see `keras_csgd.latency.writers`;
-    TensorFlow compiles the model instead) and timed interleaved with the
-    full model (`timing.Pair`: rounds of blocks of about 5 ms, as many as
-    fit 1 s; each model's latency is its fastest block median, see
-    `timing.fastest_blocks`; ONNX Runtime and OpenVINO time each model in
-    a process of its own). A variant's change is its latency over the full
-    model's timed with it, times the full model's median latency, so that
-    a slow phase of the machine, which slows both, cancels. Each class's
-    change at each width is the least-squares fit to all variants of the
-    table's own prediction (changes scaled by their interactions,
+    (`design.grid_widths`) or none (`design.width_variants`: one variant per
+    grid width narrowing every class, then a balanced random design; about
+    1.33 times as many variants as (class, width) pairs; from 32 channels
+    on, widths are multiples of the runtime's channel block,
+    `Runtime.channel_block`), are built (`kc.slim`), written once for the
+    runtime (`Runtime.quick_write`: the graph `kc.export` writes, converted
+    the quickest way, all before any timing and on every core, see
+    `keras_csgd.latency.writers`; TensorFlow compiles each variant once
+    instead) and timed interleaved with the full model (`timing.Pair`:
+    rounds of blocks of about 5 ms, as many as fit 1 s; each model's latency
+    is its fastest block median, see `timing.fastest_blocks`, or for
+    TensorFlow its median block; ONNX Runtime and OpenVINO time each model
+    in a process of its own). A variant's change is its latency over the
+    full model's timed with it, times the full model's median latency, so
+    that a slow phase of the machine, which slows both, cancels. Each
+    class's change at each width is the least-squares fit to all variants of
+    the table's own prediction (changes scaled by their interactions,
     `LatencyTable.factors`), shared equally among its groups;
     `table.fields["fit_rms_ms"]` is the fit's residual. Every class of
-    identical removable blocks is removed in one variant of its own. A
-    Keras progress bar shows the variants.
+    identical removable blocks is removed in one variant of its own. A Keras
+    progress bar shows the variants.
 
     Before it is cached the table checks itself (`quality.problems`: fit
     residual, predictions for 4 held-out variants, no narrower width that

@@ -43,7 +43,8 @@ class Timer:
         the full model's."""
         if self.measure is not None:
             return float(self.measure(build())) / self.full - 1.0, self.full
-        stats = self.pair.against(*self.files.get(name, build))
+        stats = self.pair.compare(self.files.timed(
+            name, lambda: self.pair.timed(*self.files.get(name, build))))
         return stats["ratio"] - 1.0, stats["first_ms"]
 
     def close(self) -> None:

@@ -259,14 +259,14 @@ class Pair:
             self.workers = {slot: Worker(*self.args[:3])
                             for slot in ("full", "variant")}
         try:
-            self.full = self._timed(model, path, "full")
+            self.full = self.timed(model, path, "full")
             self.calls, self.rounds = schedule(self.full, block_ms,
                                                budget_ms, rounds)
         except BaseException:
             self.close()
             raise
 
-    def _timed(self, model, path, slot):
+    def timed(self, model, path=None, slot="variant"):
         """A model ready to time: a call, or the worker of `slot` with the
         file at `path` loaded."""
         if not self.runtime.separate_process:
@@ -283,9 +283,13 @@ class Pair:
         """A variant timed against the full model: `block_ratio` of their
         interleaved rounds, by the runtime's `block_statistic`. `variant`
         is the model (`None` where `path`, its file, is given)."""
-        return block_ratio(*interleaved(
-            self.full, self._timed(variant, path, "variant"), self.rounds,
-            self.calls), self.runtime.block_statistic)
+        return self.compare(self.timed(variant, path))
+
+    def compare(self, timed) -> dict:
+        """`against` for a variant already made ready by `timed`."""
+        return block_ratio(*interleaved(self.full, timed, self.rounds,
+                                        self.calls),
+                           self.runtime.block_statistic)
 
     def close(self) -> None:
         """Ends the workers."""
