@@ -284,7 +284,13 @@ class PhasedPair:
     def __init__(self, model, *args, path=None):
         self.full, self.made = macs_ms(model), 0
 
+    def timed(self, variant, path=None, slot="variant"):
+        return variant
+
     def against(self, variant, path=None):
+        return self.compare(self.timed(variant, path))
+
+    def compare(self, variant):
         self.made += 1
         phase = 1.45 if self.made % 3 == 0 else 1.0
         first, second = self.full * phase, macs_ms(variant) * phase
@@ -323,7 +329,7 @@ class StretchPair(PhasedPair):
     2.1x (ONNX Runtime's MobileNetV2 at 128x128 and its slim variants on a
     quiet VM, `benchmarks/results/timing_noise_*.json`)."""
 
-    def against(self, variant, path=None):
+    def compare(self, variant):
         self.made += 1
         slow = 3 <= self.made <= 6
         first = self.full * (1.6 if slow else 1.0)
