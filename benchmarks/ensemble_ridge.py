@@ -6,7 +6,7 @@ mask keep probability.
         [--mask-keep 0.9 0.97 0.99]
 
 The base model of `benchmarks/latency_methods.py` (a trained CIFAR ResNet-20,
-688 prunable channels), scored by `kc.methods.ensemble_importance` as
+448 prunable channels), scored by `kc.methods.ensemble_importance` as
 `keras-csgd prune --method ensembles` does (512 masks, loss, on `--images`
 training images), `--runs` times with other images and masks (seeds 0,
 1, ...), for each `--mask-keep` (the probability that a mask keeps a

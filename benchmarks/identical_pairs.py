@@ -68,10 +68,11 @@ def one_setup(model_name, runtime, batch_size, copies, repeats) -> dict:
         for _ in range(copies):
             copy = call()
             for _ in range(repeats):
-                a, b = timing.interleaved(full, copy, rounds, calls)
-                fastest.append(float(b.min() / a.min()))
-                medians.append(float(np.median(b) / np.median(a)))
-                full_ms.append(float(a.min()))
+                blocks = timing.interleaved(full, copy, rounds, calls)
+                first = timing.block_ratio(*blocks, "fastest")
+                fastest.append(first["ratio"])
+                medians.append(timing.block_ratio(*blocks, "median")["ratio"])
+                full_ms.append(first["first_ms"])
 
     def spread(ratios):
         r = np.array(ratios)
