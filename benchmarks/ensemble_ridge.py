@@ -25,6 +25,7 @@ Writes `benchmarks/results/ensemble_ridge.json` with the machine.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 
@@ -38,6 +39,9 @@ from scipy.stats import spearmanr  # noqa: E402
 import keras_csgd as kc  # noqa: E402
 from keras_csgd.methods import ensembles  # noqa: E402
 from keras_csgd.recover import compile_classifier  # noqa: E402
+
+ENSEMBLE_MASK_KEEP = inspect.signature(
+    ensembles.ensemble_importance).parameters["mask_keep"].default
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT = os.path.join(HERE, "results", "ensemble_ridge.json")
@@ -78,7 +82,9 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--mask-keep", type=float, nargs="+",
-                        default=[0.9])
+                        default=[ENSEMBLE_MASK_KEEP],
+                        help="mask keep probabilities (default: the "
+                        "library's)")
     args = parser.parse_args(argv)
     (xt, yt), val = split(args.data_dir)
     model, _ = base_model((xt, yt), val)
