@@ -5,8 +5,9 @@
 For a CIFAR ResNet-56 and keras.applications MobileNetV2 (128x128, random
 weights: latency does not depend on them), on every runtime: LiteRT float32
 and full-integer int8, ONNX Runtime and OpenVINO at batch 1, TensorFlow at
-batch 64 (BN folded; XLA only where there is a GPU, `jit_compile="auto"`:
-XLA's CPU kernels are slower, see `kc.runtimes.tensorflow.xla`), with
+batch 1 and 64 (BN folded; XLA only where there is a GPU,
+`jit_compile="auto"`: XLA's CPU kernels are slower, see
+`kc.runtimes.tensorflow.xla`), with
 `--threads` threads: the latency table is profiled with a cold cache
 (`kc.latency.profile`, its time and self-checks recorded), then for each
 target 0.7, 0.5 and 0.35 of the full latency `kc.plan_for_latency` plans
@@ -51,6 +52,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = (0.7, 0.5, 0.35)
 SETUPS = {"litert_b1": ("litert", 1), "litert-int8_b1": ("litert-int8", 1),
           "onnxruntime_b1": ("onnxruntime", 1), "openvino_b1": ("openvino", 1),
+          "tensorflow_b1": ("tensorflow", 1),
           "tensorflow_b64": ("tensorflow", 64)}
 
 
