@@ -7,7 +7,9 @@ quantizations, `"onnxruntime"`, `"openvino"` or `"tensorflow"` (a compiled
 `tf.function` of the model with its BatchNormalization folded). Two calls
 are timed *interleaved*: rounds alternate between them, each round times a
 block of calls per model (its median), and each model's latency is its
-fastest block median, the one other processes disturbed least. `Pair`
+fastest block median, the one other processes disturbed least (on
+TensorFlow, whose calls vary by themselves, its median block:
+`Runtime.block_statistic`). `Pair`
 times variants against a full model this way, by the runtime's protocol:
 in this process, or each model in a process of its own (`worker.Worker`)
 for the runtimes with `Runtime.separate_process`.

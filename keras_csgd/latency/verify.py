@@ -49,8 +49,9 @@ class Verifier:
             self.folder, f"{name}{runtime.suffix}"), runtime.format).path
 
     def __call__(self, variant, name) -> tuple[float, float, float]:
-        """`(full_ms, slim_ms, ratio)`, fastest block medians (see
-        `timing.fastest_blocks`)."""
+        """`(full_ms, slim_ms, ratio)`: block medians reduced by the
+        runtime's statistic (the fastest, or TensorFlow's median; see
+        `timing.block_ratio`)."""
         if self.measure is not None:
             full, ms = float(self.measure(self.model)), float(
                 self.measure(variant))
@@ -102,7 +103,8 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
 
     Returns:
         `(full_ms, variant_ms, ratio)`: each model's fastest block median
-        over the rounds (see `timing.fastest_blocks`), and their ratio.
+        over the rounds (TensorFlow: its median block; see
+        `timing.block_ratio`), and their ratio.
 
     Example:
 
