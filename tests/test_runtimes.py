@@ -323,6 +323,44 @@ def test_slow_phases_of_the_machine_cancel(model, monkeypatch, tmp_path):
     assert_exact(table, model)
 
 
+class FoldCheckingPair(PhasedPair):
+    """`PhasedPair` that records the normalization layers of every model
+    it is given."""
+
+    normalizations = []
+
+    def __init__(self, model, *args, path=None):
+        super().__init__(model, *args, path=path)
+        self.timed(model)
+
+    def timed(self, variant, path=None, slot="variant"):
+        FoldCheckingPair.normalizations.append(sum(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in variant.layers))
+        return variant
+
+
+def test_tensorflow_profiles_variants_of_the_folded_model(model, monkeypatch,
+                                                         tmp_path):
+    """TensorFlow serves the BN-folded model (`Runtime.served`): its
+    variants are slimmed from it, with the same group names, and compile
+    without a second fold; the table is the unfolded model's."""
+    tf_runtime = runtimes.get("tensorflow")
+    folded = tf_runtime.served(model)
+    assert tf_runtime.served(folded) is folded
+    assert [g.name for g in kc.channel_groups(folded)] == [
+        g.name for g in kc.channel_groups(model)]
+    x = np.random.default_rng(2).uniform(size=(3, 8, 8, 3)).astype("f4")
+    assert relative_error(folded(x), model(x, training=False)) < 1e-5
+    monkeypatch.setattr(timing, "Pair", FoldCheckingPair)
+    FoldCheckingPair.normalizations = []
+    table = latency.profile(model, "tensorflow", cache_dir=tmp_path,
+                            verbose=0)
+    assert len(FoldCheckingPair.normalizations) > 3
+    assert not any(FoldCheckingPair.normalizations)
+    assert_exact(table, model)
+
+
 class StretchPair(PhasedPair):
     """Stands in for `timing.Pair`: MACs as latency, the 3rd to 6th
     timings in a slow phase that slows the full model 1.6x and the variants

@@ -164,25 +164,25 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     variants that narrow many classes at once, each to a width of the grid
     (`design.grid_widths`) or none (`design.width_variants`: one variant per
     grid width narrowing every class, then a balanced random design; about
-    1.33 times as many variants as (class, width) pairs; from 32 channels
-    on, widths are multiples of the runtime's channel block,
-    `Runtime.channel_block`), are built (`kc.slim`), written once for the
-    runtime (`Runtime.quick_write`: the graph `kc.export` writes, converted
-    the quickest way, all before any timing and on every core, see
+    1.33 times as many variants as (class, width) pairs; from 32 channels on,
+    widths are multiples of the runtime's channel block,
+    `Runtime.channel_block`), are built (`kc.slim` of the model as the runtime
+    serves it, `Runtime.served`: for TensorFlow the BN-folded model), written
+    once for the runtime (`Runtime.quick_write`: the graph `kc.export` writes,
+    converted the quickest way, all before any timing and on every core, see
     `keras_csgd.latency.writers`; TensorFlow compiles each variant once
-    instead) and timed interleaved with the full model (`timing.Pair`:
-    rounds of blocks of about 5 ms, as many as fit 1 s; each model's latency
-    is its fastest block median, see `timing.fastest_blocks`, or for
-    TensorFlow its median block; ONNX Runtime and OpenVINO time each model
-    in a process of its own). A variant's change is its latency over the
-    full model's timed with it, times the full model's median latency, so
-    that a slow phase of the machine, which slows both, cancels. Each
-    class's change at each width is the least-squares fit to all variants of
-    the table's own prediction (changes scaled by their interactions,
-    `LatencyTable.factors`), shared equally among its groups;
-    `table.fields["fit_rms_ms"]` is the fit's residual. Every class of
-    identical removable blocks is removed in one variant of its own. A Keras
-    progress bar shows the variants.
+    instead) and timed interleaved with the full model (`timing.Pair`: rounds
+    of blocks of about 5 ms, as many as fit 1 s; each model's latency is its
+    fastest block median, see `timing.fastest_blocks`, or for TensorFlow its
+    median block; ONNX Runtime and OpenVINO time each model in a process of
+    its own). A variant's change is its latency over the full model's timed
+    with it, times the full model's median latency, so that a slow phase of
+    the machine, which slows both, cancels. Each class's change at each width
+    is the least-squares fit to all variants of the table's own prediction
+    (changes scaled by their interactions, `LatencyTable.factors`), shared
+    equally among its groups; `table.fields["fit_rms_ms"]` is the fit's
+    residual. Every class of identical removable blocks is removed in one
+    variant of its own. A Keras progress bar shows the variants.
 
     Before it is cached the table checks itself (`quality.problems`: fit
     residual, predictions for 4 held-out variants, no narrower width that
@@ -270,7 +270,8 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
         )
     for f in grid:
         checks.fraction("grid", f, high_closed=False)
-    runtimes.get(runtime).require()
+    rt = runtimes.get(runtime)
+    rt.require()
     an = graph.analyze(model)
     prunable = design.prunable_groups(model, an)
     folder = tables.cache_dir(cache_dir)
@@ -303,12 +304,16 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     start = time.perf_counter()
     plan = _Design(model, an, prunable, grid,
                    fields.get("channel_block", 8))
+    # Variants are built from the model as the runtime serves it (the
+    # same group and block names): TensorFlow's BN-folded model.
+    served = model if measure is not None else rt.served(model)
+    served_an = an if served is model else graph.analyze(served)
     files = writers.Files(runtime, measure)
     try:
-        files.prepare(model, an, plan.work, verbose)
+        files.prepare(served, served_an, plan.work, verbose)
         changes, fulls, slower = [], [], []
         for _ in range(attempts):
-            change, full = sweep.measure(model, an, plan.work, (
+            change, full = sweep.measure(served, served_an, plan.work, (
                 runtime, batch_size, threads, jit_compile, rounds, measure,
                 files), verbose)
             measured += 1

@@ -179,6 +179,12 @@ class Runtime:
         the graph `write` writes): here, `write`."""
         self.write(model, path)
 
+    def served(self, model):
+        """`model` as this runtime runs it, with the same layer and group
+        names: profiling builds its slim variants from it, which time as
+        the slim models of `model` do. Here, `model` itself."""
+        return model
+
     def compile(self, model, threads=None, jit_compile="auto") -> Program:
         """`model` as a `Program`, the quickest way (for profiling): here,
         written by `quick_write` to a temporary file and loaded."""

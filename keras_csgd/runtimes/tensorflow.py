@@ -9,6 +9,7 @@ import warnings
 
 import tensorflow as tf
 
+from keras_csgd import layers
 from keras_csgd.fold import fold_batchnorm
 from keras_csgd.runtimes.base import Program, Runtime, input_spec
 
@@ -95,7 +96,18 @@ class TensorFlow(Runtime):
 
         return _program(function, spec.shape[1:], jit_compile)
 
+    def served(self, model):
+        """`model` with BatchNormalization folded (`kc.fold_batchnorm`), or
+        `model` itself where it has no normalization layer to fold (a
+        folded model: the clone costs about as much as the slim surgery).
+        Slimming a folded ResNet-56 takes a third of the time of slimming
+        and folding the model, most of a profile variant's build."""
+        if not any(layers.attribute(layer, "normalizes")
+                   for layer in model.layers):
+            return model
+        return fold_batchnorm(model)
+
     def compile(self, model, threads=None, jit_compile="auto"):
-        folded = fold_batchnorm(model)
+        folded = self.served(model)
         return _program(functools.partial(folded, training=False),
                         input_spec(model).shape[1:], jit_compile)
