@@ -9,7 +9,10 @@ in its own process. This script rebuilds that plan from
 `results/latency_target_tensorflow_b1_intel.json` and times it against
 the full model with `kc.latency.time_against_full` (TensorFlow's median
 blocks, 2 intra-op threads) `--repeats` times in each state of one
-process: fresh; after building, compiling and calling `--variants`
+process: fresh (also with one untimed call before every block, where
+the library has none for blocks of one call, and with both models'
+SavedModels loaded in this process instead of compiled Keras calls);
+after building, compiling and calling `--variants`
 profile variants (`kc.latency.profile`'s design, slimmed from the
 BN-folded model) that stay alive; after dropping them; after
 `gc.collect()`. Then each model's SavedModel alone in processes of its
@@ -25,6 +28,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -40,8 +44,9 @@ from timing_protocol import MODELS, retime  # noqa: E402
 
 import keras_csgd as kc  # noqa: E402
 from keras_csgd import graph, latency, runtimes  # noqa: E402
-from keras_csgd.latency import design  # noqa: E402
+from keras_csgd.latency import design, timing  # noqa: E402
 from keras_csgd.latency.profile import _Design  # noqa: E402
+from keras_csgd.latency.verify import VERIFY_TIMING  # noqa: E402
 
 PLANS = os.path.join(HERE, "results", "latency_target_tensorflow_b1_intel.json")
 
@@ -76,7 +81,39 @@ def main(argv=None):
         result["states"][state] = ratios
         print(state, " ".join(f"{r:.4f}" for r in ratios), flush=True)
 
+    def timed_warm(state):
+        interleaved = timing.interleaved
+
+        def warm(first, second, rounds, calls):
+            timers = (timing.block_timer(first), timing.block_timer(second))
+            blocks = ([], [])
+            for r in range(rounds):
+                for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    blocks[k].append(timers[k](calls, 1))
+            return np.array(blocks[0]), np.array(blocks[1])
+
+        timing.interleaved = warm
+        try:
+            timed(state)
+        finally:
+            timing.interleaved = interleaved
+
+    def timed_files(state):
+        with tempfile.TemporaryDirectory() as folder:
+            paths = [kc.export(m, os.path.join(folder, name),
+                               "saved_model").path
+                     for name, m in (("full", model), ("slim", slim))]
+            ratios = []
+            for _ in range(args.repeats):
+                with timing.Pair(model, "tensorflow", 1, 2, False,
+                                 **VERIFY_TIMING, path=paths[0]) as pair:
+                    ratios.append(pair.against(None, paths[1])["ratio"])
+        result["states"][state] = ratios
+        print(state, " ".join(f"{r:.4f}" for r in ratios), flush=True)
+
     timed("fresh")
+    timed_warm("fresh, one untimed call before every block")
+    timed_files("fresh, both SavedModels loaded in this process")
     rt = runtimes.get("tensorflow")
     served = rt.served(model)
     served_an = graph.analyze(served)
