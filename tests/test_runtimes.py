@@ -359,6 +359,12 @@ def test_tensorflow_profiles_variants_of_the_folded_model(model, monkeypatch,
     assert len(FoldCheckingPair.normalizations) > 3
     assert not any(FoldCheckingPair.normalizations)
     assert_exact(table, model)
+    # A served model whose groups differ is not used: the model itself is.
+    monkeypatch.setattr(type(tf_runtime), "served",
+                        lambda self, m: tiny(4))
+    table = latency.profile(model, "tensorflow", cache_dir=tmp_path / "b",
+                            verbose=0)
+    assert_exact(table, model)
 
 
 class StretchPair(PhasedPair):

@@ -153,6 +153,27 @@ class _Design:
                                             deltas[start:])]
 
 
+def _served(model, an, rt, measure) -> tuple:
+    """`(model, analysis)` that variants are built from: the model as
+    `rt` serves it (TensorFlow's BN-folded model), where its groups and
+    removable blocks are the model's (same names and sizes), else the
+    model itself."""
+    if measure is not None:
+        return model, an
+    served = rt.served(model)
+    if served is model:
+        return model, an
+    served_an = graph.analyze(served)
+
+    def shape(m, a):
+        return ({g.name: g.size for g in a.groups if g.prunable},
+                sorted(design.removable_blocks(m, a)))
+
+    if shape(served, served_an) != shape(model, an):
+        return model, an
+    return served, served_an
+
+
 def profile(model, runtime: str = "litert", batch_size: int = 1, *,
             threads: int | None = None, grid=GRID, rounds: int | None = None,
             jit_compile="auto", cache_dir=None, measure=None,
@@ -304,10 +325,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     start = time.perf_counter()
     plan = _Design(model, an, prunable, grid,
                    fields.get("channel_block", 8))
-    # Variants are built from the model as the runtime serves it (the
-    # same group and block names): TensorFlow's BN-folded model.
-    served = model if measure is not None else rt.served(model)
-    served_an = an if served is model else graph.analyze(served)
+    served, served_an = _served(model, an, rt, measure)
     files = writers.Files(runtime, measure)
     try:
         files.prepare(served, served_an, plan.work, verbose)
