@@ -71,6 +71,25 @@ def _folded_weights(producer, bn) -> dict[str, np.ndarray]:
     return {key: folded, "bias": bias}
 
 
+def _functional(model):
+    """`model` as a functional model (a built Sequential's graph)."""
+    graph.check_functional(model)
+    if isinstance(model, keras.Sequential):
+        if not model.built:
+            raise ValueError(
+                "`model` must be built (give it an `Input`). "
+                f"Received: model={model!r}"
+            )
+        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    return model
+
+
+def folds_any(model) -> bool:
+    """Whether `fold_batchnorm(model)` would fold any BatchNormalization
+    (without copying the model)."""
+    return bool(_foldable_pairs(_functional(model)))
+
+
 def fold_batchnorm(model):
     """Returns a copy of `model` with its BatchNormalization folded away.
 
@@ -105,14 +124,7 @@ def fold_batchnorm(model):
     fast.predict(x)  # same outputs as the slim model, fewer ops
     ```
     """
-    graph.check_functional(model)
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise ValueError(
-                "`model` must be built (give it an `Input`). "
-                f"Received: model={model!r}"
-            )
-        model = keras.Model(model.inputs, model.outputs, name=model.name)
+    model = _functional(model)
     pairs = _foldable_pairs(model)
     skipped = set(pairs.values())
 

@@ -348,6 +348,15 @@ def test_tensorflow_profiles_variants_of_the_folded_model(model, monkeypatch,
     tf_runtime = runtimes.get("tensorflow")
     folded = tf_runtime.served(model)
     assert tf_runtime.served(folded) is folded
+    # A BN after an Add does not fold: served once, then left as it is.
+    x = keras.Input((8, 8, 3))
+    h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+    h = keras.layers.Add()([h, keras.layers.Conv2D(4, 3)(x)])
+    h = keras.layers.BatchNormalization()(h)
+    preact = tf_runtime.served(keras.Model(x, h))
+    assert sum(isinstance(layer, keras.layers.BatchNormalization)
+               for layer in preact.layers) == 1
+    assert tf_runtime.served(preact) is preact
     assert [g.name for g in kc.channel_groups(folded)] == [
         g.name for g in kc.channel_groups(model)]
     x = np.random.default_rng(2).uniform(size=(3, 8, 8, 3)).astype("f4")
