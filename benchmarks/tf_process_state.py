@@ -74,29 +74,28 @@ def main(argv=None):
               "library_ratio_after_profile": row["measured_ratio"],
               "states": {}}
 
-    def timed(state):
-        ratios = [latency.time_against_full(model, slim, "tensorflow", 1,
-                                            threads=2)[2]
-                  for _ in range(args.repeats)]
+    def record(state, ratios):
         result["states"][state] = ratios
         print(state, " ".join(f"{r:.4f}" for r in ratios), flush=True)
 
+    def timed(state):
+        record(state, [latency.time_against_full(
+            model, slim, "tensorflow", 1, threads=2)[2]
+            for _ in range(args.repeats)])
+
     def timed_warm(state):
-        interleaved = timing.interleaved
+        """`timed` with at least one untimed call before every block."""
+        block_timer = timing.block_timer
 
-        def warm(first, second, rounds, calls):
-            timers = (timing.block_timer(first), timing.block_timer(second))
-            blocks = ([], [])
-            for r in range(rounds):
-                for k in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    blocks[k].append(timers[k](calls, 1))
-            return np.array(blocks[0]), np.array(blocks[1])
+        def warm(call):
+            block = block_timer(call)
+            return lambda calls, warmup: block(calls, max(warmup, 1))
 
-        timing.interleaved = warm
+        timing.block_timer = warm
         try:
             timed(state)
         finally:
-            timing.interleaved = interleaved
+            timing.block_timer = block_timer
 
     def timed_files(state):
         with tempfile.TemporaryDirectory() as folder:
@@ -108,8 +107,7 @@ def main(argv=None):
                 with timing.Pair(model, "tensorflow", 1, 2, False,
                                  **VERIFY_TIMING, path=paths[0]) as pair:
                     ratios.append(pair.against(None, paths[1])["ratio"])
-        result["states"][state] = ratios
-        print(state, " ".join(f"{r:.4f}" for r in ratios), flush=True)
+        record(state, ratios)
 
     timed("fresh")
     timed_warm("fresh, one untimed call before every block")

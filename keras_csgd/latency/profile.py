@@ -153,11 +153,11 @@ class _Design:
                                             deltas[start:])]
 
 
-def _served(model, an, rt, measure) -> tuple:
+def _served(model, an, rt, inner, measure) -> tuple:
     """`(model, analysis)` that variants are built from: the model as
-    `rt` serves it (TensorFlow's BN-folded model), where its groups and
-    removable blocks are the model's (same names and sizes), else the
-    model itself."""
+    `rt` serves it (TensorFlow's BN-folded model), where its prunable
+    groups (names and sizes) and removable blocks (`inner`, the model's)
+    are the model's, else the model itself."""
     if measure is not None:
         return model, an
     served = rt.served(model)
@@ -165,11 +165,11 @@ def _served(model, an, rt, measure) -> tuple:
         return model, an
     served_an = graph.analyze(served)
 
-    def shape(m, a):
-        return ({g.name: g.size for g in a.groups if g.prunable},
-                sorted(design.removable_blocks(m, a)))
+    def sizes(a):
+        return {g.name: g.size for g in a.groups if g.prunable}
 
-    if shape(served, served_an) != shape(model, an):
+    if (sizes(served_an) != sizes(an) or sorted(
+            design.removable_blocks(served, served_an)) != sorted(inner)):
         return model, an
     return served, served_an
 
@@ -325,7 +325,7 @@ def profile(model, runtime: str = "litert", batch_size: int = 1, *,
     start = time.perf_counter()
     plan = _Design(model, an, prunable, grid,
                    fields.get("channel_block", 8))
-    served, served_an = _served(model, an, rt, measure)
+    served, served_an = _served(model, an, rt, plan.inner, measure)
     files = writers.Files(runtime, measure)
     try:
         files.prepare(served, served_an, plan.work, verbose)
