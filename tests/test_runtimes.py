@@ -219,6 +219,29 @@ def test_a_profile_that_stays_noisy_says_so(model, fake_timer, tmp_path):
     assert fake_timer.made == 1
 
 
+def test_a_tables_checks_allow_the_runtimes_own_noise(model, fake_timer,
+                                                     tmp_path, monkeypatch):
+    """TensorFlow's calls vary twice as much as LiteRT's by themselves:
+    its tables' checks allow 6% of the full latency, the others' 3%, and
+    `max_error` overrides both."""
+    allowed, problems = [], quality.problems
+
+    def recording(table, held_out=(), max_error=quality.MAX_ERROR, *args,
+                  **kwargs):
+        allowed.append(max_error)
+        return problems(table, held_out, max_error, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "problems", recording)
+    for runtime, max_error, expected in (("tensorflow", None, 0.06),
+                                         ("litert", None, 0.03),
+                                         ("tensorflow", 0.01, 0.01)):
+        allowed.clear()
+        latency.profile(model, runtime, cache_dir=tmp_path, verbose=0,
+                        max_error=max_error)
+        assert set(allowed) == {expected}
+        tmp_path = tmp_path / "other"
+
+
 def test_a_noisy_cached_profile_is_replaced_once_quiet(model, fake_timer,
                                                        tmp_path):
     fake_timer.NOISE = [0.25]

@@ -18,7 +18,7 @@ from test_latency import macs_ms, tiny
 
 import keras_csgd as kc
 from keras_csgd import graph, latency, runtimes
-from keras_csgd.latency import design, timing, worker, writers
+from keras_csgd.latency import design, sweep, timing, worker, writers
 from keras_csgd.runtimes import onnx as onnx_runtime
 from keras_csgd.runtimes import openvino as openvino_runtime
 
@@ -155,6 +155,45 @@ def test_a_pair_compares_blocks_by_the_runtimes_statistic(model,
               for rt in ("litert", "tensorflow")}
     assert fields["tensorflow"]["block_statistic"] == "median"
     assert "block_statistic" not in fields["litert"]
+
+
+def test_tensorflow_verifies_in_blocks_of_at_least_50_ms(model,
+                                                       monkeypatch):
+    """TensorFlow's first call after another model's runs slower than the
+    next ones, so verification times it in blocks of at least
+    `verify_block_ms` (50 ms) after an untimed call; the other runtimes in
+    blocks of about 10 ms. Profiles keep their short blocks."""
+    blocks = []
+
+    def block_timer(call):
+        def block(calls, warmup):
+            blocks.append((calls, warmup))
+            return 2.0  # ms per call
+        return block
+
+    monkeypatch.setattr(timing, "runner", lambda m, *args, path=None: m.name)
+    monkeypatch.setattr(timing, "block_timer", block_timer)
+    variant = tiny(4, name="narrow")
+    for name, calls in (("tensorflow", 25), ("litert", 5)):
+        blocks.clear()
+        full_ms, slim_ms, ratio = latency.time_against_full(
+            model, variant, name, threads=1)
+        assert (full_ms, slim_ms, ratio) == (2.0, 2.0, 1.0)
+        # Sizing, one call each, then rounds of a block of each model: as
+        # many as fit 6 s, at most 101.
+        rounds = min(101, round(6000.0 / (2 * calls * 2.0)))
+        assert blocks == [(3, 2), (1, 0), (1, 0)] + [
+            (calls, 1)] * (2 * rounds)
+    assert runtimes.get("tensorflow").verify_block_ms == 50.0
+    assert {runtimes.get(n).verify_block_ms for n in
+            ("litert", "litert-int8", "onnxruntime", "openvino")} == {0.0}
+    # A profile's pair: blocks of about 5 ms on every runtime.
+    blocks.clear()
+    monkeypatch.setattr(timing, "interleaved", lambda *args: (
+        np.ones(3), np.ones(3)))
+    timer = sweep.Timer(model, "tensorflow", 1, 1, False, None, None,
+                        writers.Files("tensorflow", None))
+    assert timer.pair.calls == round(5.0 / 2.0)
 
 
 def test_profile_writes_each_variant_once_for_all_attempts(

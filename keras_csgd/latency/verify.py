@@ -11,8 +11,16 @@ from keras_csgd.latency import timing
 from keras_csgd.runtimes import get
 from keras_csgd.runtimes.exporter import export
 
-# Blocks of about 10 ms in as many rounds (9 to 101) as fit in 6 s.
+# Blocks of about 10 ms (at least the runtime's `verify_block_ms`) in as
+# many rounds (9 to 101) as fit in 6 s.
 VERIFY_TIMING = {"block_ms": 10.0, "budget_ms": 6000.0, "rounds": (9, 101)}
+
+
+def verify_timing(runtime) -> dict:
+    """`VERIFY_TIMING` with blocks of at least `runtime`'s
+    `verify_block_ms`."""
+    block_ms = max(VERIFY_TIMING["block_ms"], get(runtime).verify_block_ms)
+    return {**VERIFY_TIMING, "block_ms": block_ms}
 
 
 class Verifier:
@@ -58,7 +66,7 @@ class Verifier:
             return full, ms, ms / full
         if self.pair is None:
             self.pair = timing.Pair(self.model, *self.args,
-                                    **VERIFY_TIMING,
+                                    **verify_timing(self.args[0]),
                                     path=self._path(self.model, "full"))
         path, best = self._path(variant, name), None
         for _ in range(1 + timing.RETIMES):
@@ -87,9 +95,10 @@ def time_against_full(model, variant, runtime="litert", batch_size=1, *,
     Keras) and its file loaded: in this process, or each in a process of
     its own for ONNX Runtime and OpenVINO (`Runtime.separate_process`, see
     `timing.Pair`); TensorFlow runs a compiled call of each model with
-    BatchNormalization folded. Blocks of about 10 ms, in as many
-    rounds (9 to 101) as fit 6 s (`VERIFY_TIMING`), alternating which
-    model goes first; each model's latency is its fastest block median.
+    BatchNormalization folded. Blocks of about 10 ms (TensorFlow: at
+    least 50 ms, `Runtime.verify_block_ms`), in as many rounds (9 to 101)
+    as fit 6 s (`VERIFY_TIMING`), alternating which model goes first;
+    each model's latency is its fastest block median.
 
     Args:
         model: the full model.

@@ -111,6 +111,13 @@ class Runtime:
         block_statistic: how a pair of models timed in interleaved
             blocks compares (`keras_csgd.latency.timing.block_ratio`):
             `"fastest"` (each model's fastest block) or `"median"`.
+        profile_error: the share of the full latency a latency table's
+            checks allow on this runtime (`kc.latency.profile`'s
+            `max_error`), or `None`: 3% (`quality.MAX_ERROR`).
+        verify_block_ms: the shortest block of calls verification times
+            (`kc.latency.time_against_full`, `kc.plan_for_latency`),
+            longer than its 10 ms where the runtime's first call after
+            another model's runs slower than the next ones.
     """
 
     name = ""
@@ -123,6 +130,8 @@ class Runtime:
     avx512_block = 8
     timed_from_file = True
     block_statistic = "fastest"
+    profile_error: float | None = None
+    verify_block_ms = 0.0
 
     def require(self) -> None:
         """Raises `ImportError` naming the first missing package and the
