@@ -239,7 +239,7 @@ def test_scale_mode_slim_is_exact_behind_padded_3x3_convs():
     assert gaps["kernel"] > 1e-4
 
 
-def test_scale_mode_ranks_by_the_bn_folded_norm():
+def test_scale_mode_ranks_by_the_bn_folded_norm_or_the_kernel():
     model = one_by_one_model(7)
     (group,) = [g for g in prunable(model) if g.name == "c3"]
     bn = model.get_layer("bn3")
@@ -263,6 +263,25 @@ def test_scale_mode_ranks_by_the_bn_folded_norm():
     kernel_mode.on_train_begin()
     kernel_mode.on_epoch_begin(0)
     assert kernel_mode._zeroed[group.name][1].tolist() != [0]
+    # Ranked by the kernel alone, the BN's gamma and beta still zeroed:
+    # the smallest kernel's channel, not channel 0.
+    kernel.assign(w)  # kernel_mode zeroed a kernel
+    gamma[0] = 1.0
+    bn.gamma.assign(gamma)
+    bn.beta.assign(np.ones(12, "float32"))
+    norms = np.sqrt(np.square(w).reshape(-1, 12).sum(axis=0))
+    weakest = int(np.argmin(norms))
+    by_kernel = ASFP(1 / 12, schedule="constant", skip=["c1"],
+                     batchnorm="scale", ranking="kernel", verbose=0)
+    by_kernel.set_model(model)
+    by_kernel.on_train_begin()
+    by_kernel.on_epoch_begin(0)
+    np.testing.assert_array_equal(by_kernel._zeroed[group.name][1],
+                                  [weakest])
+    assert bn.gamma.numpy()[weakest] == bn.beta.numpy()[weakest] == 0.0
+    np.testing.assert_array_equal(kernel.numpy(), w)
+    with pytest.raises(ValueError, match="ranking"):
+        ASFP(0.5, ranking="bn")
 
 
 def test_reuse_across_fits_skip_and_l1():
@@ -349,7 +368,7 @@ def test_mirrored_strategy():
 def test_config_round_trip():
     cb = ASFP(0.4, epochs=12, decay=0.2, norm="l1",
               schedule="constant", skip=("a", "b"), batchnorm="scale",
-              verbose=0, steps=25)
+              verbose=0, steps=25, ranking="kernel")
     config = cb.get_config()
     # A keras.callbacks.Callback adds no base keys to its config.
     assert set(config) == constructor_arguments(ASFP)

@@ -14,6 +14,7 @@ from keras import layers as L
 
 import keras_csgd as kc
 from keras_csgd import blocks
+from keras_csgd.cli.prune import ASFP_SETTINGS
 from keras_csgd.data import load_digits_images
 from keras_csgd.methods import compensation
 from keras_csgd.methods.compensation.solve import cross_least_squares
@@ -189,9 +190,10 @@ def test_asfp_every_few_steps_under_distillation_slims_exactly(trained,
     (x, y), (xv, _) = digits
     model = copy_of(trained)
     asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
-        block_plan(model, method="even"), batchnorm="scale", steps=4,
+        block_plan(model, method="even"), **{**ASFP_SETTINGS, "steps": 4},
         verbose=0,
     )
+    assert asfp.ranking == "kernel"
     kc.fine_tune(model, (x[:600], y[:600]), teacher=trained, epochs=1,
                  validation_split=0, batch_size=64, verbose=0,
                  callbacks=[asfp])

@@ -56,8 +56,12 @@ GSM_SETTINGS = {"momentum": 0.98, "weight_decay": 1e-4}
 # 0.03, 76.2% distilled from the input model as well (magnitude +
 # `kc.fine_tune`: 75.7%). On a later base, 4 seeds on one 0.5 plan:
 # 76.05% at lr 0.03, 76.59% at 0.05, 76.53% at 0.08 (magnitude 76.93%).
+# Channels ranked by their kernel's norm rather than the BN-folded
+# filter's: 77.08% against 76.48% over 8 seeds (magnitude 76.96%).
 ASFP_STEPS = 5
 ASFP_LEARNING_RATE = 0.05
+ASFP_SETTINGS = {"batchnorm": "scale", "steps": ASFP_STEPS,
+                 "ranking": "kernel"}
 # Ensembles with --latency: the latency plan (L1 norms scaled per group)
 # sets the widths and removed blocks, and the ensembles' scores choose
 # which channels each group keeps. Planning the widths from the ensembles'
@@ -104,7 +108,7 @@ def csgd_optimizer(plan):
 
 
 def _asfp(model, data, args):
-    settings = {"batchnorm": "scale", "steps": ASFP_STEPS, "verbose": 0}
+    settings = {**ASFP_SETTINGS, "verbose": 0}
     if _targeted(args):
         asfp = kc.callbacks.AsymptoticSoftFilterPruning.from_plan(
             _latency_plan(model, args), **settings)
