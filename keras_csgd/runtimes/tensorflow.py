@@ -77,7 +77,7 @@ class TensorFlow(Runtime):
     # (standard deviation) with the fastest blocks, 2.1% with the block
     # medians (2.5% and 1.4% at batch 64; `benchmarks/identical_pairs.py`).
     block_statistic = "median"
-    # Twice LiteRT's call noise (2.0% and 1.0% per pair at batch 1, the
+    # Twice LiteRT's call noise (2.1% and 1.1% per pair at batch 1, the
     # standard deviation of 18 ratios of a ResNet-56 timed against a copy
     # of itself, `benchmarks/identical_pairs.py`), so twice the 3% a
     # table's checks allow: at 3%, 2 of 4 ResNet-56 tables on a quiet
