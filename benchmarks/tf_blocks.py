@@ -22,6 +22,7 @@ else on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,11 +36,10 @@ from keras_csgd.runtimes.tensorflow import set_tf_threads  # noqa: E402
 set_tf_threads(2)  # before any TensorFlow op
 
 from cifar10 import command, dump_json, machine  # noqa: E402
-from timing_protocol import MODELS, retime  # noqa: E402
+from tf_process_state import rebuild, untimed_call_first  # noqa: E402
+from timing_protocol import retime  # noqa: E402
 
-import keras_csgd as kc  # noqa: E402
-from keras_csgd import graph  # noqa: E402
-from keras_csgd.latency import design, timing  # noqa: E402
+from keras_csgd.latency import timing  # noqa: E402
 from keras_csgd.latency.verify import VERIFY_TIMING  # noqa: E402
 
 PLANS = os.path.join(HERE, "results",
@@ -57,34 +57,22 @@ def plan_row(name):
         setup = next(s for s in json.load(f)["setups"]
                      if s["model"] == model_name)
     row = setup["rows"][int(index)]
-    model = MODELS[model_name]()
-    plan = design.width_plan(
-        model, graph.analyze(model),
-        {g: w[0] for g, w in row["widths"].items()}, row["remove_blocks"])
-    return model, kc.slim(model, plan, check=False), row
+    model, _, slim = rebuild(model_name, row)
+    return model, slim, row
 
 
 def ratios(model, slim, block_ms, warm, repeats):
     """`repeats` in-process ratios with blocks of about `block_ms` (and,
     where `warm`, an untimed call before every block)."""
-    block_timer = timing.block_timer
-
-    def warmed(call):
-        block = block_timer(call)
-        return lambda calls, warmup: block(calls, max(warmup, 1))
-
-    timing.block_timer = warmed if warm else block_timer
-    try:
-        out = []
+    out = []
+    with untimed_call_first() if warm else contextlib.nullcontext():
         for _ in range(repeats):
             with timing.Pair(model, "tensorflow", 1, 2, False, **{
                     **VERIFY_TIMING, "block_ms": block_ms}) as pair:
                 stats = pair.against(slim)
             out.append({"ratio": stats["ratio"], "calls": pair.calls,
                         "full_ms": stats["first_ms"]})
-        return out
-    finally:
-        timing.block_timer = block_timer
+    return out
 
 
 def main(argv=None):

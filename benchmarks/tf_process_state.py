@@ -24,6 +24,7 @@ else on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -51,6 +52,35 @@ from keras_csgd.latency.verify import VERIFY_TIMING  # noqa: E402
 PLANS = os.path.join(HERE, "results", "latency_target_tensorflow_b1_intel.json")
 
 
+def rebuild(model_name, row):
+    """`(model, its analysis, slim model)` of a `latency_target.py` row's
+    plan (its widths and removed blocks)."""
+    model = MODELS[model_name]()
+    an = graph.analyze(model)
+    plan = design.width_plan(
+        model, an, {g: w[0] for g, w in row["widths"].items()},
+        row["remove_blocks"])
+    return model, an, kc.slim(model, plan, check=False)
+
+
+@contextlib.contextmanager
+def untimed_call_first():
+    """Within it, `timing.interleaved` makes at least one untimed call
+    before every block (the library has none before a block of one
+    call)."""
+    block_timer = timing.block_timer
+
+    def warm(call):
+        block = block_timer(call)
+        return lambda calls, warmup: block(calls, max(warmup, 1))
+
+    timing.block_timer = warm
+    try:
+        yield
+    finally:
+        timing.block_timer = block_timer
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=60)
@@ -62,12 +92,7 @@ def main(argv=None):
     with open(PLANS) as f:
         setup = json.load(f)["setups"][1]
     row = setup["rows"][0]
-    model = MODELS[setup["model"]]()
-    an = graph.analyze(model)
-    plan = design.width_plan(
-        model, an, {g: w[0] for g, w in row["widths"].items()},
-        row["remove_blocks"])
-    slim = kc.slim(model, plan, check=False)
+    model, an, slim = rebuild(setup["model"], row)
     result = {"command": command("tf_process_state.py", argv),
               "machine": machine(), "model": setup["model"],
               "target": row["target"],
@@ -83,20 +108,6 @@ def main(argv=None):
             model, slim, "tensorflow", 1, threads=2)[2]
             for _ in range(args.repeats)])
 
-    def timed_warm(state):
-        """`timed` with at least one untimed call before every block."""
-        block_timer = timing.block_timer
-
-        def warm(call):
-            block = block_timer(call)
-            return lambda calls, warmup: block(calls, max(warmup, 1))
-
-        timing.block_timer = warm
-        try:
-            timed(state)
-        finally:
-            timing.block_timer = block_timer
-
     def timed_files(state):
         with tempfile.TemporaryDirectory() as folder:
             paths = [kc.export(m, os.path.join(folder, name),
@@ -110,7 +121,8 @@ def main(argv=None):
         record(state, ratios)
 
     timed("fresh")
-    timed_warm("fresh, one untimed call before every block")
+    with untimed_call_first():
+        timed("fresh, one untimed call before every block")
     timed_files("fresh, both SavedModels loaded in this process")
     rt = runtimes.get("tensorflow")
     served = rt.served(model)

@@ -137,8 +137,7 @@ class AsymptoticSoftFilterPruning(keras.callbacks.Callback):
             `keras-csgd prune --method asfp`'s flow (a trained CIFAR
             ResNet-20, 3 epochs, a 0.5 latency plan), `"kernel"` scored
             0.6 points above `"folded"` over 8 seeds, and is its setting.
-            Defaults to
-            `"folded"`.
+            Defaults to `"folded"`.
         verbose: `1` prints the rate and the zeroed channels at each
             epoch end. Defaults to `1`.
         remove_blocks: residual blocks that `.plan` removes (carried from
